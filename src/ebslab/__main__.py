@@ -1,0 +1,5 @@
+import sys
+
+from ebslab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""`ebslab train | sweep | report | bench`. Errors in what the user gave: one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ebslab.config import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ebslab.config import load_config
+    from ebslab.train import load_run_config, train
+
+    if args.resume:
+        if args.items:
+            raise UserError("--resume RUN_DIR takes no config file or overrides: the run's config.yaml is used")
+        cfg, _ = load_run_config(Path(args.resume))
+        summary = train(cfg, resume_dir=Path(args.resume))
+    else:
+        items = list(args.items)
+        config = items.pop(0) if items and "=" not in items[0] else None
+        overrides = items
+        summary = train(load_config(config, overrides), overwrite=args.overwrite)
+    if summary["exit_code"]:
+        return summary["exit_code"]
+    return 0 if summary["status"] in ("completed", "collapsed") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebslab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="one run into its run folder")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] key=value",
+                   help="a YAML config file, then dotted overrides, e.g. batch.effective=256")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_train)
+
+    for name, module, help_text in (("sweep", "ebslab.sweep", "a grid of runs, each in its own folder"),
+                                    ("report", "ebslab.report", "tables, plots and statistics from run folders"),
+                                    ("bench", "ebslab.bench", "throughput against HF Trainer and a naive loop")):
+        p = sub.add_parser(name, help=help_text)
+        try:
+            mod = __import__(module, fromlist=["add_arguments", "run"])
+        except ImportError:
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # options may sit between overrides (`train cfg.yaml --overwrite a=1`): argparse leaves the rest here
+    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not hasattr(args, "func"):
+        parser.error(f"'{args.command}' is not available in this installation")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"ebslab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ebslab: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

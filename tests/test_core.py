@@ -346,3 +346,13 @@ def test_minilm_learns_imdb(train_run):
     run = train_run(base=["model.name=minilm", "data.limit=1000", "data.max_length=128", "batch.effective=16",
                           "batch.micro=16", "optim.lr=1e-4", "train.epochs=1", "eval.test_on=last"])
     assert json.loads((run / "summary.json").read_text())["test_last"]["acc"] > 0.75
+
+
+def test_unknown_model_says_the_hub_is_unreachable(tmp_path, capsys):
+    from ebslab.cli import main
+
+    code = main(["train", "model.name=no-such-org/no-such-model", "data.limit=50", f"out.dir={tmp_path}",
+                 "out.name=x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-such-org/no-such-model" in err and "HF_HUB_OFFLINE=1" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()

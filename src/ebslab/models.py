@@ -83,10 +83,16 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         raise _hub_error(cfg.name, e) from None
     if cfg.encoder_dropout is not None:
         _set_encoder_dropout(config, cfg.encoder_dropout)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
     try:  # BERT/RoBERTa build a pooler we never use: skip its weights and its matmul
+        hf_logging.set_verbosity_error()  # ...and the load report listing those weights as "unexpected"
         return AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
     except TypeError:
         return AutoModel.from_pretrained(source, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 class EncoderClassifier(nn.Module):

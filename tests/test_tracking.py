@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,9 @@ def test_tensorboard_scalars_have_metrics_names_and_steps(tmp_path):
     assert scalars["micro_step"] == [(1, 4.0), (2, 8.0)]
 
 
-def _wandb_records(run_dir: Path) -> list:
-    """The records of an offline run's .wandb file (a LevelDB-style log of protobuf records)."""
+def _parse_wandb_file(data: bytes) -> list:
+    """The records of a .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte headers) of protobuf records."""
     from wandb.proto import wandb_internal_pb2 as pb
-    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    data = Path(path).read_bytes()
     assert data[:4] == b":W&B"
     block, pos, buf, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
@@ -79,6 +78,22 @@ def _wandb_records(run_dir: Path) -> list:
             records.append(record)
             buf = b""
     return records
+
+
+def _wandb_records(run_dir: Path, timeout: float = 20.0) -> list:
+    """The records of the offline run in run_dir/wandb, once complete: wandb-core writes the file in its own
+    process and may still be writing it for a moment after `finish()` returns."""
+    found = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(found) == 1, sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = _parse_wandb_file(Path(found[0]).read_bytes())
+        except Exception:  # a record caught mid-write
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def _key(item) -> str:

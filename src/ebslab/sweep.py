@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -283,7 +284,8 @@ def resume_action(run_dir: Path) -> str:
     """What `--resume` does with a run folder: skip | resume | retry | new.
 
     - skip: summary.json says completed / collapsed / diverged (its files are left untouched);
-    - resume: interrupted (no summary.json, or status interrupted) with checkpoints/last: `train --resume`;
+    - resume: interrupted (no summary.json, or status interrupted) with a complete checkpoints/last:
+      `train --resume`;
     - retry: failed, or nothing to resume from: `train ... --overwrite`;
     - new: no run folder yet.
     """
@@ -294,9 +296,17 @@ def resume_action(run_dir: Path) -> str:
     status = summary.get("status") if summary else None
     if status in DONE:
         return "skip"
-    if status != "failed" and (run_dir / "checkpoints" / "last").is_dir():
+    if status != "failed" and has_last_checkpoint(run_dir):
         return "resume"
     return "retry"
+
+
+def has_last_checkpoint(run_dir: Path) -> bool:
+    """checkpoints/last is complete (or its previous copy, if a kill fell between AtomicDir's two renames):
+    the same test `ebslab train --resume` makes."""
+    from ebslab.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(Path(run_dir) / "checkpoints" / "last") is not None
 
 
 def sweep_dir(out: str | Path, sweep: Sweep, smoke: bool = False) -> Path:
@@ -341,8 +351,9 @@ def train_command(sweep: Sweep, job: Job, smoke: bool = False, python: str | Non
     return cmd
 
 
+# passed explicitly so a Ray worker (whose environment is the raylet's) sees them too; secrets are not
 _PASSED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE",
-               "WANDB_DIR", "WANDB_API_KEY", "WANDB_ENTITY", "TOKENIZERS_PARALLELISM")
+               "WANDB_DIR", "WANDB_ENTITY", "WANDB_SILENT", "TOKENIZERS_PARALLELISM", "EBSLAB_CACHE")
 
 
 def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
@@ -363,15 +374,28 @@ def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
 # Running one job: a subprocess with its output in a log (used by both executors).
 
 
-def _final_status(run_dir: Path, returncode: int, started: float) -> tuple[str, str | None]:
+def _last_line(log: Path) -> str | None:
+    """The last line the run printed (its error, usually), without the sweep's own `===` lines."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    lines = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("=== ")]
+    return lines[-1][:300] if lines else None
+
+
+def _final_status(run_dir: Path, returncode: int, started: float, log: Path | None = None) -> tuple[str, str | None]:
     """The run's status from the summary.json this attempt wrote; failed if it wrote none."""
     summary = read_summary(run_dir)
     fresh = summary is not None and (run_dir / "summary.json").stat().st_mtime >= started - 1
     if fresh:
         return str(summary.get("status", "failed")), summary.get("message")
+    last = _last_line(log) if log is not None else None
     if returncode == 0:
         return "failed", "the run exited 0 but wrote no summary.json"
-    return "failed", f"exit code {returncode}, no summary.json (see the log)"
+    return "failed", f"exit code {returncode}" + (f": {last}" if last else "")
 
 
 def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None,
@@ -383,7 +407,7 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
         cwd = None
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
-        f.write(f"=== ebslab sweep {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {' '.join(cmd)}\n")
+        f.write(f"=== ebslab sweep {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {shlex.join(cmd)}\n")
         f.flush()
         try:
             # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT
@@ -394,15 +418,34 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
             return 127
         if on_start is not None:
             on_start(proc)
-        rc = proc.wait()
+        try:
+            rc = proc.wait()
+        except BaseException:  # a cancelled Ray task, a Ctrl-C: the run checkpoints and stops, never orphaned
+            stop_process(proc)
+            raise
         f.write(f"=== exit code {rc}\n")
     return rc
 
 
-def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> int:
+def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = True) -> None:
+    """SIGINT once (ebslab train finishes its step, checkpoints, writes status interrupted), then SIGKILL.
+
+    Once only: a second SIGINT makes `ebslab train` abort without its checkpoint."""
+    if send and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
+    """(exit code, start, end): the time the run ran, not the time it waited for a free CPU/GPU."""
+    started = time.time()
     # the worker's own interpreter: on a cluster the driver's path may not exist on the node
     cmd = [sys.executable] + list(cmd[1:])
-    return run_process(cmd, env_add, log, cwd)
+    return run_process(cmd, env_add, log, cwd), started, time.time()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,7 +457,8 @@ class SweepRunner:
         self.sweep, self.jobs, self.root, self.smoke, self.executor = sweep, jobs, root, smoke, executor
         self.lock = threading.Lock()
         self.procs: dict[int, subprocess.Popen] = {}
-        self.created = time.time()
+        self.stopping = False
+        self.proc_lock = threading.Lock()
 
     # -- the index ----------------------------------------------------------------------------------------
     def write_index(self) -> None:
@@ -439,10 +483,10 @@ class SweepRunner:
         job.returncode = job.duration_s = job.message = None
         self.write_index()
 
-    def finished(self, job: Job, returncode: int) -> None:
+    def finished(self, job: Job, returncode: int, ended: float | None = None) -> None:
         job.returncode = returncode
-        job.duration_s = round(time.time() - (job.started or time.time()), 2)
-        job.status, job.message = _final_status(job.run_dir, returncode, job.started or 0)
+        job.duration_s = round((ended or time.time()) - (job.started or time.time()), 2)
+        job.status, job.message = _final_status(job.run_dir, returncode, job.started or 0, job.log)
         self.write_index()
         print(f"[{self.done_count()}/{len(self.todo)}] {job.status:<11} {job.folder}"
               + (f"  ({job.message})" if job.status not in DONE and job.message else ""), flush=True)
@@ -460,12 +504,19 @@ class SweepRunner:
         if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe the cores
             env_extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
 
+        def on_start(job: Job, proc: subprocess.Popen) -> None:
+            with self.proc_lock:
+                self.procs[job.index] = proc
+                if self.stopping:  # started while the sweep was being stopped
+                    proc.send_signal(signal.SIGINT)
+
         def one(job: Job) -> None:
+            if self.stopping:
+                return
             self.started(job)
             cmd = train_command(self.sweep, job, self.smoke)
             env = {**job_env(self.sweep, job), **env_extra}
-            rc = run_process(cmd, env, str(job.log), os.getcwd(),
-                             on_start=lambda p: self.procs.__setitem__(job.index, p))
+            rc = run_process(cmd, env, str(job.log), os.getcwd(), on_start=lambda p: on_start(job, p))
             self.procs.pop(job.index, None)
             self.finished(job, rc)
 
@@ -483,16 +534,15 @@ class SweepRunner:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def stop_children(self) -> None:
-        """Ctrl-C: each run gets SIGINT (it checkpoints and writes status interrupted), then is waited for."""
-        for proc in list(self.procs.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.time() + 60
-        for proc in list(self.procs.values()):
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        """Ctrl-C: each run gets one SIGINT (it checkpoints and writes status interrupted), then is waited for."""
+        with self.proc_lock:
+            self.stopping = True
+            procs = list(self.procs.values())
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            stop_process(proc, send=False)
 
     def run_ray(self, gpus: float, cpus: float) -> None:
         try:
@@ -519,13 +569,14 @@ class SweepRunner:
                     done, pending = ray.wait(pending, num_returns=1)
                     for ref in done:
                         job = refs[ref]
+                        ended = None
                         try:
-                            rc = int(ray.get(ref))
+                            rc, job.started, ended = ray.get(ref)
                         except Exception as e:  # the task itself died (node lost, worker killed)
                             rc = -1
                             with open(job.log, "a", encoding="utf-8") as f:
                                 f.write(f"=== ray task failed: {e}\n")
-                        self.finished(job, rc)
+                        self.finished(job, int(rc), ended)
             except KeyboardInterrupt:
                 for ref in pending:
                     ray.cancel(ref)
@@ -599,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
             runner.run_local(args.parallel)
     except KeyboardInterrupt:
         for job in runner.todo:
-            if job.returncode is None:
+            if job.returncode is None and job.status in ("running", "queued"):
                 job.status = "interrupted"
         runner.write_index()
         print(runner.table())

@@ -1,35 +1,57 @@
-"""Hugging Face Accelerate (`accelerate launch`, DeepSpeed/FSDP configs, mixed precision).
+"""Hugging Face Accelerate (`accelerate launch`, DDP, mixed precision; DeepSpeed/FSDP are not supported).
 
 Accumulation is NOT delegated to `accelerator.accumulate`: it divides every micro-batch loss by a fixed
 accum_steps, which scales a short last window wrongly. The loop applies the loss rule itself and uses
-`no_sync` for the micro-steps that must not all-reduce; the Accelerator keeps gradient_accumulation_steps=1
-so `backward` divides by nothing, and the scheduler is never prepared (a prepared scheduler steps
-num_processes times per optimizer step).
+`no_sync` for the micro-steps that must not all-reduce; the Accelerator's accumulation is pinned to 1 step
+(whatever the launcher's environment says) so `backward` divides by nothing, and the scheduler is never
+prepared (a prepared scheduler steps num_processes times per optimizer step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from ebslab.backends import check_precision
+from ebslab.backends.torch import pick_device
+from ebslab.config import UserError
 
 
 class AccelerateBackend:
     def __init__(self, precision: str = "fp32", device: str = "auto"):
         from accelerate import Accelerator
         from accelerate.state import PartialState
+        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
-        state = PartialState(cpu=device == "cpu")
+        # On a machine without CUDA, Accelerate sets up several CPU processes (gloo) only when told `cpu=True`:
+        # without it, each process of `accelerate launch --multi_gpu` / torchrun would train alone.
+        cpu = device == "cpu" or (device == "auto" and pick_device("auto", 0).type == "cpu")
+        if cpu:
+            check_precision(precision, torch.device("cpu"))  # refuse before any process group exists
+        state = PartialState(cpu=cpu)
         check_precision(precision, state.device)
-        self.accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
-                                       cpu=device == "cpu", gradient_accumulation_steps=1)
+        self.accelerator = Accelerator(
+            mixed_precision={"fp32": "no"}.get(precision, precision), cpu=cpu,
+            # a plugin, not gradient_accumulation_steps=1: that one yields to ACCELERATE_GRADIENT_ACCUMULATION_STEPS
+            # (set by `accelerate launch --gradient_accumulation_steps` / a config), and backward would divide by it
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+            # an encoder may hold weights the classifier never uses (BERT's pooler): DDP must not wait for them
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
+        if self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+            raise UserError(f"train.backend=accelerate runs data parallel (DDP) only, not "
+                            f"{self.accelerator.distributed_type.name}; launch without a DeepSpeed/FSDP config")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world_size:
+            raise UserError(f"the launcher started {launched} processes but Accelerate set up {self.world_size} "
+                            f"({self.accelerator.distributed_type}); each would train alone. Launch with "
+                            "`accelerate launch --multi_gpu --num_processes N` or torchrun")
 
     @property
     def is_main(self) -> bool:

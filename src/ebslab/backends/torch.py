@@ -14,6 +14,8 @@ from ebslab.backends import AUTOCAST_DTYPES, check_precision
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        return torch.device("cuda", local_rank)
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -43,7 +45,8 @@ class TorchBackend:
         model.to(self.device)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # an encoder may hold weights the classifier never uses (BERT's pooler): DDP must not wait for them
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         return model, optimizer
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -1,0 +1,119 @@
+"""Data parallel on CPU (gloo): 2 processes x micro 8 x accum 2 is 1 process x micro 8 x accum 4, step by step,
+through torchrun and through `accelerate launch`; only rank 0 writes the run folder; evaluation counts every
+example exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+# train 225 = 7 x 32 + 1: every epoch ends in a window of ONE example, so rank 1 runs a stand-in micro-batch;
+# val and test have 27 examples each, an odd count that 2 processes cannot split evenly
+EXACT = ["model.name=tiny-bert", "data.max_length=32", "data.limit=279", "train.epochs=2",
+         "batch.effective=32", "batch.micro=8", "model.dropout=0", "model.encoder_dropout=0",
+         "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.clip_norm=1.0",
+         "sched.name=linear", "sched.warmup_ratio=0.2", "train.device=cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(out: Path, name: str, *overrides: str, launcher: list[str] | None = None) -> tuple[Path, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [*(launcher or [sys.executable, "-m"]), "ebslab", "train", *EXACT, *overrides, f"out.dir={out}",
+           f"out.name={name}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return out / name, done.stdout
+
+
+def steps(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if r["event"] == "step"]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def weight_rel_diff(a: Path, b: Path) -> float:
+    """Largest element difference over the largest element (a BERT key bias gets no gradient in exact
+    arithmetic and sits at ~1e-8, so a per-tensor ratio would measure noise)."""
+    from safetensors.numpy import load_file
+
+    wa, wb = (load_file(r / "checkpoints" / "last" / "model.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys()
+    return max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) / max(float(np.abs(wa[k]).max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """The reference: 1 process x micro 8 x accum 4, and the split sizes it printed."""
+    run, out = run_cli(tmp_path_factory.mktemp("single"), "single")
+    sizes = re.search(r"train (\d+) / val (\d+) / test (\d+)", out)
+    assert sizes, out
+    return run, dict(zip(("train", "val", "test"), map(int, sizes.groups())))
+
+
+def check_same_as_single(single: tuple[Path, dict[str, int]], run: Path, out: str) -> None:
+    ref_run, sizes = single
+    assert sizes == {"train": 225, "val": 27, "test": 27}
+    derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
+    assert (derived["world_size"], derived["micro"], derived["accum_steps"]) == (2, 8, 2)
+    assert "effective_batch 32 = micro 8 x accum_steps 2 x world_size 2" in out
+
+    ref, got = steps(ref_run), steps(run)
+    # one line per step: a second process writing metrics.jsonl would double them
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 17))
+    for a, b in zip(ref, got):
+        for key in ("train/loss", "train/acc", "grad_norm", "lr"):
+            assert rel(a[key], b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+    # micro_step counts this process's passes: 2 per full window, 1 (a real one or a stand-in) on the short one
+    assert [r["micro_step"] for r in got][7::8] == [7 * 2 + 1, 2 * (7 * 2 + 1)]
+    assert weight_rel_diff(ref_run, run) <= 1e-5
+
+    assert out.count("ebslab run ") == 1  # only rank 0 prints the start-up text...
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in ref_run.iterdir() if not p.name.startswith("."))  # ...and writes the same folder
+    s_ref, s = (json.loads((r / "summary.json").read_text()) for r in (ref_run, run))
+    assert s["status"] == s_ref["status"] and s["steps"] == 16
+    assert s["test_best"]["n"] == s["test_last"]["n"] == sizes["test"]  # each test example once
+    assert s["val_best"]["n"] == sizes["val"]
+    for key in ("acc", "loss"):
+        assert rel(s_ref["test_best"][key], s["test_best"][key]) <= 1e-5
+        assert rel(s_ref["val_best"][key], s["val_best"][key]) <= 1e-5
+    import pandas as pd
+
+    pred = pd.read_parquet(run / "predictions" / "test_best.parquet")
+    assert sorted(pred["index"]) == list(range(sizes["test"]))
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_processes_match_one(single, tmp_path):
+    run, out = run_cli(tmp_path, "torchrun", launcher=[str(BIN / "torchrun"), "--nproc_per_node", "2",
+                                                       "--master_port", str(free_port()), "-m"])
+    assert "backend torch" in out
+    check_same_as_single(single, run, out)
+
+
+@pytest.mark.timeout(300)
+def test_accelerate_launch_two_processes_match_one(single, tmp_path):
+    run, out = run_cli(tmp_path, "accelerate", "train.backend=accelerate",
+                       launcher=[str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "--main_process_port", str(free_port()), "-m"])
+    assert "backend accelerate" in out
+    check_same_as_single(single, run, out)

@@ -343,8 +343,9 @@ def test_reloading_a_resolved_config_gives_the_same_config(train_run):
 
 @pytest.mark.slow
 def test_minilm_learns_imdb(train_run):
-    run = train_run(base=["model.name=minilm", "data.limit=1000", "data.max_length=128", "batch.effective=16",
-                          "batch.micro=16", "optim.lr=1e-4", "train.epochs=1", "eval.test_on=last"])
+    run = train_run(base=["model.name=minilm", "data.limit=1500", "data.max_length=128", "batch.effective=16",
+                          "batch.micro=16", "optim.lr=1e-4", "sched.name=linear", "sched.warmup_ratio=0.1",
+                          "model.pooling=mean", "train.epochs=1", "eval.test_on=last"])
     assert json.loads((run / "summary.json").read_text())["test_last"]["acc"] > 0.75
 
 

@@ -116,6 +116,8 @@ def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
             raise UserError(f"{source}: {len(where)} row(s) have a null or empty text (first at row {where[0]}); "
                             "fix the data or set data.drop_empty=true to drop them")
         table, dropped = table[~empty.to_numpy()], len(where)
+        if len(table) == 0:
+            raise UserError(f"{source}: all {dropped} row(s) have a null or empty text; no rows are left to train on")
     labels = table[cfg.label_column]
     if labels.isna().any():
         where = np.flatnonzero(labels.isna().to_numpy())

@@ -75,7 +75,9 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         config = _tiny_config(cfg.name, vocab_size)
         if cfg.encoder_dropout is not None:
             _set_encoder_dropout(config, cfg.encoder_dropout)
-        return AutoModel.from_config(config, attn_implementation="eager" if "modernbert" in cfg.name else None)
+        if cfg.name == "tiny-modernbert":
+            return AutoModel.from_config(config, attn_implementation="eager")
+        return AutoModel.from_config(config, add_pooling_layer=False)
     source = minilm_path() if cfg.name == "minilm" else cfg.name
     try:
         config = AutoConfig.from_pretrained(source)

@@ -124,7 +124,12 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     path = run_dir / "config.yaml"
     if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
         raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
-    saved = yaml.safe_load(path.read_text())
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")
     return load_config(saved), saved.get("derived", {})
 
 
@@ -157,6 +162,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         if last is None:
             raise UserError(f"'{run_dir}' has no complete checkpoint to resume from; start it again with "
                             "--overwrite")
+        ckpt.check_config(last, resolved_dict(cfg), run_dir)
         state = TrainerState(**ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler))
         if backend.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
@@ -188,7 +194,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
             state.elapsed_s += time.time() - clock[0]
             clock[0] = time.time()
             ckpt.save_last(run_dir / "checkpoints", backend.unwrap(model), optimizer, scheduler,
-                           dataclasses.asdict(state))
+                           dataclasses.asdict(state), config=resolved_dict(cfg))
 
     status, message = "completed", None
     clock = [time.time()]
@@ -209,7 +215,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     # ---- one optimizer step over the window
                     lr = scheduler.get_last_lr()[0]
                     micro_batches = shard_window(window, derived.micro, backend.world_size, backend.rank)
-                    window_sums = torch.zeros(3, device=backend.device)  # loss sum, correct, count
+                    window_sums = torch.zeros(4, device=backend.device)  # loss sum, correct, count, stop
                     for i, mb in enumerate(micro_batches):
                         batch = {k: v.to(backend.device, non_blocking=True) for k, v in
                                  collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
@@ -222,10 +228,10 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                             losses = F.cross_entropy(logits.float(), labels, reduction="none")
                             # DDP averages gradients over processes: x world_size turns that into the window sum
                             backend.backward(losses.sum() * (weight * backend.world_size / len(window)))
-                        window_sums += weight * torch.stack([losses.detach().sum(),
-                                                             (logits.detach().argmax(-1) == labels).sum(),
-                                                             torch.tensor(float(len(mb.indices)),
-                                                                          device=backend.device)])
+                        window_sums[:3] += weight * torch.stack([losses.detach().sum(),
+                                                                 (logits.detach().argmax(-1) == labels).sum(),
+                                                                 torch.tensor(float(len(mb.indices)),
+                                                                              device=backend.device)])
                         state.micro_step += 1
                     grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
                     backend.step(optimizer)
@@ -233,14 +239,15 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     optimizer.zero_grad(set_to_none=True)
 
                     # ---- bookkeeping: counters, logs, evaluation, checkpoints
-                    window_sums = backend.reduce_sum(window_sums)
+                    # a signal on any process stops all of them after this same step (no rank left waiting)
+                    window_sums[3] = float(stop.signal is not None)
+                    loss_sum, correct, count, stop_any = backend.reduce_sum(window_sums).tolist()  # 1 sync/step
                     state.step += 1
                     state.window += 1
                     state.samples += len(window)
                     state.train_time_s += time.perf_counter() - step_started
                     epoch_done = state.window == len(epoch_windows)
                     if state.step % cfg.train.log_every_steps == 0 or epoch_done:
-                        loss_sum, correct, count = window_sums.tolist()  # the only host sync of a step
                         loss = loss_sum / count
                         rate = state.samples / max(state.train_time_s, 1e-9)
                         log({"event": "step", "step": state.step, "epoch": state.step /
@@ -248,11 +255,13 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                              "train/acc": correct / count, "lr": lr, "grad_norm": float(grad_norm),
                              "samples_per_s": rate, "elapsed_s": _elapsed(state, clock)})
                         progress.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.1f}", refresh=False)
-                        if not math.isfinite(loss):
-                            status, message = "diverged", f"non-finite train loss at step {state.step}"
-                            _warn(log, state.step, "diverged", message + "; stopping the run")
-                            break
-                    state.since_eval = [a + b for a, b in zip(state.since_eval, window_sums.tolist())]
+                    if not math.isfinite(loss_sum):
+                        status, message = "diverged", f"non-finite train loss at step {state.step}"
+                        _warn(log, state.step, "diverged", message + "; stopping the run", backend.is_main)
+                        break
+                    state.since_eval = [a + b for a, b in zip(state.since_eval, (loss_sum, correct, count))]
+                    if stop_any and stop.signal is None:
+                        stop.signal = signal.SIGTERM
                     progress.update(1)
 
                     every = cfg.eval.every_steps
@@ -268,8 +277,8 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                         if epoch_done:
                             state.epoch, state.window = state.epoch + 1, 0
                         save_last()
-                    if stop.signal is not None or status != "completed":
-                        break
+                    if stop.signal is not None or status != "completed" or epoch_done:
+                        break  # at an epoch end: the outer loop draws the next epoch's order
             progress.close()
             if stop.signal is not None:
                 save_last()
@@ -308,7 +317,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                            f"{data.majority_rate:.4f}" + ("" if state.ever_above_majority else
                                                           " and never rose above it"))
                 if not state.collapse_warned:
-                    _warn(log, state.step, "collapsed", message)
+                    _warn(log, state.step, "collapsed", message, backend.is_main)
             summary = _summary(cfg, state, data, status, message, started, test_best, test_last)
     except (UserError, KeyboardInterrupt):
         raise
@@ -334,8 +343,9 @@ def _elapsed(state: TrainerState, clock: list[float]) -> float:
     return state.elapsed_s + time.time() - clock[0]
 
 
-def _warn(log: Any, step: int, kind: str, message: str) -> None:
-    print(f"\nWARNING [{kind}] {message}", file=sys.stderr, flush=True)
+def _warn(log: Any, step: int, kind: str, message: str, main: bool = True) -> None:
+    if main:
+        print(f"\nWARNING [{kind}] {message}", file=sys.stderr, flush=True)
     log({"event": "warning", "step": step, "kind": kind, "message": message})
 
 
@@ -362,7 +372,7 @@ def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Der
     elif state.ever_above_majority and not state.collapse_warned:
         state.collapse_warned = True
         _warn(log, state.step, "collapsed", f"val acc fell to {val.acc:.4f}, the majority-class rate "
-                                            f"{data.majority_rate:.4f}, at step {state.step}")
+                                            f"{data.majority_rate:.4f}, at step {state.step}", backend.is_main)
     if state.best_val is None or val.acc > state.best_val["acc"]:
         state.best_val = val.metrics()
         state.best_step, state.best_epoch = state.step, math.ceil(state.step / derived.steps_per_epoch)
@@ -441,5 +451,7 @@ def _startup_text(cfg: Config, derived: Derived, data: DataBundle, params: int, 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
+    # in a log file (sweeps, nohup) a redraw per step would be one endless line: redraw every 30 s instead
+    interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                desc="train", file=sys.stderr)
+                desc="train", file=sys.stderr, mininterval=0.1 if interactive else 30.0)

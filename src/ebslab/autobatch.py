@@ -1,0 +1,113 @@
+"""`batch.micro=auto`: the largest micro_batch that divides the per-process share of the effective batch and fits.
+
+The effective batch is never touched: only micro_batch (and so accum_steps) changes. Candidates are the divisors
+of `batch.effective / world_size` no larger than `batch.auto_cap`, tried largest first.
+
+- GPU: each candidate is probed with one forward + backward + optimizer step at `data.max_length` (the worst
+  case: every example at the cap) on the real model; a `torch.OutOfMemoryError` backs off to the next one.
+- CPU: memory is rarely the limit and larger batches stop paying early, so `batch.auto_cap` is the answer
+  (the largest candidate under it).
+
+`probe` can be injected (tests simulate a memory limit with it): `probe(micro)` returns normally when `micro`
+examples fit and raises `torch.OutOfMemoryError` when they do not.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from ebslab.config import Config, UserError
+
+Probe = Callable[[int], None]
+
+
+def candidates(effective: int, world_size: int, cap: int) -> list[int]:
+    """Divisors of effective/world_size that are <= cap, largest first."""
+    if effective % world_size:
+        raise UserError(f"batch.effective={effective} is not divisible by world_size={world_size}; choose a "
+                        f"multiple of {world_size}")
+    share = effective // world_size
+    return [m for m in range(min(share, cap), 0, -1) if share % m == 0]
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def search(options: list[int], probe: Probe | None, max_length: int = 0) -> int:
+    """The first (largest) option the probe accepts."""
+    for micro in options:
+        if probe is None:
+            return micro
+        try:
+            probe(micro)
+            return micro
+        except Exception as e:  # noqa: BLE001 - only out-of-memory backs off; anything else is a real error
+            if not _is_oom(e):
+                raise
+            print(f"batch.micro=auto: micro {micro} does not fit, trying a smaller one", file=sys.stderr)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    raise UserError(f"batch.micro=auto: not even micro {options[-1] if options else 1} fits in memory at "
+                    f"data.max_length={max_length}; lower data.max_length or use a larger device")
+
+
+def gpu_probe(cfg: Config, device: torch.device) -> Probe:
+    """Forward + backward + optimizer step on the real model with `micro` examples of max_length tokens."""
+    from ebslab.models import build_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    bundle = build_model(cfg.model, 2, cfg.train.seed, tokenizer)
+    model = bundle.model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-12)  # allocates the moment buffers
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+
+    def probe(micro: int) -> None:
+        length = cfg.data.max_length
+        ids = torch.randint(1000, 2000, (micro, length), device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "token_type_ids" in bundle.model_inputs:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        try:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(**batch)
+            logits.float().sum().backward()
+            optimizer.step()
+            torch.cuda.synchronize(device)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    return probe
+
+
+def largest_micro(cfg: Config, world_size: int, probe: Probe | None = None) -> int:
+    """The micro_batch for `batch.micro=auto`. accum_steps follows as effective / (micro x world_size)."""
+    options = candidates(cfg.batch.effective, world_size, cfg.batch.auto_cap)
+    device = cfg.train.device
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    probed = probe is not None or on_gpu
+    if probe is None and on_gpu:
+        index = int(device.split(":")[1]) if ":" in device else int(os.environ.get("LOCAL_RANK", "0"))
+        probe = gpu_probe(cfg, torch.device("cuda", index))
+        try:
+            micro = search(options, probe, cfg.data.max_length)
+        finally:
+            probe = None  # drop the probe model before training builds its own
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        micro = search(options, probe, cfg.data.max_length)
+    print(f"batch.micro=auto => micro {micro}: the largest divisor of {cfg.batch.effective // world_size} "
+          f"(batch.effective / world_size) under batch.auto_cap {cfg.batch.auto_cap}"
+          + (f" that fits at max_length {cfg.data.max_length}" if probed else ""), file=sys.stderr)
+    return micro

@@ -1,0 +1,655 @@
+"""`ebslab bench [--quick] [--out DIR]`: ebslab's training loop against HF Trainer and a naive loop, side by side.
+
+Two scenarios, all contestants in one process, alternating, after a warm-up (this kind of host drifts):
+
+- `step`: the same model, the same examples in the same order, the same max_length, micro-batch 16 and
+  effective batch, N optimizer steps. Contestants: ebslab's loop on its torch and accelerate backends (the real
+  `ebslab.train.train`, run folder and all), ebslab with `batch.micro=auto`, HF `Trainer` with equal settings
+  (AdamW fused, lr, linear schedule, clip 1.0, sequential order) and the users' naive loop (pad to max_length,
+  default AdamW, `.item()` every micro-step). Throughput is taken between the end of step 1 and the end of
+  step N: the first step (allocations, lazy init) is not timed for anyone.
+- `experiment`: one complete small fine-tuning (2 epochs, val + test every epoch, best checkpoint kept, test on
+  best), by ebslab and by HF Trainer the way its docs teach (datasets.map tokenization, eval/save strategy
+  epoch, load_best_model_at_end); wall time from start to the final test metrics, cold caches then warm.
+
+tokens/s counts real tokens only (attention-mask ones), never padding. peak_fraction = 6 x non-embedding params
+x real tokens/s / the matmul peak measured in this run (fp32 2048x2048 on CPU, bf16 on GPU: MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "hf-trainer", "naive")
+ROW_KEYS = ("scenario", "contestant", "max_length", "samples_per_s", "tokens_per_s", "wall_s", "vs_trainer",
+            "peak_fraction", "peak_memory_mb")
+
+
+@dataclass
+class Settings:
+    model: str = "minilm"
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    steps: int = 6
+    """Optimizer steps per step-scenario run; steps 2..N are timed."""
+    micro: int = 16
+    effective: int = 32
+    rounds: int = 2
+    """Step scenario: each contestant runs this many times per length (alternating); the best round is kept."""
+    contestants: list[str] = field(default_factory=lambda: list(CONTESTANTS))
+    auto_lengths: list[int] | None = None
+    """Lengths at which ebslab-torch-auto runs (None: all)."""
+    experiment: bool = True
+    experiment_limit: int = 3000
+    experiment_length: int = 128
+    experiment_epochs: int = 2
+    startup_limit: int | None = None
+    """Examples for the cached vs uncached start-up figure (None: all of IMDB; 0: skip)."""
+    lr: float = 5e-5
+    seed: int = 1
+    data_path: str | None = None
+    """A local table instead of the shipped IMDB (tests use a small one)."""
+    matmul_size: int = 2048
+    warmup: bool = True
+
+
+def quick_settings() -> Settings:
+    """`--quick` (`make bench`): under 10 minutes on a 2-core CPU."""
+    return Settings(lengths=[128, 256], steps=3, rounds=1, auto_lengths=[128], experiment_limit=160,
+                    startup_limit=5000)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements shared by the scenarios
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def matmul_peak(size: int = 2048, trials: int = 8, dev: torch.device | None = None) -> float:
+    """Best-of-`trials` FLOP/s of a size x size matmul: fp32 on CPU, bf16 on GPU."""
+    dev = dev or device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    reps = 20 if dev.type == "cuda" else 1
+    best = 0.0
+    for i in range(trials + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if i:  # the first one warms up
+            best = max(best, reps * 2 * size ** 3 / dt)
+    return best
+
+
+def real_tokens(attention_mask: Any) -> int:
+    """Real (non-padding) tokens of a batch: the ones of its attention mask."""
+    return int(torch.as_tensor(attention_mask).sum().item())
+
+
+def peak_fraction(non_embedding_params: int, tokens_per_s: float, peak_flops: float) -> float:
+    return 6 * non_embedding_params * tokens_per_s / peak_flops if peak_flops else float("nan")
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: GPU allocator peak, or resident set size sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated() / 2 ** 20
+        else:
+            self._base = _rss_mb()
+            self._peak = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss_mb())
+
+    def __exit__(self, *_: Any) -> None:
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, _rss_mb()) - self._base
+
+
+@contextlib.contextmanager
+def quiet(log: Path):
+    """Send what a contestant prints (start-up text, progress bars, HF warnings) to a log file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data every contestant sees
+
+
+@dataclass
+class StepData:
+    """The examples of the step scenario, in training order (window k = rows [k*EBS, (k+1)*EBS))."""
+
+    texts: list[str]
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    timed_tokens: int  # real tokens in windows 2..N
+    timed_samples: int
+
+
+def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, **extra: Any) -> Any:
+    from ebslab.config import load_config
+
+    limit = math.ceil(s.steps * s.effective / 0.8) + 10  # the 8:1:1 split leaves >= N windows to train on
+    values = {"model.name": s.model, "data.max_length": max_length, "data.limit": limit,
+              "batch.effective": s.effective, "batch.micro": s.micro, "optim.lr": s.lr, "optim.clip_norm": 1.0,
+              "sched.name": "linear", "train.max_steps": s.steps, "train.seed": s.seed, "eval.test_on": "last",
+              "out.dir": str(out_dir), "out.name": name, "train.precision": "bf16" if device().type == "cuda"
+              else "fp32"}
+    if s.data_path:
+        values["data.path"] = s.data_path
+    values.update(extra)
+    return load_config(values)
+
+
+def step_data(s: Settings, max_length: int, tokenizer: Any) -> StepData:
+    """ebslab's own split and epoch-0 order, so the other contestants train on exactly ebslab's windows."""
+    from ebslab.data import clean, epoch_order, load_data, load_table
+
+    cfg = ebslab_config(s, max_length, Path("."), "unused")
+    data = load_data(cfg.data, tokenizer)
+    order = epoch_order(len(data.train), cfg.train.seed, 0)[:s.steps * s.effective]
+    examples = clean(load_table(cfg.data), cfg.data, "bench data")
+    split = data.train
+    ids = [split.ids[split.offsets[i]:split.offsets[i + 1]].tolist() for i in order]
+    lengths = split.lengths[order]
+    return StepData(texts=[examples.texts[split.rows[i]] for i in order], input_ids=ids,
+                    labels=split.labels[order].copy(), timed_tokens=int(lengths[s.effective:].sum()),
+                    timed_samples=len(order) - s.effective)
+
+
+def timed_rate(step_ends: list[float], data: StepData) -> tuple[float, float]:
+    """(samples/s, real tokens/s) between the end of step 1 and the end of step N."""
+    elapsed = step_ends[-1] - step_ends[0]
+    return data.timed_samples / elapsed, data.timed_tokens / elapsed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step scenario: the contestants
+
+
+def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> list[float]:
+    """The real `ebslab.train.train`; step ends read back from the run folder's metrics.jsonl."""
+    from ebslab.tracking import read_metrics
+    from ebslab.train import train
+
+    extra: dict[str, Any] = {}
+    if contestant == "ebslab-accelerate":
+        extra["train.backend"] = "accelerate"
+    if contestant == "ebslab-torch-auto":
+        extra["batch.micro"] = "auto"
+    cfg = ebslab_config(s, max_length, out_dir, f"{contestant}-L{max_length}", **extra)
+    train(cfg, overwrite=True)
+    return [r["elapsed_s"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("event") == "step"]
+
+
+def hf_classifier(name: str, num_labels: int = 2) -> Any:
+    """The model the HF way: AutoModelForSequenceClassification (tiny models built from ebslab's configs)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ebslab.models import TINY_MODELS, _tiny_config, load_tokenizer, minilm_path
+
+    if name in TINY_MODELS:
+        torch.manual_seed(0)
+        config = _tiny_config(name, len(load_tokenizer(name)))
+        config.num_labels = num_labels
+        return AutoModelForSequenceClassification.from_config(config)
+    source = minilm_path() if name == "minilm" else name
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+
+
+class _StepClock:
+    """A TrainerCallback recording the end time of each optimizer step."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        ends = self.ends = []
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                ends.append(time.perf_counter())
+
+        self.callback = Callback()
+
+
+def hf_args(s: Settings, out_dir: Path, **extra: Any) -> Any:
+    from transformers import TrainingArguments
+
+    gpu = device().type == "cuda"
+    kwargs = dict(output_dir=str(out_dir), per_device_train_batch_size=s.micro,
+                  gradient_accumulation_steps=s.effective // s.micro, learning_rate=s.lr, weight_decay=0.0,
+                  lr_scheduler_type="linear", max_grad_norm=1.0, seed=s.seed, use_cpu=not gpu, bf16=gpu,
+                  report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def run_trainer(s: Settings, data: StepData, tokenizer: Any, out_dir: Path) -> list[float]:
+    """HF Trainer, equal settings, ebslab's windows (sequential sampler over the same ordered examples)."""
+    import datasets
+    from transformers import DataCollatorWithPadding, Trainer
+
+    ds = datasets.Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels.tolist()})
+    clock = _StepClock()
+    args = hf_args(s, out_dir, max_steps=s.steps, save_strategy="no", eval_strategy="no",
+                   logging_strategy="no", train_sampling_strategy="sequential")
+    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds,
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[clock.callback])
+    trainer.train()
+    return clock.ends
+
+
+def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> list[float]:
+    """The users' loop: tokenize each micro-batch padded to max_length, default AdamW, mean loss / accum_steps,
+    `.item()` after every micro-step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    dev = device()
+    model = hf_classifier(s.model).to(dev)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, s.steps)
+    accum = s.effective // s.micro
+    ends, running = [], 0.0
+    for k in range(s.steps):
+        for j in range(accum):
+            lo = k * s.effective + j * s.micro
+            enc = tokenizer(data.texts[lo:lo + s.micro], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            labels = torch.tensor(data.labels[lo:lo + s.micro])
+            out = model(**{k2: v.to(dev) for k2, v in enc.items()}, labels=labels.to(dev))
+            loss = out.loss / accum
+            loss.backward()
+            running += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        ends.append(time.perf_counter())
+    return ends
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiment scenario
+
+
+def experiment_splits(s: Settings, folder: Path) -> dict[str, Any]:
+    """ebslab's 8:1:1 split of the first `experiment_limit` shuffled reviews, written as parquet for HF."""
+    import pandas as pd
+
+    from ebslab.config import load_config
+    from ebslab.data import clean, load_table, split_indices
+
+    cfg = load_config({"data.limit": s.experiment_limit, "data.path": s.data_path})
+    examples = clean(load_table(cfg.data), cfg.data, "bench data")
+    parts = split_indices(examples.labels, cfg.data.split, cfg.data.split_seed, cfg.data.limit)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, idx in zip(("train", "validation", "test"), parts):
+        files[name] = str(folder / f"{name}.parquet")
+        pd.DataFrame({"text": [examples.texts[i] for i in idx], "label": examples.labels[idx]}).to_parquet(
+            files[name], index=False)
+    return files
+
+
+def experiment_ebslab(s: Settings, out_dir: Path) -> dict[str, Any]:
+    from ebslab.config import load_config
+    from ebslab.train import train
+
+    cfg = load_config({"model.name": s.model, "data.limit": s.experiment_limit,
+                       "data.max_length": s.experiment_length, "batch.effective": s.effective,
+                       "batch.micro": s.micro, "optim.lr": s.lr, "optim.clip_norm": 1.0, "sched.name": "linear",
+                       "train.epochs": s.experiment_epochs, "train.seed": s.seed, "eval.test_on": "best",
+                       "train.precision": "bf16" if device().type == "cuda" else "fp32",
+                       "out.dir": str(out_dir), "out.name": "ebslab-experiment", "data.path": s.data_path})
+    summary = train(cfg, overwrite=True)
+    return {"test_acc": summary["test_best"]["acc"]}
+
+
+def experiment_trainer(s: Settings, files: dict[str, str], out_dir: Path, hf_cache: Path) -> dict[str, Any]:
+    """HF's text-classification recipe: load_dataset + map(tokenize), Trainer with eval/save per epoch,
+    load_best_model_at_end, then evaluate on test."""
+    import datasets
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    from ebslab.models import TINY_MODELS, minilm_path
+
+    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(hf_cache))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path() if s.model in ("minilm", *TINY_MODELS) else s.model)
+
+    def tokenize(batch: dict) -> dict:
+        return tokenizer(batch["text"], truncation=True, max_length=s.experiment_length)
+
+    ds = ds.map(tokenize, batched=True)
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    args = hf_args(s, out_dir, num_train_epochs=s.experiment_epochs, per_device_eval_batch_size=s.micro,
+                   eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+                   load_best_model_at_end=True, metric_for_best_model="validation_accuracy",
+                   save_total_limit=1)
+    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds["train"],
+                      eval_dataset={"validation": ds["validation"], "test": ds["test"]},
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=accuracy)
+    trainer.train()
+    metrics = trainer.evaluate(ds["test"], metric_key_prefix="test")
+    return {"test_acc": metrics["test_accuracy"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Start-up: tokenization cache
+
+
+def startup_figures(s: Settings, work: Path) -> dict[str, Any]:
+    """Tokenizer + data load, first with an empty token cache, then from it."""
+    from ebslab.config import load_config
+    from ebslab.data import load_data
+    from ebslab.models import load_tokenizer
+
+    old = os.environ.get("EBSLAB_CACHE")
+    os.environ["EBSLAB_CACHE"] = str(work / "startup-cache")
+    try:
+        cfg = load_config({"model.name": s.model, "data.limit": s.startup_limit, "data.path": s.data_path})
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            data = load_data(cfg.data, load_tokenizer(s.model))
+            times.append(time.perf_counter() - t)
+        n = len(data.train) + len(data.val) + len(data.test)
+    finally:
+        if old is None:
+            os.environ.pop("EBSLAB_CACHE", None)
+        else:
+            os.environ["EBSLAB_CACHE"] = old
+    return {"examples": n, "max_length": cfg.data.max_length, "uncached_s": round(times[0], 3),
+            "cached_s": round(times[1], 3), "speedup": round(times[0] / times[1], 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def _row(scenario: str, contestant: str, max_length: int, samples_per_s: float, tokens_per_s: float,
+         wall_s: float, peak_mb: float, n_params: int, peak_flops: float, **extra: Any) -> dict[str, Any]:
+    row = {"scenario": scenario, "contestant": contestant, "max_length": max_length,
+           "samples_per_s": round(samples_per_s, 4), "tokens_per_s": round(tokens_per_s, 2),
+           "wall_s": round(wall_s, 2), "vs_trainer": None,
+           "peak_fraction": round(peak_fraction(n_params, tokens_per_s, peak_flops), 4),
+           "peak_memory_mb": round(peak_mb, 1)}
+    row.update(extra)
+    return row
+
+
+def _fill_vs_trainer(rows: list[dict[str, Any]]) -> None:
+    """Speed relative to HF Trainer in the same scenario, length (and cache state): > 1 is faster."""
+    for r in rows:
+        ref = [t for t in rows if t["contestant"] == "hf-trainer" and t["scenario"] == r["scenario"]
+               and t["max_length"] == r["max_length"] and t.get("cache") == r.get("cache")]
+        if ref:
+            if r["scenario"] == "step":
+                r["vs_trainer"] = round(r["samples_per_s"] / ref[0]["samples_per_s"], 3)
+            else:
+                r["vs_trainer"] = round(ref[0]["wall_s"] / r["wall_s"], 3)
+
+
+def _warm_up(s: Settings, tokenizer: Any) -> None:
+    """A fresh host runs 2-3x slower for its first minutes: touch memory and the matmul kernels first."""
+    model = hf_classifier(s.model).to(device())
+    ids = torch.randint(1000, 2000, (s.micro, 128), device=device())
+    t = time.perf_counter()
+    while time.perf_counter() - t < 10:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+
+
+def _silence_libraries() -> None:
+    """transformers' load reports and progress bars write to the stderr captured at import: turn them off."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    from ebslab.models import build_model, load_tokenizer
+    from ebslab.config import ModelConfig
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _silence_libraries()
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
+    log = out / "bench.log"
+    tokenizer = load_tokenizer(s.model)
+    n_params = build_model(ModelConfig(name=s.model), 2, 0, tokenizer).non_embedding_params
+    if s.warmup:
+        say("warming up ...")
+        _warm_up(s, tokenizer)
+    peak = matmul_peak(s.matmul_size)
+    say(f"matmul peak ({'bf16' if device().type == 'cuda' else 'fp32'} {s.matmul_size}^2, best of 8): "
+        f"{peak / 1e9:.1f} GFLOP/s; {s.model}: {n_params / 1e6:.1f}M non-embedding params")
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"rows": rows, "matmul_peak_flops": peak, "device": str(device()),
+                              "settings": dataclasses.asdict(s), "non_embedding_params": n_params}
+
+    # ---- step scenario
+    step_contestants = [c for c in s.contestants if c in CONTESTANTS]
+    for li, length in enumerate(s.lengths):
+        data = step_data(s, length, tokenizer)
+        real = data.timed_tokens / (data.timed_samples * length)
+        say(f"step: max_length {length}, {s.steps} steps of {s.effective} (micro {s.micro}), "
+            f"{real:.0%} of the timed tokens are real")
+        best: dict[str, dict[str, Any]] = {}
+        for rnd in range(s.rounds):
+            turn = li + rnd  # rotate who goes first
+            for contestant in step_contestants[turn % len(step_contestants):] + \
+                    step_contestants[:turn % len(step_contestants)]:
+                if contestant == "ebslab-torch-auto" and s.auto_lengths is not None and \
+                        length not in s.auto_lengths:
+                    continue
+                t0, c0 = time.perf_counter(), time.process_time()
+                with PeakMemory() as mem, quiet(log):
+                    if contestant.startswith("ebslab"):
+                        ends = run_ebslab(s, length, work, contestant)
+                    elif contestant == "hf-trainer":
+                        ends = run_trainer(s, data, tokenizer, work / "hf-step")
+                    else:
+                        ends = run_naive(s, data, tokenizer, length)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                if len(ends) != s.steps:
+                    raise RuntimeError(f"{contestant} ran {len(ends)} steps, expected {s.steps}")
+                sps, tps = timed_rate(ends, data)
+                row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, n_params, peak,
+                           cpu_s=round(cpu, 1))
+                say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({wall:.0f} s wall, "
+                    f"{cpu:.0f} s CPU)")
+                if contestant not in best or sps > best[contestant]["samples_per_s"]:
+                    best[contestant] = row
+        rows.extend(best[c] for c in step_contestants if c in best)
+
+    # ---- experiment scenario
+    if s.experiment:
+        files = experiment_splits(s, work / "experiment-data")
+        import pandas as pd
+
+        train_texts = pd.read_parquet(files["train"])["text"].tolist()
+        lengths = [len(x) for x in tokenizer(train_texts, truncation=True, max_length=s.experiment_length,
+                                              return_attention_mask=False)["input_ids"]]
+        samples = len(train_texts) * s.experiment_epochs
+        tokens = sum(lengths) * s.experiment_epochs
+        say(f"experiment: {s.experiment_limit} reviews ({len(train_texts)} train), max_length "
+            f"{s.experiment_length}, {s.experiment_epochs} epochs, val+test every epoch, test on best")
+        ebslab_cache, hf_cache = work / "ebslab-cache", work / "hf-datasets-cache"
+        old = os.environ.get("EBSLAB_CACHE")
+        os.environ["EBSLAB_CACHE"] = str(ebslab_cache)
+        try:
+            for cache in ("cold", "warm"):
+                for contestant in ("ebslab-torch", "hf-trainer") if cache == "cold" else \
+                        ("hf-trainer", "ebslab-torch"):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with PeakMemory() as mem, quiet(log):
+                        if contestant == "ebslab-torch":
+                            metrics = experiment_ebslab(s, work / "exp-ebslab")
+                        else:
+                            metrics = experiment_trainer(s, files, work / "exp-hf", hf_cache)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    rows.append(_row("experiment", contestant, s.experiment_length, samples / wall, tokens / wall,
+                                     wall, mem.peak_mb, n_params, peak, cache=cache, cpu_s=round(cpu, 1),
+                                     test_acc=round(metrics["test_acc"], 4)))
+                    say(f"  {contestant:18} {cache}: {wall:6.1f} s wall, {cpu:.0f} s CPU, test acc "
+                        f"{metrics['test_acc']:.4f}")
+        finally:
+            if old is None:
+                os.environ.pop("EBSLAB_CACHE", None)
+            else:
+                os.environ["EBSLAB_CACHE"] = old
+
+    if s.startup_limit != 0:
+        result["startup"] = startup_figures(s, work)
+        st = result["startup"]
+        say(f"start-up (tokenizer + data, {st['examples']} examples): uncached {st['uncached_s']:.2f} s, "
+            f"cached {st['cached_s']:.2f} s ({st['speedup']}x)")
+
+    _fill_vs_trainer(rows)
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    head = f"{'scenario':10} {'contestant':18} {'cache':5} {'len':>4} {'samples/s':>9} {'tokens/s':>9} " \
+           f"{'wall_s':>7} {'vs_HF':>6} {'peak%':>6} {'mem_MB':>7}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        vs = "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}"
+        lines.append(f"{r['scenario']:10} {r['contestant']:18} {r.get('cache', ''):5} {r['max_length']:>4} "
+                     f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_s']:>7.1f} {vs:>6} "
+                     f"{100 * r['peak_fraction']:>5.1f}% {r['peak_memory_mb']:>7.0f}")
+    lines.append(f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s on {result['device']}; "
+                 f"bench took {result['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="lengths 128 and 256, 3 steps, 1 round, a 160-review experiment "
+                             "(< 10 min on an idle 2-core CPU)")
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.log")
+    parser.add_argument("--model", default=None, help="model.name for every contestant (default minilm)")
+    parser.add_argument("--lengths", default=None, help="comma-separated max_length values, e.g. 128,512")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per step-scenario run (>= 2)")
+    parser.add_argument("--contestants", default=None, help=f"comma-separated subset of {','.join(CONTESTANTS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="step scenario: runs per contestant and length")
+    parser.add_argument("--no-startup", action="store_true", help="skip the token-cache start-up figure")
+    parser.add_argument("--no-experiment", action="store_true", help="skip the experiment scenario")
+    parser.add_argument("--experiment-limit", type=int, default=None,
+                        help="reviews in the experiment scenario (8:1:1 split; quick 160, full 3000)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from ebslab.config import UserError
+
+    s = quick_settings() if args.quick else Settings()
+    if args.model:
+        s.model = args.model
+    if args.lengths:
+        try:
+            s.lengths = [int(x) for x in args.lengths.split(",")]
+        except ValueError:
+            raise UserError(f"--lengths '{args.lengths}' must be comma-separated integers, e.g. 128,256") from None
+    if args.steps is not None:
+        if args.steps < 2:
+            raise UserError("--steps must be >= 2 (step 1 is not timed)")
+        s.steps = args.steps
+    if args.contestants:
+        names = args.contestants.split(",")
+        bad = [n for n in names if n not in CONTESTANTS]
+        if bad:
+            raise UserError(f"unknown contestant '{bad[0]}'; choose from {', '.join(CONTESTANTS)}")
+        s.contestants = names
+    if getattr(args, "rounds", None):
+        s.rounds = args.rounds
+    if getattr(args, "no_startup", False):
+        s.startup_limit = 0
+    if args.no_experiment:
+        s.experiment = False
+    if getattr(args, "experiment_limit", None):
+        if args.experiment_limit < 30:
+            raise UserError("--experiment-limit must be >= 30 (val and test need examples of both classes)")
+        s.experiment_limit = args.experiment_limit
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = bench(settings_from_args(args), Path(args.out), say=lambda m: print(m, flush=True))
+    print()
+    print(table(result))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0

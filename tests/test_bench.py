@@ -1,0 +1,116 @@
+"""`ebslab bench` plumbing on tiny-bert with a tiny N: schema, real-token counting, CLI. No MiniLM timing here."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ebslab import bench  # noqa: E402
+from ebslab.config import UserError  # noqa: E402
+
+NUMERIC = ("max_length", "samples_per_s", "tokens_per_s", "wall_s", "peak_fraction", "peak_memory_mb")
+
+
+def test_real_tokens_counts_the_mask_not_the_padding():
+    # lengths 5, 2, 7 padded to 7: 21 slots, 14 real tokens
+    mask = torch.tensor([[1] * 5 + [0] * 2, [1] * 2 + [0] * 5, [1] * 7])
+    assert bench.real_tokens(mask) == 14
+    assert bench.real_tokens(mask.numpy()) == 14
+
+
+def test_timed_rate_uses_real_tokens_of_steps_two_to_n():
+    # 3 steps of 2 examples; step 1 is not timed; timed lengths 3+4+5+6 = 18 real tokens in 2 s
+    ids = [[1] * n for n in (10, 11, 3, 4, 5, 6)]
+    data = bench.StepData(texts=[""] * 6, input_ids=ids, labels=np.zeros(6, dtype=np.int64),
+                          timed_tokens=sum(len(x) for x in ids[2:]), timed_samples=4)
+    sps, tps = bench.timed_rate([5.0, 6.0, 7.0], data)
+    assert sps == pytest.approx(2.0) and tps == pytest.approx(9.0)
+
+
+def test_step_data_follows_ebslab_order_and_counts_real_tokens(small_imdb):
+    from ebslab.models import load_tokenizer
+
+    s = bench.Settings(model="tiny-bert", data_path=small_imdb, lengths=[24], steps=3, micro=2, effective=4)
+    data = bench.step_data(s, 24, load_tokenizer("tiny-bert"))
+    assert len(data.input_ids) == 12 and data.timed_samples == 8
+    assert data.timed_tokens == sum(len(x) for x in data.input_ids[4:])
+    assert max(len(x) for x in data.input_ids) <= 24
+    # IMDB reviews fill a 24-token window: counted tokens < padded slots would show padding sneaking in
+    assert data.timed_tokens <= 8 * 24
+
+
+def test_peak_fraction():
+    assert bench.peak_fraction(10_000_000, 1000.0, 120e9) == pytest.approx(6e10 / 120e9)
+
+
+@pytest.fixture(scope="module")
+def small_imdb(tmp_path_factory):
+    """80 IMDB reviews: the shipped 50k-row table is re-read by every contestant, too slow for a fast test."""
+    import pandas as pd
+
+    from ebslab.data import SHIPPED_IMDB
+
+    table = pd.read_parquet(SHIPPED_IMDB / "train.parquet")
+    path = tmp_path_factory.mktemp("bench-data") / "small.parquet"
+    pd.concat([table.head(40), table.tail(40)]).to_parquet(path, index=False)
+    return str(path)
+
+
+def test_bench_json_schema_on_tiny_bert(tmp_path, small_imdb):
+    s = bench.Settings(model="tiny-bert", data_path=small_imdb, lengths=[16], steps=2, micro=2, effective=4, rounds=1,
+                       experiment=True, experiment_limit=30, experiment_length=16, experiment_epochs=1,
+                       startup_limit=40, matmul_size=64, warmup=False)
+    result = bench.bench(s, tmp_path, say=lambda m: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert saved["matmul_peak_flops"] > 0
+    rows = saved["rows"]
+    step = [r for r in rows if r["scenario"] == "step"]
+    assert {r["contestant"] for r in step} == set(bench.CONTESTANTS)
+    exp = [r for r in rows if r["scenario"] == "experiment"]
+    assert sorted((r["contestant"], r["cache"]) for r in exp) == [
+        ("ebslab-torch", "cold"), ("ebslab-torch", "warm"), ("hf-trainer", "cold"), ("hf-trainer", "warm")]
+    for r in rows:
+        assert set(bench.ROW_KEYS) <= set(r)
+        assert r["scenario"] in ("step", "experiment") and r["contestant"] in bench.CONTESTANTS
+        for key in NUMERIC:
+            assert isinstance(r[key], (int, float)) and np.isfinite(r[key]), (key, r)
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert r["vs_trainer"] is not None and r["vs_trainer"] > 0
+        # tokens/s never exceeds samples/s x max_length: padding is not counted
+        assert r["tokens_per_s"] <= r["samples_per_s"] * r["max_length"] + 0.1
+    assert all(r["vs_trainer"] == 1.0 for r in rows if r["contestant"] == "hf-trainer")
+    assert saved["startup"]["examples"] == 40 and saved["startup"]["cached_s"] > 0
+    assert "ebslab-torch" in bench.table(saved)
+    assert not any(p.name.startswith("work-") for p in tmp_path.iterdir())  # scratch folders removed
+
+
+def _args(**kw):
+    base = dict(quick=True, out="x", model=None, lengths=None, steps=None, contestants=None, no_experiment=False,
+                rounds=None, no_startup=False, experiment_limit=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_cli_settings_and_errors():
+    q = bench.settings_from_args(_args())
+    assert q.lengths == [128, 256] and q.model == "minilm"
+    s = bench.settings_from_args(_args(quick=False, lengths="128,512", steps=4, contestants="naive,hf-trainer",
+                                       no_experiment=True))
+    assert s.lengths == [128, 512] and s.steps == 4 and s.contestants == ["naive", "hf-trainer"]
+    assert not s.experiment
+    for bad in (dict(steps=1), dict(lengths="12x"), dict(contestants="lightning")):
+        with pytest.raises(UserError):
+            bench.settings_from_args(_args(**bad))
+
+
+def test_cli_registers_bench():
+    from ebslab.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--out", "somewhere"])
+    assert args.quick and args.out == "somewhere" and args.func is bench.run

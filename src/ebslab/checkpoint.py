@@ -6,6 +6,7 @@ kept until the new one is complete, so a kill at any moment leaves one good chec
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -15,8 +16,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ebslab.config import UserError
+
+LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
+# config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
+RESUME_SAFE_KEYS = {"out.dir", "out.name", "track", "eval.batch_size", "checkpoint.every_steps",
+                    "train.log_every_steps", "train.device", "train.backend", "train.compile", "batch.auto_cap"}
+
+
+class StorageError(UserError):
+    """The disk refused a write (full, read-only, quota): one line, the previous files are left intact."""
+
+
+def _storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> StorageError:
+    name = errno.errorcode.get(e.errno or 0, "")
+    reason = f"{e.strerror or e}" + (f" [{name}]" if name else "")
+    hint = (f"the previous checkpoint is intact: free space, then continue with `ebslab train --resume {run_dir}`"
+            if run_dir is not None else "free space (or fix the folder's permissions) and run again")
+    return StorageError(f"could not write '{what}' ({reason}); {hint}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,11 +56,15 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _storage_error(path, e) from None
     _fsync_dir(path.parent)
 
 
@@ -59,7 +84,11 @@ def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class AtomicDir:
-    """`with AtomicDir(target) as tmp:` write into tmp; on success tmp replaces target, else target is untouched."""
+    """`with AtomicDir(target) as tmp:` write into tmp; on success tmp replaces target, else target is untouched.
+
+    Commit: target -> .old, tmp -> target, drop .old. A kill between the two renames leaves .old complete
+    (resolve_checkpoint finds it), and the next commit keeps that .old until its own tmp is in place.
+    A full disk (any OSError) removes tmp and raises StorageError; the previous checkpoint stays."""
 
     def __init__(self, target: Path):
         self.target = Path(target)
@@ -67,31 +96,46 @@ class AtomicDir:
         self.old = self.target.with_name(f".{self.target.name}.old")
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        try:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise self._error(e) from None
         return self.tmp
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def _error(self, e: OSError) -> StorageError:
+        run_dir = self.target.parent.parent if self.target.parent.name == "checkpoints" else None
+        return _storage_error(self.target, e, run_dir if run_dir and resolve_checkpoint(self.target) else None)
+
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise self._error(exc) from None
             return
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(self.tmp)
-        shutil.rmtree(self.old, ignore_errors=True)
-        if self.target.exists():
-            os.replace(self.target, self.old)
-        os.replace(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
+        try:
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(self.tmp)
+            if self.target.exists():
+                shutil.rmtree(self.old, ignore_errors=True)
+                os.replace(self.target, self.old)
+            # else: a kill fell between the renames last time; .old is the only good copy until tmp is in place
+            os.replace(self.tmp, self.target)
+            _fsync_dir(self.target.parent)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self._error(e) from None
         shutil.rmtree(self.old, ignore_errors=True)
 
 
 def resolve_checkpoint(target: Path) -> Path | None:
     """The complete checkpoint at `target`, or the previous one if a kill fell between the two renames."""
     target = Path(target)
+    files = LAST_FILES if target.name == "last" else ("model.safetensors",)
     for candidate in (target, target.with_name(f".{target.name}.old")):
-        if (candidate / "model.safetensors").exists():
+        if all((candidate / f).is_file() for f in files):
             return candidate
     return None
 
@@ -101,8 +145,8 @@ def save_weights(model: nn.Module, folder: Path) -> None:
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    state = load_file(str(Path(folder) / "model.safetensors"))
-    model.load_state_dict(state)
+    folder = resolve_checkpoint(folder) or Path(folder)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
 
 
 def save_best(model: nn.Module, checkpoints: Path) -> None:
@@ -160,8 +204,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: Any,
-              trainer_state: dict[str, Any]) -> None:
+              trainer_state: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+    """Weights, optimizer, scheduler, every RNG state, counters; `config` (the resolved config, without derived
+    values) lets a resume refuse a config.yaml edited since."""
     with AtomicDir(checkpoints / "last") as tmp:
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_weights(model, tmp)
         tensors: dict[str, torch.Tensor] = {}
         structure = {
@@ -174,12 +222,56 @@ def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: An
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_config(folder: Path, config: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume when config.yaml changed (beyond RESUME_SAFE_KEYS) since the checkpoint was written."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():  # a checkpoint written before configs were stored in it
+        return
+    try:
+        saved = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        raise UserError(f"cannot resume '{run_dir}': its checkpoint is damaged ({path.name} unreadable); "
+                        "start the run again with --overwrite") from None
+    now = _flat({k: v for k, v in config.items() if k != "derived"})
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_SAFE_KEYS and k != "derived"
+               and saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        raise UserError(f"cannot resume '{run_dir}': config.yaml changed since its checkpoint ({diffs}); undo "
+                        "the edit, or start a new run with the new config")
+
+
 def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG in place; return the trainer state."""
-    load_weights(model, folder)
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    structure = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_state(structure["optimizer"], tensors))
-    scheduler.load_state_dict(_join_state(structure["scheduler"], tensors))
+    """Restore weights, optimizer, scheduler and RNG in place; return the trainer state.
+
+    A checkpoint that does not fit (another model or optimizer) or is damaged is a UserError, not a traceback."""
+    folder = Path(folder)
+    run_dir = folder.parent.parent
+    try:
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        structure = json.loads((folder / "optimizer.json").read_text())
+        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        weights = load_file(str(folder / "model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot resume '{run_dir}': its checkpoint {folder.name}/ is damaged ({first}); start "
+                        "the run again with --overwrite") from None
+    try:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(_join_state(structure["optimizer"], tensors))
+        scheduler.load_state_dict(_join_state(structure["scheduler"], tensors))
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"cannot resume '{run_dir}': its checkpoint does not fit the model/optimizer of "
+                        f"config.yaml ({first[:200]}); undo the config change or start a new run") from None
     set_rng_state(_join_state(structure["rng"], tensors))
-    return json.loads((folder / "trainer_state.json").read_text())
+    return trainer_state

@@ -405,6 +405,8 @@ def validate(cfg: Config) -> None:
         (len(cfg.data.split) == 3 and all(f > 0 for f in cfg.data.split),
          "data.split must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])"),
         (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null"),
+        (0 <= cfg.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
+        (0 <= cfg.data.split_seed < 2**32, "data.split_seed must be in [0, 2**32)"),
         ("jsonl" in cfg.track, "track must include jsonl (the run folder's metrics.jsonl)"),
     ]
     for ok, message in checks:

@@ -357,3 +357,13 @@ def test_unknown_model_says_the_hub_is_unreachable(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no-such-org/no-such-model" in err and "HF_HUB_OFFLINE=1" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_divergence_stops_the_run(train_run):
+    run = train_run("optim.lr=1e38", "train.epochs=3", expect=1)
+    s = json.loads((run / "summary.json").read_text())
+    derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
+    assert s["status"] == "diverged" and "non-finite" in s["message"]
+    assert s["steps"] < derived["total_steps"]  # stopped, not run to the end
+    warnings = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "warning"]
+    assert warnings and warnings[0]["kind"] == "diverged" and warnings[0]["step"] == s["steps"]

@@ -1,0 +1,414 @@
+"""Errors in what the user gave: one line naming the problem and the fix, exit code 2, no traceback, and no run
+folder left behind (or, for --resume, the run folder left exactly as it was).
+
+Property-based tests feed random overrides to `load_config` and random small files to `load_table` + `clean`:
+a UserError is the only exception that may come out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ebslab.cli import main
+from ebslab.config import VALID_KEYS, DataConfig, UserError, load_config
+from ebslab.data import clean, load_table
+
+TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=60", "batch.effective=16", "batch.micro=8",
+        "train.epochs=1", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy machine: threads only wait on each other
+    yield
+    torch.set_num_threads(before)
+
+
+def refused(capsys, tmp_path: Path, *args: str, match: str, resume: bool = False, config: str | None = None) -> str:
+    """Run `ebslab train`; it must exit 2 with one `ebslab: error:` line matching `match`, and create nothing."""
+    out = tmp_path / "runs"
+    first = [config] if config else []
+    argv = ["train", *args] if resume else ["train", *first, *TINY, *args, f"out.dir={out}", "out.name=r"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    assert len(lines) == 1 and lines[0].startswith("ebslab: error: "), captured.err
+    assert re.search(match, lines[0]), lines[0]
+    assert not out.exists(), "a refused run must leave no run folder"
+    return lines[0]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def reviews(n: int, labels=(0, 1)) -> list[dict]:
+    words = ["good", "bad", "film", "plot", "actor", "boring", "great", "awful", "scene", "music"]
+    return [{"text": f"{words[i % 10]} {words[(i * 7) % 10]} review number {i}", "label": labels[i % len(labels)]}
+            for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ data errors
+
+
+def test_missing_path(capsys, tmp_path):
+    refused(capsys, tmp_path, f"data.path={tmp_path / 'nope.csv'}", match=r"does not exist; give a parquet")
+
+
+def test_folder_without_a_data_file(capsys, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("text,label\nhi,1\n")
+    refused(capsys, tmp_path, f"data.path={folder}", match=r"holds no \.parquet, \.csv or \.jsonl file")
+
+
+def test_file_of_an_unknown_kind(capsys, tmp_path):
+    (tmp_path / "d.txt").write_text("text,label\nhi,1\n")
+    refused(capsys, tmp_path, f"data.path={tmp_path / 'd.txt'}", match=r"is not parquet, csv or jsonl")
+
+
+@pytest.mark.parametrize("role,columns", [("text", ["review", "label"]), ("label", ["text", "y"])])
+def test_missing_column_names_the_columns_and_the_key(capsys, tmp_path, role, columns):
+    path = write_csv(tmp_path / "d.csv", [dict(zip(columns, r.values())) for r in reviews(20)])
+    line = refused(capsys, tmp_path, f"data.path={path}",
+                   match=rf"has no {role} column '{role if role == 'text' else 'label'}' \(columns: "
+                         rf"{', '.join(columns)}\); set data.{role}_column=<name>")
+    assert "columns: " in line
+
+
+def test_null_and_empty_texts_are_counted_and_located(capsys, tmp_path):
+    rows = reviews(40)
+    rows[3]["text"], rows[17]["text"], rows[30]["text"] = None, "   ", ""
+    path = write_csv(tmp_path / "d.csv", rows)
+    refused(capsys, tmp_path, f"data.path={path}",
+            match=r"3 row\(s\) have a null or empty text \(first at row 3\).*data\.drop_empty=true")
+
+
+def test_nan_labels(capsys, tmp_path):
+    rows = reviews(40)
+    rows[5]["label"] = rows[9]["label"] = float("nan")
+    path = write_csv(tmp_path / "d.csv", rows)
+    refused(capsys, tmp_path, f"data.path={path}", match=r"2 row\(s\) have no label \(NaN, first at row 5\)")
+
+
+def test_a_single_class(capsys, tmp_path):
+    path = write_csv(tmp_path / "d.csv", reviews(40, labels=(1,)))
+    refused(capsys, tmp_path, f"data.path={path}", match=r"holds a single class \('1'\).*at least two")
+
+
+def test_every_text_empty_with_drop_empty(capsys, tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"text": "", "label": i % 2} for i in range(10)])
+    refused(capsys, tmp_path, f"data.path={path}", "data.drop_empty=true",
+            match=r"all 10 row\(s\) have a null or empty text; no rows are left")
+
+
+def test_an_empty_file(capsys, tmp_path):
+    (tmp_path / "d.csv").write_bytes(b"")
+    refused(capsys, tmp_path, f"data.path={tmp_path / 'd.csv'}", match=r"'.*d\.csv' is empty")
+
+
+def test_a_header_without_rows(capsys, tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\n")
+    refused(capsys, tmp_path, f"data.path={tmp_path / 'd.csv'}", match=r"has no rows")
+
+
+@pytest.mark.parametrize("name,content", [("d.parquet", b"PAR1 this is not parquet at all PAR1"),
+                                          ("d.jsonl", b'{"text": "a", "label": 1}\n{"text": \n'),
+                                          ("d.csv", b"\xff\xfe\x00\x81\x9f text,label\n")])
+def test_a_corrupt_file(capsys, tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    kind = name.split(".")[1]
+    refused(capsys, tmp_path, f"data.path={tmp_path / name}", match=rf"could not be read as {kind} .*corrupt")
+
+
+def test_too_few_examples_for_the_split(capsys, tmp_path):
+    refused(capsys, tmp_path, "data.limit=4", match=r"split is empty.*raise data\.limit")
+
+
+def test_string_labels_map_to_sorted_ids_and_empty_texts_can_be_dropped(capsys, tmp_path):
+    rows = reviews(60, labels=("pos", "neg", "meh"))
+    rows[2]["text"], rows[11]["text"] = "", None
+    path = write_csv(tmp_path / "d.csv", rows)
+    out = tmp_path / "runs"
+    code = main(["train", *TINY, "data.limit=null", f"data.path={path}", "data.drop_empty=true", f"out.dir={out}",
+                 "out.name=s"])
+    assert code == 0, capsys.readouterr().err
+    assert "dropped 2 empty" in capsys.readouterr().out
+    run = out / "s"
+    assert json.loads((run / "labels.json").read_text())["names"] == ["meh", "neg", "pos"]
+    assert json.loads((run / "summary.json").read_text())["dropped_empty"] == 2
+    # ids follow the sorted names: row i of the cleaned table keeps its own label
+    ex = clean(pd.read_csv(path), DataConfig(path=str(path), drop_empty=True), "d.csv")
+    kept = [r for r in rows if r["text"]]
+    assert [ex.label_names[i] for i in ex.labels] == [r["label"] for r in kept]
+    assert ex.dropped_empty == 2 and len(ex.texts) == 58
+    preds = pd.read_parquet(run / "predictions" / "test_last.parquet")
+    assert set(preds["label"]) <= {0, 1, 2} and len(preds["label"].unique()) == 3
+
+
+# ------------------------------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train.epochs=abc"], r"config key 'train\.epochs' must be int, got 'abc'"),
+    (["train.epoch=2"], r"unknown config key 'train\.epoch'; did you mean 'train\.epochs'\?"),
+    (["optimizer.lr=1e-4"], r"unknown config key 'optimizer\.lr'; did you mean 'optim\.lr'\?"),
+    (["batch.effective=30"], r"batch\.effective=30 is not divisible by batch\.micro x world_size = 8 x 1 = 8; "
+                             r"choose batch\.effective as a multiple of 8"),
+    (["data.max_length=0"], r"data\.max_length must be > 0"),
+    (["data.max_length=-8"], r"data\.max_length must be > 0"),
+    (["optim.lr=0"], r"optim\.lr must be > 0"),
+    (["optim.lr=-1e-3"], r"optim\.lr must be > 0"),
+    (["optim.lr=abc"], r"config key 'optim\.lr' must be float"),
+    (["batch.micro=0"], r"batch\.micro must be > 0 or auto"),
+    (["optim.lr_scaling=cubic"], r"'optim\.lr_scaling' must be 'none' \| 'linear' \| 'sqrt'"),
+])
+def test_bad_config_values(capsys, tmp_path, args, match):
+    refused(capsys, tmp_path, *args, match=match)
+
+
+def test_a_missing_config_file(capsys, tmp_path):
+    refused(capsys, tmp_path, config="nonsense.yaml", match=r"config file 'nonsense\.yaml' does not exist")
+
+
+@pytest.mark.parametrize("arg", ["train.seed=-1", "data.split_seed=-1", "train.seed=4294967296"])
+def test_a_seed_out_of_range(capsys, tmp_path, arg):
+    refused(capsys, tmp_path, arg, match=r"seed")
+
+
+def test_a_config_file_that_is_not_yaml(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("model: [unclosed\n")
+    refused(capsys, tmp_path, config=str(tmp_path / "c.yaml"), match=r"is not valid YAML")
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done")
+    assert main(["train", *TINY, "checkpoint.every_steps=1", f"out.dir={out}", "out.name=run"]) == 0
+    return out / "run"
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def copy_of(done_run, tmp_path) -> Path:
+    run = tmp_path / "copy" / "run"
+    shutil.copytree(done_run, run)
+    return run
+
+
+def test_an_existing_run_is_never_overwritten_without_overwrite(capsys, done_run, tmp_path):
+    before = _fingerprint(done_run)
+    code = main(["train", *TINY, f"out.dir={done_run.parent}", "out.name=run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.fullmatch(r"ebslab: error: run folder '.*run' already holds a run; pass --overwrite to replace it, "
+                        r"--resume .* to continue it, or set out.name", err.strip())
+    assert _fingerprint(done_run) == before
+
+
+def test_overwrite_replaces_the_run(capsys, copy_of):
+    (copy_of / "stale.txt").write_text("from the old run")
+    code = main(["train", *TINY, f"out.dir={copy_of.parent}", "out.name=run", "--overwrite"])
+    assert code == 0
+    assert not (copy_of / "stale.txt").exists() and (copy_of / "summary.json").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    refused(capsys, tmp_path, "--resume", str(tmp_path / "empty"), resume=True,
+            match=r"is not an ebslab run folder")
+    refused(capsys, tmp_path, "--resume", str(tmp_path / "missing"), resume=True,
+            match=r"is not an ebslab run folder")
+
+
+def test_resume_takes_no_overrides(capsys, done_run, tmp_path):
+    refused(capsys, tmp_path, "--resume", str(done_run), "optim.lr=1", resume=True,
+            match=r"--resume RUN_DIR takes no config file or overrides")
+
+
+def _edit_config(run: Path, section: str, key: str, value) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg[section][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("batch", "effective", 32, r"cannot resume '.*': (steps_per_epoch|accum_steps) was \d+, now \d+"),
+    ("optim", "lr", 0.002, r"cannot resume '.*': config\.yaml changed since its checkpoint \(optim\.lr: 0\.001 -> "
+                           r"0\.002\); undo the edit"),
+    ("model", "name", "tiny-roberta", r"config\.yaml changed since its checkpoint \(model\.name: 'tiny-bert' -> "
+                                      r"'tiny-roberta'\)"),
+    ("model", "pooling", "oops", r"config key 'model\.pooling' must be 'cls' \| 'mean'"),
+])
+def test_resume_after_an_incompatible_config_edit(capsys, copy_of, tmp_path, section, key, value, match):
+    _edit_config(copy_of, section, key, value)
+    before = _fingerprint(copy_of)
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True, match=match)
+    assert _fingerprint(copy_of) == before
+
+
+def test_resume_when_the_checkpoint_does_not_fit_the_model(capsys, copy_of, tmp_path):
+    # a checkpoint from before configs were stored in it: the mismatch shows when the weights are loaded
+    (copy_of / "checkpoints" / "last" / "config.json").unlink()
+    _edit_config(copy_of, "model", "name", "tiny-roberta")
+    before = _fingerprint(copy_of)
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True,
+            match=r"checkpoint does not fit the model/optimizer of config\.yaml")
+    assert _fingerprint(copy_of) == before
+
+
+def test_resume_with_a_harmless_edit_is_allowed(capsys, copy_of):
+    _edit_config(copy_of, "eval", "batch_size", 7)
+    assert main(["train", "--resume", str(copy_of)]) == 0
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("no checkpoint", r"has no complete checkpoint to resume from; start it again with --overwrite"),
+    ("truncated weights", r"checkpoint last/ is damaged"),
+    ("garbage config.yaml", r"is not a valid ebslab config"),
+])
+def test_resume_of_a_damaged_run(capsys, copy_of, tmp_path, damage, match):
+    if damage == "no checkpoint":
+        shutil.rmtree(copy_of / "checkpoints" / "last")
+    elif damage == "truncated weights":
+        weights = copy_of / "checkpoints" / "last" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        (copy_of / "config.yaml").write_text("- just\n- a list\n")
+    before = _fingerprint(copy_of)
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True, match=match)
+    assert _fingerprint(copy_of) == before
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+SECTIONS = sorted({k.split(".")[0] for k in VALID_KEYS})
+VALUES = st.one_of(
+    st.sampled_from(["abc", "1", "-1", "0", "1e-4", "1.5", "true", "null", "[1, 2]", "[0.5, 0.5, 0.5]", "{a: 1}",
+                     "auto", "[", "]", "nan", ".nan", ".inf", "-.inf", "''", "1e400", "0x10", "!!python/none",
+                     "!!binary aGk=", "&a 1", "*a", "- 1", "cls", "mean", "adam", "sqrt", "[jsonl, wandb]", "~",
+                     "{", "'", "2**64", "9999999999999999999999", "-0.0", ": :", "@", "`"]),
+    st.text(max_size=12),
+    st.integers(-10**20, 10**20).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
+KEYS = st.one_of(st.sampled_from(VALID_KEYS), st.sampled_from(SECTIONS),
+                 st.text(alphabet=string.ascii_lowercase + "._", max_size=15))
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                     max_size=3), max_leaves=8)
+PROPERTY = settings(max_examples=int(os.environ.get("EBSLAB_HYPOTHESIS_EXAMPLES", "150")), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(st.lists(st.tuples(KEYS, VALUES), max_size=4))
+def test_random_overrides_raise_only_user_errors(pairs):
+    try:
+        load_config(None, [f"{k}={v}" for k, v in pairs])
+    except UserError as e:
+        assert str(e) and ("\n" not in str(e) or any("\n" in k + v for k, v in pairs))
+
+
+@PROPERTY
+@given(st.dictionaries(KEYS, st.one_of(JSONISH, st.dictionaries(st.sampled_from(
+    [k.split(".", 1)[-1] for k in VALID_KEYS]), JSONISH, max_size=3)), max_size=4))
+def test_random_config_mappings_raise_only_user_errors(mapping):
+    try:
+        load_config(mapping)
+    except UserError as e:
+        assert str(e)
+
+
+CELLS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(), st.floats(),
+                  st.text(max_size=10), st.sampled_from(["", " ", "\n", "nan", "NaN", "null", "pos", "neg", "1.0"]))
+COLUMNS = st.sampled_from(["text", "label", "other", "Text", "", "label "])
+
+
+@st.composite
+def tables(draw) -> pd.DataFrame:
+    columns = draw(st.lists(COLUMNS, min_size=0, max_size=3, unique=True))
+    rows = draw(st.lists(st.fixed_dictionaries({c: CELLS for c in columns}), max_size=8))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _load(path: Path, drop_empty: bool) -> None:
+    cfg = DataConfig(path=str(path), drop_empty=drop_empty)
+    try:
+        ex = clean(load_table(cfg), cfg, str(path))
+    except UserError as e:
+        assert str(e) and "Traceback" not in str(e)
+        return
+    # what comes out is usable: at least two classes, one id per text, no empty text
+    assert len(ex.label_names) >= 2 and len(ex.texts) == len(ex.labels) >= 2
+    assert ex.labels.min() == 0 and ex.labels.max() == len(ex.label_names) - 1
+    assert all(t.strip() for t in ex.texts)
+
+
+@PROPERTY
+@given(content=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".jsonl", ".json", ".parquet"]),
+       drop_empty=st.booleans())
+def test_random_bytes_raise_only_user_errors(content, suffix, drop_empty):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"data{suffix}"
+        path.write_bytes(content)
+        _load(path, drop_empty)
+
+
+@PROPERTY
+@given(table=tables(), kind=st.sampled_from(["csv", "jsonl", "parquet"]), drop_empty=st.booleans())
+def test_random_tables_raise_only_user_errors(table, kind, drop_empty):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"data.{kind}"
+        if kind == "csv":
+            table.to_csv(path, index=False)
+        elif kind == "jsonl":
+            table.to_json(path, orient="records", lines=True)
+        else:
+            try:
+                table.to_parquet(path, index=False)
+            except Exception:  # pyarrow cannot store a column of mixed types: store it as text
+                table.astype(str).to_parquet(path, index=False)
+        _load(path, drop_empty)
+
+
+@PROPERTY
+@given(lines=st.lists(st.one_of(JSONISH.map(json.dumps), st.text(max_size=20)), max_size=6),
+       drop_empty=st.booleans())
+def test_random_jsonl_lines_raise_only_user_errors(lines, drop_empty):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "data.jsonl"
+        path.write_text("\n".join(lines))
+        _load(path, drop_empty)
+
+
+def test_float_labels_that_are_whole_numbers_are_class_ids():
+    table = pd.DataFrame({"text": ["a", "b", "c", "d"], "label": [0.0, 1.0, 1.0, np.float64(0)]})
+    ex = clean(table, DataConfig(), "t")
+    assert ex.labels.tolist() == [0, 1, 1, 0] and ex.label_names == ["0", "1"]

@@ -367,3 +367,27 @@ def test_divergence_stops_the_run(train_run):
     assert s["steps"] < derived["total_steps"]  # stopped, not run to the end
     warnings = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "warning"]
     assert warnings and warnings[0]["kind"] == "diverged" and warnings[0]["step"] == s["steps"]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from ebslab.cli import main
+
+    precious = tmp_path / "Documents"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code = main(["train", "model.name=tiny-bert", "data.limit=60", f"out.dir={tmp_path}", "out.name=Documents",
+                 "--overwrite"])
+    assert code == 2 and "not an ebslab run" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_indivisible_batch_fails_before_loading_data(tmp_path, capsys, monkeypatch):
+    import ebslab.train
+    from ebslab.cli import main
+
+    def no_data(*_, **__):
+        raise AssertionError("data was loaded before the batch check")
+
+    monkeypatch.setattr(ebslab.train, "load_data", no_data)
+    code = main(["train", "batch.effective=30", "batch.micro=8", f"out.dir={tmp_path}"])
+    assert code == 2 and "not divisible" in capsys.readouterr().err

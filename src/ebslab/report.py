@@ -474,7 +474,7 @@ def _fmt_p(p: float) -> str:
         return "n/a"
     if p < 0.001:
         return "< 0.001"
-    return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+    return f"{p:.2g}"  # two significant digits: 0.047 must not print as 0.05 next to "significant at 0.05"
 
 
 def comparison_sentence(comp: Comparison) -> str:

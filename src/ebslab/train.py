@@ -111,8 +111,17 @@ def resolve_micro(cfg: Config, world_size: int) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out.dir/out.name '{run_dir}' is a file; choose another out.name")
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not any((run_dir / m).exists() for m in RUN_MARKERS):
+            # --overwrite deletes runs, never a folder that merely shares the name (out.name=Documents ...)
+            raise UserError(f"'{run_dir}' is a non-empty folder that is not an ebslab run; choose another "
+                            "out.dir/out.name (--overwrite only replaces run folders)")
         if not overwrite:
             raise UserError(f"run folder '{run_dir}' already holds a run; pass --overwrite to replace it, "
                             f"--resume {run_dir} to continue it, or set out.name")
@@ -138,6 +147,8 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     started = time.time()
     backend = make_backend(cfg.train)
     seed_everything(cfg.train.seed)
+    if cfg.batch.micro != "auto":  # fail in a second, not after loading and tokenizing the data
+        derive(cfg, num_train=1, world_size=backend.world_size)
 
     # --- data, model, derived values: every user error surfaces here, before a run folder exists
     tokenizer = load_tokenizer(cfg.model.name)

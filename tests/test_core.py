@@ -391,3 +391,39 @@ def test_indivisible_batch_fails_before_loading_data(tmp_path, capsys, monkeypat
     monkeypatch.setattr(ebslab.train, "load_data", no_data)
     code = main(["train", "batch.effective=30", "batch.micro=8", f"out.dir={tmp_path}"])
     assert code == 2 and "not divisible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.max_length=600", "exceeds what tiny-bert can encode"),
+    ("train.device=gpu0", "is not a device"),
+])
+def test_more_user_errors_are_one_line(tmp_path, capsys, override, message):
+    from ebslab.cli import main
+
+    code = main(["train", "model.name=tiny-bert", "data.limit=60", override, f"out.dir={tmp_path}", "out.name=x"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_missing_tracker_package_is_refused_before_the_run_folder(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from ebslab.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code = main(["train", "model.name=tiny-bert", "data.limit=60", "track=[jsonl,wandb]", f"out.dir={tmp_path}",
+                 "out.name=x"])
+    assert code == 2 and "wandb package" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_config_path_with_equals_signs_is_a_config(tmp_path, train_run):
+    from ebslab.cli import main
+
+    first = train_run()
+    folder = tmp_path / "model.name=tiny-bert,train.seed=1"
+    folder.mkdir()
+    (folder / "config.yaml").write_text((first / "config.yaml").read_text())
+    assert main(["train", str(folder / "config.yaml"), f"out.dir={tmp_path}", "out.name=again"]) == 0
+    a = json.loads((first / "summary.json").read_text())["test_last"]["acc"]
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["test_last"]["acc"] == a

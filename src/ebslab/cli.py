@@ -21,7 +21,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg, resume_dir=Path(args.resume))
     else:
         items = list(args.items)
-        config = items.pop(0) if items and "=" not in items[0] else None
+        first = items[0] if items else ""
+        # a config path may contain "=" (sweep run folders are named key=value,...): decide by suffix
+        config = items.pop(0) if first and ("=" not in first or first.endswith((".yaml", ".yml"))) else None
         overrides = items
         summary = train(load_config(config, overrides), overwrite=args.overwrite)
     if summary["exit_code"]:

@@ -90,9 +90,12 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     try:  # BERT/RoBERTa build a pooler we never use: skip its weights and its matmul
         hf_logging.set_verbosity_error()  # ...and the load report listing those weights as "unexpected"
-        return AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_pretrained(source, config=config)
+        try:
+            return AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+        except TypeError:
+            return AutoModel.from_pretrained(source, config=config)
+    except Exception as e:  # a folder with a config but no weights, a half-downloaded cache ...
+        raise _hub_error(cfg.name, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -137,10 +140,14 @@ def accepted_inputs(encoder: nn.Module, tokenizer: Any) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def build_model(cfg: ModelConfig, num_labels: int, seed: int, tokenizer: Any) -> ModelBundle:
+def build_model(cfg: ModelConfig, num_labels: int, seed: int, tokenizer: Any, max_length: int = 0) -> ModelBundle:
     torch.manual_seed(seed)  # the head (and a tiny encoder) start from the run's seed
     encoder = load_encoder(cfg, len(tokenizer))
     inputs = accepted_inputs(encoder, tokenizer)
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions - (2 if "roberta" in encoder.config.model_type else 0):
+        raise UserError(f"data.max_length={max_length} exceeds what {cfg.name} can encode "
+                        f"({positions} positions); lower data.max_length")
     model = EncoderClassifier(encoder, num_labels, cfg.pooling, cfg.dropout, inputs)
     embedding = sum(p.numel() for n, p in encoder.named_parameters() if "embed" in n)
     total = sum(p.numel() for p in model.parameters())

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from ebslab.config import UserError
+
 
 class Tracker(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
@@ -106,7 +108,7 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is an optional dependency
-            raise ImportError("track: tensorboard needs the tensorboard package: "
+            raise UserError("track: tensorboard needs the tensorboard package: "
                               "pip install 'ebslab[track]'") from e
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=30)
 
@@ -128,7 +130,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError as e:  # wandb is an optional dependency
-            raise ImportError("track: wandb needs the wandb package: pip install 'ebslab[track]'") from e
+            raise UserError("track: wandb needs the wandb package: pip install 'ebslab[track]'") from e
         run_dir = Path(run_dir)
         self.run = wandb.init(
             dir=str(run_dir), config=config,
@@ -150,3 +152,13 @@ class WandbTracker:
 
 # name -> factory(run_dir, config) for `track: [tensorboard, wandb]`
 OPTIONAL_TRACKERS: dict[str, Any] = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse a tracker whose package is missing before the run folder exists (not halfway into it)."""
+    import importlib.util
+
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in names and importlib.util.find_spec(module) is None:
+            raise UserError(f"track: {name} needs the {module} package: pip install 'ebslab[track]', "
+                            f"or drop {name} from track")

@@ -35,7 +35,7 @@ from ebslab.data import DataBundle, collate, epoch_order, length_grouped, load_d
 from ebslab.evaluate import EvalResult, evaluate
 from ebslab.models import build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
-from ebslab.tracking import NullTracker, open_trackers, truncate_metrics
+from ebslab.tracking import NullTracker, check_trackers, open_trackers, truncate_metrics
 
 COLLAPSE_MARGIN = 0.02  # val acc within 2 points of the majority-class rate counts as collapsed
 
@@ -153,9 +153,10 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     # --- data, model, derived values: every user error surfaces here, before a run folder exists
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg.data, tokenizer)
-    bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer)
+    bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
     micro = resolve_micro(cfg, backend.world_size)
     derived = derive(cfg, len(data.train), backend.world_size, micro)
+    check_trackers(cfg.track)
     run_dir = resume_dir or cfg.run_dir
     if resume_dir is not None:
         _check_resumable(run_dir, derived)
@@ -163,10 +164,10 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         prepare_run_dir(run_dir, overwrite)
     backend.barrier()
 
+    if cfg.train.compile:
+        bundle.model.compile()  # in place: state-dict keys, unwrap and no_sync stay as without compile
     model, optimizer = backend.prepare(bundle.model, build_optimizer(bundle.model, cfg.optim, derived))
     scheduler = build_scheduler(optimizer, cfg.sched, derived)
-    if cfg.train.compile:
-        model = torch.compile(model)
     state = TrainerState()
     if resume_dir is not None:
         last = ckpt.resolve_checkpoint(run_dir / "checkpoints" / "last")
@@ -174,7 +175,13 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
             raise UserError(f"'{run_dir}' has no complete checkpoint to resume from; start it again with "
                             "--overwrite")
         ckpt.check_config(last, resolved_dict(cfg), run_dir)
-        state = TrainerState(**ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler))
+        saved_state = ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler)
+        try:
+            state = TrainerState(**saved_state)
+        except TypeError:
+            raise UserError(f"'{run_dir}': trainer_state.json does not match this version of ebslab; start "
+                            "again with --overwrite") from None
+        started -= state.elapsed_s  # duration_s counts the interrupted sessions too
         if backend.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
 
@@ -193,7 +200,8 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     latest_test: list[EvalResult] = []  # the test result of the latest evaluation: the "last" checkpoint's
 
     def score(split: Any) -> EvalResult:
-        return evaluate(model, split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs)
+        # the unwrapped module: DDP's forward would broadcast buffers, a collective a rank with no examples skips
+        return evaluate(backend.unwrap(model), split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs)
 
     def run_eval() -> tuple[EvalResult, EvalResult]:
         val, test = score(data.val), score(data.test)
@@ -299,13 +307,15 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     ckpt.atomic_write_json(run_dir / "summary.json", summary)
                     tracker.close()
                 summary["exit_code"] = stop.exit_code
+                backend.close()
                 return summary
             if status == "early_stopped":
                 status, message = "completed", f"early stopping after {cfg.train.early_stopping_patience} " \
                                                 "evaluations without val-acc gain"
             if state.last_eval_step != state.step and status != "diverged":
                 _after_eval(cfg, data, state, derived, *run_eval(), log, clock, backend, model, run_dir)
-            save_last()
+            if status != "diverged":  # keep the last finite checkpoint, not NaN weights
+                save_last()
 
             # ---- final test on the best and on the last weights
             test_last = None
@@ -421,7 +431,7 @@ def _summary(cfg: Config, state: TrainerState, data: DataBundle, status: str, me
         "status": status, "message": message,
         "best_epoch": state.best_epoch, "best_step": state.best_step, "steps": state.step,
         "micro_steps": state.micro_step, "samples": state.samples,
-        "duration_s": round(state.elapsed_s + (time.time() - started if not state.elapsed_s else 0), 3),
+        "duration_s": round(time.time() - started, 3),
         "train_time_s": round(state.train_time_s, 3),
         "train_samples_per_s": state.samples / state.train_time_s if state.train_time_s else None,
         "val_best": state.best_val, "test_best": test_best,

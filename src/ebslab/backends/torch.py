@@ -11,13 +11,19 @@ import torch.distributed as dist
 from torch import nn
 
 from ebslab.backends import AUTOCAST_DTYPES, check_precision
+from ebslab.config import UserError
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={device} but no CUDA device is visible; use train.device=auto or cpu")
     if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
         return torch.device("cuda", local_rank)
     if device != "auto":
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise UserError(f"train.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

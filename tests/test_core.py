@@ -427,3 +427,25 @@ def test_a_config_path_with_equals_signs_is_a_config(tmp_path, train_run):
     assert main(["train", str(folder / "config.yaml"), f"out.dir={tmp_path}", "out.name=again"]) == 0
     a = json.loads((first / "summary.json").read_text())["test_last"]["acc"]
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["test_last"]["acc"] == a
+
+
+def test_loss_scaler_state_round_trips_through_the_backend():
+    from ebslab.backends.torch import TorchBackend
+
+    saved = TorchBackend()
+    assert saved.scaler_state() is None  # fp32: nothing to save
+    saved.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    restored = TorchBackend()
+    restored.scaler = torch.amp.GradScaler("cpu")
+    restored.load_scaler_state(json.loads(json.dumps(saved.scaler_state())))  # plain JSON in trainer_state
+    assert restored.scaler.get_scale() == 1024.0
+
+
+def test_resume_keeps_the_auto_micro_batch(tmp_path):
+    from ebslab.train import resolve_micro
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"derived": {"micro": 4}}))
+    cfg = load_config(None, ["batch.micro=auto", "batch.effective=32"])
+    assert resolve_micro(cfg, 1, run) == 4

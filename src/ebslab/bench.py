@@ -35,7 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "hf-trainer", "naive")
+CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "ebslab-torch-grouped", "hf-trainer",
+               "naive")
 ROW_KEYS = ("scenario", "contestant", "max_length", "samples_per_s", "tokens_per_s", "wall_s", "vs_trainer",
             "peak_fraction", "peak_memory_mb")
 
@@ -192,13 +193,17 @@ def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, **extr
     return load_config(values)
 
 
-def step_data(s: Settings, max_length: int, tokenizer: Any) -> StepData:
-    """ebslab's own split and epoch-0 order, so the other contestants train on exactly ebslab's windows."""
-    from ebslab.data import clean, epoch_order, load_data, load_table
+def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = False) -> StepData:
+    """ebslab's own split and epoch-0 order, so the other contestants train on exactly ebslab's windows.
+    `grouped`: the windows of `data.group_by_length=true` instead (for its real-token count)."""
+    from ebslab.data import clean, epoch_order, length_grouped, load_data, load_table
 
     cfg = ebslab_config(s, max_length, Path("."), "unused")
     data = load_data(cfg.data, tokenizer)
-    order = epoch_order(len(data.train), cfg.train.seed, 0)[:s.steps * s.effective]
+    order = epoch_order(len(data.train), cfg.train.seed, 0)
+    if grouped:
+        order = length_grouped(order, data.train.lengths, s.effective, cfg.train.seed, 0)
+    order = order[:s.steps * s.effective]
     examples = clean(load_table(cfg.data), cfg.data, "bench data")
     split = data.train
     ids = [split.ids[split.offsets[i]:split.offsets[i + 1]].tolist() for i in order]
@@ -228,6 +233,8 @@ def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> 
         extra["train.backend"] = "accelerate"
     if contestant == "ebslab-torch-auto":
         extra["batch.micro"] = "auto"
+    if contestant == "ebslab-torch-grouped":
+        extra["data.group_by_length"] = True
     cfg = ebslab_config(s, max_length, out_dir, f"{contestant}-L{max_length}", **extra)
     train(cfg, overwrite=True)
     return [r["elapsed_s"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("event") == "step"]
@@ -519,7 +526,8 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 if len(ends) != s.steps:
                     raise RuntimeError(f"{contestant} ran {len(ends)} steps, expected {s.steps}")
-                sps, tps = timed_rate(ends, data)
+                sps, tps = timed_rate(ends, step_data(s, length, tokenizer, grouped=True)
+                                      if contestant == "ebslab-torch-grouped" else data)
                 row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, n_params, peak,
                            cpu_s=round(cpu, 1))
                 say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({wall:.0f} s wall, "

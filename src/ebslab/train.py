@@ -61,6 +61,7 @@ class TrainerState:
     last_eval_step: int = -1
     last_test: dict[str, float] | None = None
     last_val_acc: float | None = None
+    scaler: dict[str, Any] | None = None  # fp16 loss scale (GPU), so a resumed run skips the same steps
 
 
 class StopRequest:
@@ -100,9 +101,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_micro(cfg: Config, world_size: int) -> int:
+def resolve_micro(cfg: Config, world_size: int, resume_dir: Path | None = None) -> int:
     if cfg.batch.micro != "auto":
         return int(cfg.batch.micro)
+    if resume_dir is not None:  # keep the micro-batch the run started with (free memory may differ now)
+        saved = yaml.safe_load((resume_dir / "config.yaml").read_text()).get("derived", {}).get("micro")
+        if isinstance(saved, int):
+            return saved
     from ebslab.autobatch import largest_micro
 
     return largest_micro(cfg, world_size)
@@ -154,7 +159,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg.data, tokenizer)
     bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
-    micro = resolve_micro(cfg, backend.world_size)
+    micro = resolve_micro(cfg, backend.world_size, resume_dir)
     derived = derive(cfg, len(data.train), backend.world_size, micro)
     check_trackers(cfg.track)
     run_dir = resume_dir or cfg.run_dir
@@ -181,6 +186,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         except TypeError:
             raise UserError(f"'{run_dir}': trainer_state.json does not match this version of ebslab; start "
                             "again with --overwrite") from None
+        backend.load_scaler_state(state.scaler)
         started -= state.elapsed_s  # duration_s counts the interrupted sessions too
         if backend.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
@@ -212,6 +218,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         if backend.is_main:
             state.elapsed_s += time.time() - clock[0]
             clock[0] = time.time()
+            state.scaler = backend.scaler_state()
             ckpt.save_last(run_dir / "checkpoints", backend.unwrap(model), optimizer, scheduler,
                            dataclasses.asdict(state), config=resolved_dict(cfg))
 

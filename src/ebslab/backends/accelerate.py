@@ -89,6 +89,14 @@ class AccelerateBackend:
 
         return gather_object([obj])
 
+    def scaler_state(self) -> dict[str, Any] | None:
+        scaler = self.accelerator.scaler
+        return scaler.state_dict() if scaler is not None else None
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        if self.accelerator.scaler is not None and state:
+            self.accelerator.scaler.load_state_dict(state)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 

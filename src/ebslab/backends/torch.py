@@ -92,6 +92,13 @@ class TorchBackend:
         dist.all_gather_object(out, obj)
         return out
 
+    def scaler_state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -204,7 +204,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: Any,
-              trainer_state: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+              trainer_state: dict[str, Any], config: dict[str, Any] | None = None,
+              rng_per_rank: list[dict[str, Any]] | None = None) -> None:
     """Weights, optimizer, scheduler, every RNG state, counters; `config` (the resolved config, without derived
     values) lets a resume refuse a config.yaml edited since."""
     with AtomicDir(checkpoints / "last") as tmp:
@@ -215,7 +216,8 @@ def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: An
         structure = {
             "optimizer": _split_state(optimizer.state_dict(), "optimizer", tensors),
             "scheduler": _split_state(scheduler.state_dict(), "scheduler", tensors),
-            "rng": _split_state(rng_state(), "rng", tensors),
+            # one entry per process: each rank's dropout stream (and its GPU's) continues where it stopped
+            "rng": _split_state(rng_per_rank or [rng_state()], "rng", tensors),
         }
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(structure))
@@ -250,7 +252,7 @@ def check_config(folder: Path, config: dict[str, Any], run_dir: Path) -> None:
                         "the edit, or start a new run with the new config")
 
 
-def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG in place; return the trainer state.
 
     A checkpoint that does not fit (another model or optimizer) or is damaged is a UserError, not a traceback."""
@@ -273,5 +275,7 @@ def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any) ->
         first = str(e).strip().splitlines()[0]
         raise UserError(f"cannot resume '{run_dir}': its checkpoint does not fit the model/optimizer of "
                         f"config.yaml ({first[:200]}); undo the config change or start a new run") from None
-    set_rng_state(_join_state(structure["rng"], tensors))
+    rngs = _join_state(structure["rng"], tensors)
+    rngs = rngs if isinstance(rngs, list) else [rngs]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return trainer_state

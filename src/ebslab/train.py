@@ -180,7 +180,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
             raise UserError(f"'{run_dir}' has no complete checkpoint to resume from; start it again with "
                             "--overwrite")
         ckpt.check_config(last, resolved_dict(cfg), run_dir)
-        saved_state = ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler)
+        saved_state = ckpt.load_last(last, backend.unwrap(model), optimizer, scheduler, backend.rank)
         try:
             state = TrainerState(**saved_state)
         except TypeError:
@@ -214,13 +214,14 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         latest_test[:] = [test]
         return val, test
 
-    def save_last() -> None:
+    def save_last() -> None:  # called on every process: the RNG states are gathered from all of them
+        rng_per_rank = backend.gather_objects(ckpt.rng_state())
         if backend.is_main:
             state.elapsed_s += time.time() - clock[0]
             clock[0] = time.time()
             state.scaler = backend.scaler_state()
             ckpt.save_last(run_dir / "checkpoints", backend.unwrap(model), optimizer, scheduler,
-                           dataclasses.asdict(state), config=resolved_dict(cfg))
+                           dataclasses.asdict(state), config=resolved_dict(cfg), rng_per_rank=rng_per_rank)
 
     status, message = "completed", None
     clock = [time.time()]

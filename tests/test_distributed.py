@@ -117,3 +117,41 @@ def test_accelerate_launch_two_processes_match_one(single, tmp_path):
                                  "--main_process_port", str(free_port()), "-m"])
     assert "backend accelerate" in out
     check_same_as_single(single, run, out)
+
+
+def torchrun() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
+
+
+@pytest.mark.timeout(300)
+def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
+    """Dropout on, so each rank's own RNG stream must come back; SIGTERM must stop both ranks at one step."""
+    import signal
+    import time
+
+    dropout = ["model.dropout=0.1", "model.encoder_dropout=0.1", "checkpoint.every_steps=1"]
+    ref, _ = run_cli(tmp_path, "ref", *dropout, launcher=torchrun())
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([*torchrun(), "ebslab", "train", *EXACT, *dropout, f"out.dir={tmp_path}",
+                             "out.name=stopped"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(steps(run)) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    out, err = proc.communicate(timeout=200)
+    assert (run / "summary.json").exists(), err[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 5 <= summary["steps"] < 16
+
+    resumed = subprocess.run([*torchrun(), "ebslab", "train", "--resume", str(run)], env=env,
+                             capture_output=True, text=True, timeout=280)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = steps(ref), steps(run)
+    assert [r["step"] for r in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        assert rel(x["train/loss"], y["train/loss"]) <= 1e-6, (x["step"], x["train/loss"], y["train/loss"])
+    assert weight_rel_diff(ref, run) <= 1e-6

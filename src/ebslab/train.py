@@ -81,10 +81,12 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # a person pressing Ctrl-C twice means it
+                raise KeyboardInterrupt
+            return  # launchers (torchrun, SLURM) may repeat SIGTERM: keep finishing the step
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort now)",
-              file=sys.stderr, flush=True)
+        again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
+        print(f"\n{signal.Signals(signum).name}: stopping after this step{again}", file=sys.stderr, flush=True)
 
     def __exit__(self, *_: Any) -> None:
         for sig, handler in self.previous.items():

@@ -94,7 +94,7 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        return 128 + int(self.signal or 0)
+        return 128 + int(self.signal or signal.SIGTERM)  # no local signal: another process got a SIGTERM
 
 
 def seed_everything(seed: int) -> None:
@@ -231,7 +231,8 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     model.train()
     try:
         with StopRequest() as stop:
-            while state.step < derived.total_steps and status == "completed" and stop.signal is None:
+            stopping = False  # agreed by all processes at a step's reduce, never from a local flag alone
+            while state.step < derived.total_steps and status == "completed" and not stopping:
                 order = epoch_order(len(data.train), cfg.train.seed, state.epoch)
                 if cfg.data.group_by_length:
                     order = length_grouped(order, data.train.lengths, cfg.batch.effective, cfg.train.seed,
@@ -289,8 +290,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                         _warn(log, state.step, "diverged", message + "; stopping the run", backend.is_main)
                         break
                     state.since_eval = [a + b for a, b in zip(state.since_eval, (loss_sum, correct, count))]
-                    if stop_any and stop.signal is None:
-                        stop.signal = signal.SIGTERM
+                    stopping = stop_any > 0
                     progress.update(1)
 
                     every = cfg.eval.every_steps
@@ -306,12 +306,12 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                         if epoch_done:
                             state.epoch, state.window = state.epoch + 1, 0
                         save_last()
-                    if stop.signal is not None or status != "completed" or epoch_done:
+                    if stopping or status != "completed" or epoch_done:
                         break  # at an epoch end: the outer loop draws the next epoch's order
             progress.close()
-            if stop.signal is not None:
+            if stopping:
                 save_last()
-                summary = _summary(cfg, state, data, "interrupted", f"stopped by signal {stop.signal}", started,
+                summary = _summary(cfg, state, data, "interrupted", f"stopped by {signal.Signals(stop.exit_code - 128).name}", started,
                                    None, None)
                 if backend.is_main:
                     ckpt.atomic_write_json(run_dir / "summary.json", summary)

@@ -103,13 +103,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_micro(cfg: Config, world_size: int, resume_dir: Path | None = None) -> int:
+def resolve_micro(cfg: Config, world_size: int, saved_derived: dict | None = None) -> int:
     if cfg.batch.micro != "auto":
         return int(cfg.batch.micro)
-    if resume_dir is not None:  # keep the micro-batch the run started with (free memory may differ now)
-        saved = yaml.safe_load((resume_dir / "config.yaml").read_text()).get("derived", {}).get("micro")
-        if isinstance(saved, int):
-            return saved
+    saved = (saved_derived or {}).get("micro")
+    if isinstance(saved, int):  # a resumed run keeps the micro-batch it started with (free memory may differ now)
+        return saved
     from ebslab.autobatch import largest_micro
 
     return largest_micro(cfg, world_size)
@@ -161,12 +160,13 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg.data, tokenizer)
     bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
-    micro = resolve_micro(cfg, backend.world_size, resume_dir)
+    saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
+    micro = resolve_micro(cfg, backend.world_size, saved_derived)
     derived = derive(cfg, len(data.train), backend.world_size, micro)
     check_trackers(cfg.track)
     run_dir = resume_dir or cfg.run_dir
     if resume_dir is not None:
-        _check_resumable(run_dir, derived)
+        _check_resumable(run_dir, saved_derived, derived)
     elif backend.is_main:
         prepare_run_dir(run_dir, overwrite)
     backend.barrier()
@@ -216,7 +216,12 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         latest_test[:] = [test]
         return val, test
 
+    saved_at_step = [-1]
+
     def save_last() -> None:  # called on every process: the RNG states are gathered from all of them
+        if saved_at_step[0] == state.step:
+            return  # e.g. a stop right after a step's own checkpoint: nothing new to write
+        saved_at_step[0] = state.step
         rng_per_rank = backend.gather_objects(ckpt.rng_state())
         if backend.is_main:
             state.elapsed_s += time.time() - clock[0]
@@ -427,8 +432,7 @@ def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Bac
     tmp.replace(folder / f"{name}.parquet")
 
 
-def _check_resumable(run_dir: Path, derived: Derived) -> None:
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()).get("derived", {})
+def _check_resumable(run_dir: Path, saved: dict, derived: Derived) -> None:
     for key in ("num_train", "accum_steps", "steps_per_epoch", "total_steps", "world_size", "micro"):
         if key in saved and saved[key] != getattr(derived, key):
             raise UserError(f"cannot resume '{run_dir}': {key} was {saved[key]}, now {getattr(derived, key)} "

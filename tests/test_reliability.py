@@ -183,7 +183,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every,
             "out.name=killed"]
     proc = _start(args, tmp_path / "log")
     _wait_for(proc, _step_reached(run, k), tmp_path / "log")
-    delay = CHANCE.uniform(0, 0.15)  # into step k's checkpoint write, or into the steps after it
+    # into step k's checkpoint write, or into the next step; longer delays let a fast 8-step run finish first
+    delay = CHANCE.uniform(0, 0.05)
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"

@@ -59,7 +59,6 @@ class TrainerState:
     ever_above_majority: bool = False
     collapse_warned: bool = False
     last_eval_step: int = -1
-    last_test: dict[str, float] | None = None
     last_val_acc: float | None = None
     scaler: dict[str, Any] | None = None  # fp16 loss scale (GPU), so a resumed run skips the same steps
 
@@ -401,7 +400,6 @@ def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Der
          "elapsed_s": _elapsed(state, clock)})
     state.since_eval = [0.0, 0.0, 0.0]
     state.last_eval_step = state.step
-    state.last_test = test.metrics()
     state.last_val_acc = val.acc
     if val.acc > data.majority_rate + COLLAPSE_MARGIN:
         state.ever_above_majority = True

@@ -168,6 +168,41 @@ def test_mean_pooling_ignores_padding():
     assert not torch.allclose(naive, padded, atol=1e-4)
 
 
+@pytest.mark.parametrize("name,applies", [("tiny-bert", True), ("tiny-roberta", True), ("tiny-modernbert", False)])
+def test_first_token_only_last_layer_is_the_same_function(name, applies):
+    """cls pooling computes the last layer at the first position only: same logits and same gradients as the
+    full layer (padding included), and only where the layout is known; mean pooling keeps the full layer."""
+    from ebslab.config import ModelConfig
+    from ebslab.models import build_model, load_tokenizer
+
+    tok = load_tokenizer(name)
+    fast = build_model(ModelConfig(name=name, dropout=0.0, encoder_dropout=0.0), 2, seed=0, tokenizer=tok)
+    full = build_model(ModelConfig(name=name, dropout=0.0, encoder_dropout=0.0), 2, seed=0, tokenizer=tok)
+    if applies:
+        del full.model.encoder.encoder.layer[-1].forward  # back to the class's own full-sequence forward
+    assert fast.first_token_only == applies
+    assert not build_model(ModelConfig(name=name, pooling="mean"), 2, seed=0, tokenizer=tok).first_token_only
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    if "token_type_ids" in fast.model_inputs:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    labels = torch.tensor([0, 1])
+    out = {}
+    for key, bundle in (("fast", fast), ("full", full)):
+        model = bundle.model.train()
+        logits = model(**batch)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        out[key] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        hidden = model.encoder(**batch).last_hidden_state
+        assert hidden.shape[1] == (1 if key == "fast" and applies else ids.shape[1])
+    torch.testing.assert_close(out["fast"][0], out["full"][0], rtol=1e-5, atol=1e-6)
+    assert out["fast"][1].keys() == out["full"][1].keys()
+    for n in out["full"][1]:
+        torch.testing.assert_close(out["fast"][1][n], out["full"][1][n], rtol=1e-4, atol=1e-6, msg=n)
+    if applies:  # and the saved weights keep the model's own names
+        assert fast.model.state_dict().keys() == full.model.state_dict().keys()
+
+
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta", "tiny-modernbert"])
 def test_tiny_models_train(train_run, name):
     run = train_run(f"model.name={name}", "data.limit=120", "batch.effective=16")
@@ -446,3 +481,26 @@ def test_resume_keeps_the_auto_micro_batch(tmp_path):
 
     cfg = load_config(None, ["batch.micro=auto", "batch.effective=32"])
     assert resolve_micro(cfg, 1, {"micro": 4}) == 4
+
+
+def test_test_on_best_reuses_the_evaluation_at_the_best_step(train_run, monkeypatch):
+    """The final test on the best weights is the test result already computed when those weights were
+    evaluated: no extra pass over the test set. (A resumed run whose best came before the resume scores best/
+    again; test_reliability checks that it ends with the same summary as an uninterrupted run.)"""
+    import ebslab.train as train_mod
+    from ebslab.evaluate import evaluate
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", counting)
+    run = train_run("train.max_steps=6", "eval.every_steps=1", "batch.effective=16", "optim.lr=3e-3")
+    s = json.loads((run / "summary.json").read_text())
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+    assert len(evals) == 6 and len(calls) == 2 * 6  # val + test per evaluation, nothing after
+    at_best = next(e for e in evals if e["step"] == s["best_step"])
+    assert s["test_best"]["acc"] == at_best["test/acc"] and s["test_best"]["loss"] == at_best["test/loss"]
+    assert s["test_last"]["acc"] == evals[-1]["test/acc"]

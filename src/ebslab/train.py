@@ -204,16 +204,22 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     def log(record: dict[str, Any]) -> None:
         tracker.log(record)
 
-    latest_test: list[EvalResult] = []  # the test result of the latest evaluation: the "last" checkpoint's
+    # test results kept from the evaluations: "last" (the latest one) and "best" (at the best val acc), so the
+    # final test on those weights reuses them instead of scoring the same weights again
+    test_at: dict[str, EvalResult] = {}
 
     def score(split: Any) -> EvalResult:
         # the unwrapped module: DDP's forward would broadcast buffers, a collective a rank with no examples skips
         return evaluate(backend.unwrap(model), split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs)
 
-    def run_eval() -> tuple[EvalResult, EvalResult]:
+    def run_eval() -> bool:
+        """Score val and test, log, keep the best; True asks for early stopping."""
         val, test = score(data.val), score(data.test)
-        latest_test[:] = [test]
-        return val, test
+        stop_early = _after_eval(cfg, data, state, derived, val, test, log, clock, backend, model, run_dir)
+        test_at["last"] = test
+        if state.best_step == state.step:
+            test_at["best"] = test
+        return stop_early
 
     saved_at_step = [-1]
 
@@ -300,10 +306,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     every = cfg.eval.every_steps
                     if (every and state.step % every == 0) or (not every and epoch_done) or \
                             state.step == derived.total_steps:
-                        val, test = run_eval()
-                        stop_early = _after_eval(cfg, data, state, derived, val, test, log, clock, backend,
-                                                 model, run_dir)
-                        if stop_early:
+                        if run_eval():
                             status = "early_stopped"
                     if epoch_done or (cfg.checkpoint.every_steps and
                                       state.step % cfg.checkpoint.every_steps == 0):
@@ -327,7 +330,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                 status, message = "completed", f"early stopping after {cfg.train.early_stopping_patience} " \
                                                 "evaluations without val-acc gain"
             if state.last_eval_step != state.step and status != "diverged":
-                _after_eval(cfg, data, state, derived, *run_eval(), log, clock, backend, model, run_dir)
+                run_eval()
             if status != "diverged":  # keep the last finite checkpoint, not NaN weights
                 save_last()
 
@@ -335,12 +338,13 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
             test_last = None
             test_best = None
             if status != "diverged":
-                last_result = latest_test[0] if latest_test else score(data.test)
+                # not in memory when a resumed run had already evaluated its final step before it stopped
+                last_result = test_at["last"] if "last" in test_at else score(data.test)
                 _save_predictions(run_dir, "test_last", last_result, backend)
                 test_last = last_result.metrics()
                 if cfg.eval.test_on in ("best", "both"):
-                    best_result = last_result
-                    if state.best_step != state.step:
+                    best_result = test_at.get("best")
+                    if best_result is None:  # the best came before a resume: its test result is not in memory
                         backend.barrier()  # best/ is written by the main process
                         ckpt.load_weights(backend.unwrap(model), run_dir / "checkpoints" / "best")
                         best_result = score(data.test)

@@ -354,6 +354,7 @@ def test_derived_values_are_printed(train_run, capsys):
     out = capsys.readouterr().out
     assert "effective_batch 32 = micro 8 x accum_steps 4 x world_size 1" in out
     assert "steps/epoch" in out and "warmup steps 0" in out
+    assert "pooling cls (last layer computed at the first token only)" in out
 
 
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)

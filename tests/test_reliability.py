@@ -484,3 +484,22 @@ def test_checkpoints_hold_only_safetensors_and_json(reference):
             load_file(str(p))
     state = json.loads((reference / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["window"]) == (TOTAL_STEPS, 2, 0)
+
+
+def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path):
+    from ebslab.tracking import JsonlTracker, read_metrics
+
+    tracker = JsonlTracker(tmp_path / "metrics.jsonl")
+    tracker.log({"event": "step", "step": 1})
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            pass
+
+    tracker.file = FullDisk()
+    with pytest.raises(ckpt.StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
+        tracker.log({"event": "step", "step": 2})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]

@@ -32,7 +32,7 @@ class StorageError(UserError):
     """The disk refused a write (full, read-only, quota): one line, the previous files are left intact."""
 
 
-def _storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> StorageError:
+def storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> StorageError:
     name = errno.errorcode.get(e.errno or 0, "")
     reason = f"{e.strerror or e}" + (f" [{name}]" if name else "")
     hint = (f"the previous checkpoint is intact: free space, then continue with `ebslab train --resume {run_dir}`"
@@ -64,7 +64,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _storage_error(path, e) from None
+        raise storage_error(path, e) from None
     _fsync_dir(path.parent)
 
 
@@ -105,7 +105,7 @@ class AtomicDir:
 
     def _error(self, e: OSError) -> StorageError:
         run_dir = self.target.parent.parent if self.target.parent.name == "checkpoints" else None
-        return _storage_error(self.target, e, run_dir if run_dir and resolve_checkpoint(self.target) else None)
+        return storage_error(self.target, e, run_dir if run_dir and resolve_checkpoint(self.target) else None)
 
     def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         if exc_type is not None:

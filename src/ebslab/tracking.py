@@ -30,11 +30,17 @@ class JsonlTracker:
     """Appends one line per record and flushes it, so a killed run keeps every line it wrote."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.file = open(path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: one line and the way back (a torn last line is skipped on resume)
+            from ebslab.checkpoint import storage_error
+
+            raise storage_error(self.path, e, self.path.parent) from None
 
     def close(self) -> None:
         self.file.close()

@@ -33,7 +33,7 @@ from ebslab.backends import Backend, make_backend
 from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
 from ebslab.data import DataBundle, collate, epoch_order, length_grouped, load_data, shard_window, windows
 from ebslab.evaluate import EvalResult, evaluate
-from ebslab.models import build_model, load_tokenizer
+from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
 from ebslab.tracking import NullTracker, check_trackers, open_trackers, truncate_metrics
 
@@ -197,7 +197,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                         "majority_rate": data.majority_rate})
         tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
-        print(_startup_text(cfg, derived, data, bundle.non_embedding_params, backend, run_dir, state), flush=True)
+        print(_startup_text(cfg, derived, data, bundle, backend, run_dir, state), flush=True)
     else:
         tracker = NullTracker()
 
@@ -470,11 +470,14 @@ def _summary_text(run_dir: Path, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _startup_text(cfg: Config, derived: Derived, data: DataBundle, params: int, backend: Backend,
+def _startup_text(cfg: Config, derived: Derived, data: DataBundle, bundle: ModelBundle, backend: Backend,
                   run_dir: Path, state: TrainerState) -> str:
     cache = "from cache" if data.from_cache else "tokenized"
+    pooling = cfg.model.pooling + (" (last layer computed at the first token only)" if bundle.first_token_only
+                                   else "")
     head = [f"ebslab run {run_dir}" + (f" (resuming at step {state.step})" if state.step else ""),
-            f"model {cfg.model.name} ({params / 1e6:.1f}M non-embedding params), pooling {cfg.model.pooling}, "
+            f"model {cfg.model.name} ({bundle.non_embedding_params / 1e6:.1f}M non-embedding params), "
+            f"pooling {pooling}, "
             f"device {backend.device}, precision {cfg.train.precision}, backend {cfg.train.backend}",
             f"data {cfg.data.path or cfg.data.name}: train {len(data.train)} / val {len(data.val)} / test "
             f"{len(data.test)}, {data.num_labels} classes, max_length {cfg.data.max_length} ({cache} in "

@@ -16,6 +16,22 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every timeout in these tests catches a hang, never slowness: CI has run on hosts 10-20x slower than a quiet one
+# (steal time; `import torch` took 20-80 s and the suite 31 minutes instead of 3), so all of them, pytest-timeout
+# marks and waits on subprocesses alike, are scaled by one factor.
+TIMEOUT_SCALE = float(os.environ.get("EBSLAB_TEST_TIMEOUT_SCALE", "5"))
+
+
+def hang_after(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        if mark is not None and mark.args:
+            item.add_marker(pytest.mark.timeout(hang_after(mark.args[0])), append=False)
 TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=250", "train.epochs=1",
         "batch.effective=32", "batch.micro=8", "optim.lr=1e-3"]
 

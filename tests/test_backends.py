@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hang_after
 import yaml
 
 # train 225 = 7 x 32 + 1: every epoch ends in a short window of ONE example (val 27, test 27)
@@ -26,7 +27,7 @@ EXACT = ["model.name=tiny-bert", "data.max_length=32", "data.limit=279", "train.
 def run_cli(tmp_path: Path, name: str, *overrides: str, **extra_env: str) -> tuple[Path, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     cmd = [sys.executable, "-m", "ebslab", "train", *EXACT, *overrides, f"out.dir={tmp_path}", f"out.name={name}"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=hang_after(280))
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return tmp_path / name, done.stdout
 

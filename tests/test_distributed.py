@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hang_after
 import yaml
 
 BIN = Path(sys.executable).parent
@@ -35,7 +36,7 @@ def run_cli(out: Path, name: str, *overrides: str, launcher: list[str] | None = 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [*(launcher or [sys.executable, "-m"]), "ebslab", "train", *EXACT, *overrides, f"out.dir={out}",
            f"out.name={name}"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=hang_after(280))
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return out / name, done.stdout
 
@@ -136,19 +137,19 @@ def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path)
     run = tmp_path / "stopped"
     proc = subprocess.Popen([*torchrun(), "ebslab", "train", *EXACT, *dropout, f"out.dir={tmp_path}",
                              "out.name=stopped"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 200
+    deadline = time.time() + hang_after(200)
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and len(steps(run)) >= 5:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
-    out, err = proc.communicate(timeout=200)
+    out, err = proc.communicate(timeout=hang_after(200))
     assert (run / "summary.json").exists(), err[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 5 <= summary["steps"] < 16
 
     resumed = subprocess.run([*torchrun(), "ebslab", "train", "--resume", str(run)], env=env,
-                             capture_output=True, text=True, timeout=280)
+                             capture_output=True, text=True, timeout=hang_after(280))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = steps(ref), steps(run)
     assert [r["step"] for r in b] == list(range(1, 17))

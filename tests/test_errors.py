@@ -412,3 +412,10 @@ def test_float_labels_that_are_whole_numbers_are_class_ids():
     table = pd.DataFrame({"text": ["a", "b", "c", "d"], "label": [0.0, 1.0, 1.0, np.float64(0)]})
     ex = clean(table, DataConfig(), "t")
     assert ex.labels.tolist() == [0, 1, 1, 0] and ex.label_names == ["0", "1"]
+
+
+@pytest.mark.timeout(7)
+def test_hang_timeouts_are_scaled_by_one_factor(request):
+    from conftest import TIMEOUT_SCALE, hang_after
+
+    assert request.node.get_closest_marker("timeout").args[0] == 7 * TIMEOUT_SCALE == hang_after(7)

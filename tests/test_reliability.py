@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import hang_after
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -107,7 +108,7 @@ def _start(args: list[str], log_dir: Path) -> subprocess.Popen:
 
 
 def _wait_for(proc: subprocess.Popen, ready, log_dir: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
+    deadline = time.time() + hang_after(timeout)
     while not ready():
         if proc.poll() is not None:
             pytest.fail(f"the run ended (exit {proc.returncode}) before the signal was sent:\n"
@@ -208,7 +209,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(refere
     proc = _start([*RUN, f"out.dir={tmp_path}", "out.name=term"], tmp_path / "log")
     _wait_for(proc, _step_reached(run, k), tmp_path / "log")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=hang_after(60)) == 143
     err = (tmp_path / "log" / "stderr.txt").read_text()
     assert "Traceback" not in err and "SIGTERM" in err
     summary = json.loads((run / "summary.json").read_text())
@@ -277,7 +278,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     _wait_for(proc, lambda: "stopping after this step" in (tmp_path / "log" / "stderr.txt").read_text(),
               tmp_path / "log")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=hang_after(60)) == 130
     err = (tmp_path / "log" / "stderr.txt").read_text()
     assert "Traceback" not in err
     assert "ebslab: aborted" in err

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TIMEOUT_SCALE, hang_after
 import yaml
 
 from ebslab import sweep as sw
@@ -261,7 +262,7 @@ FAKE_TRAIN = textwrap.dedent('''
             sigints = []
             signal.signal(signal.SIGINT, lambda *_: sigints.append(time.time()))
             (run / "started").write_text("")
-            deadline = time.time() + 30
+            deadline = time.time() + hang_after(30)
             while time.time() < deadline and not (sigints and time.time() > sigints[0] + 1.0):
                 time.sleep(0.05)
             (run / "summary.json").write_text(json.dumps({"status": "interrupted", "sigints": len(sigints)}))
@@ -278,7 +279,7 @@ FAKE_TRAIN = textwrap.dedent('''
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
     script = tmp_path / "fake_train.py"
-    script.write_text(f"LAST_FILES = {LAST_FILES!r}\n" + FAKE_TRAIN)
+    script.write_text(f"LAST_FILES = {LAST_FILES!r}\nhang_after = lambda s: s * {TIMEOUT_SCALE!r}\n" + FAKE_TRAIN)
     real = sw.train_command
     monkeypatch.setattr(sw, "train_command", lambda *a, **k: [sys.executable, str(script)] + real(*a, **k)[4:])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -362,7 +363,7 @@ def test_stopping_the_sweep_interrupts_its_runs_once_then_resume(tmp_path, fake_
     root = tmp_path / "runs" / "exp"
 
     def stop_when_started():
-        deadline = time.time() + 30
+        deadline = time.time() + hang_after(30)
         while not (root / "train.seed=9" / "started").exists() and time.time() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill SWEEP_PID` (Ctrl-C takes the same path)

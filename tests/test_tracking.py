@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import hang_after
 
 from ebslab.tracking import (OPTIONAL_TRACKERS, JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers,
                              read_metrics)
@@ -85,7 +86,7 @@ def _wandb_records(run_dir: Path, timeout: float = 20.0) -> list:
     process and may still be writing it for a moment after `finish()` returns."""
     found = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(found) == 1, sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
-    deadline = time.time() + timeout
+    deadline = time.time() + hang_after(timeout)
     while True:
         try:
             records = _parse_wandb_file(Path(found[0]).read_bytes())

@@ -505,3 +505,35 @@ def test_test_on_best_reuses_the_evaluation_at_the_best_step(train_run, monkeypa
     at_best = next(e for e in evals if e["step"] == s["best_step"])
     assert s["test_best"]["acc"] == at_best["test/acc"] and s["test_best"]["loss"] == at_best["test/loss"]
     assert s["test_last"]["acc"] == evals[-1]["test/acc"]
+
+
+def test_last_shares_the_best_weights_file_when_both_are_the_same_step(train_run, monkeypatch):
+    """One epoch, one evaluation (so it is the best) at the last step: last/ hard-links best/'s weights file
+    instead of writing it again; a filesystem without hard links gets a written copy. Both load the same."""
+    from safetensors.torch import load_file
+
+    def linked(run):
+        best, last = (run / "checkpoints" / name / "model.safetensors" for name in ("best", "last"))
+        return best.stat().st_ino == last.stat().st_ino
+
+    def same_weights(run):
+        a, b = (load_file(str(run / "checkpoints" / name / "model.safetensors")) for name in ("best", "last"))
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    run = train_run()
+    s = json.loads((run / "summary.json").read_text())
+    assert s["best_step"] == s["steps"] == 7  # 200 train examples / EBS 32: 7 windows
+    assert linked(run) and same_weights(run)
+
+    # two evaluations that score the same (lr 1e-12): the best stays at the first, the last weights are written
+    run = train_run("train.epochs=2", "optim.lr=1e-12")
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["best_step"], s["steps"]) == (7, 14)
+    assert not linked(run)
+
+    def no_links(*_):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("ebslab.checkpoint.os.link", no_links)
+    run = train_run()
+    assert not linked(run) and same_weights(run)

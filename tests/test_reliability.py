@@ -313,7 +313,9 @@ def test_full_disk_gives_one_line_and_keeps_the_last_good_checkpoint(reference, 
     def full_disk(tensors, filename, *a, **kw):
         if ".last.tmp" in filename and filename.endswith("model.safetensors"):
             calls["last"] += 1
-            if calls["last"] == 4:  # the checkpoint after step 4: half a file, then the disk is full
+            # the 4th weights file written for last/: after step 5 (step 4 ends epoch 1 with a new best, so its
+            # last/ hard-links best/'s file instead of writing one): half a file, then the disk is full
+            if calls["last"] == 4:
                 with open(filename, "wb") as f:
                     f.write(b"\0" * 1000)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -329,12 +331,13 @@ def test_full_disk_gives_one_line_and_keeps_the_last_good_checkpoint(reference, 
     assert "Traceback" not in err
     run = tmp_path / "full"
     last = run / "checkpoints" / "last"
-    assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
+    assert (last / "model.safetensors").stat().st_ino == (run / "checkpoints" / "best" / "model.safetensors").stat().st_ino
     assert not (run / "checkpoints" / ".last.tmp").exists()
     load_file(str(last / "model.safetensors"))  # intact
 
-    _resume(run)  # space freed: the run goes on from step 3 as if nothing happened
-    assert_same_run(reference, run, "full disk at step 4")
+    _resume(run)  # space freed: the run goes on from step 4 (a linked weights file) as if nothing happened
+    assert_same_run(reference, run, "full disk at step 5")
 
 
 def test_full_disk_while_writing_a_summary_keeps_the_old_one(tmp_path, monkeypatch):

@@ -149,6 +149,19 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
 
 
+def _link_weights(source: Path, folder: Path) -> bool:
+    """Hard-link source's complete weights file into folder; False (write it instead) where that can't be done:
+    no complete source, or a filesystem without hard links."""
+    source = resolve_checkpoint(source)
+    if source is None:
+        return False
+    try:
+        os.link(source / "model.safetensors", folder / "model.safetensors")
+        return True
+    except OSError:
+        return False
+
+
 def save_best(model: nn.Module, checkpoints: Path) -> None:
     with AtomicDir(checkpoints / "best") as tmp:
         save_weights(model, tmp)
@@ -205,13 +218,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: Any,
               trainer_state: dict[str, Any], config: dict[str, Any] | None = None,
-              rng_per_rank: list[dict[str, Any]] | None = None) -> None:
+              rng_per_rank: list[dict[str, Any]] | None = None, weights_from: Path | None = None) -> None:
     """Weights, optimizer, scheduler, every RNG state, counters; `config` (the resolved config, without derived
-    values) lets a resume refuse a config.yaml edited since."""
+    values) lets a resume refuse a config.yaml edited since. `weights_from`: a checkpoint folder that holds these
+    same weights (best/, written at this step); its file is hard-linked, not written again. Safe because no
+    checkpoint file is ever modified in place: a later best/ or last/ is a new folder swapped in by rename."""
     with AtomicDir(checkpoints / "last") as tmp:
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_weights(model, tmp)
+        if not (weights_from is not None and _link_weights(weights_from, tmp)):
+            save_weights(model, tmp)
         tensors: dict[str, torch.Tensor] = {}
         structure = {
             "optimizer": _split_state(optimizer.state_dict(), "optimizer", tensors),

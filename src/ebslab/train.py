@@ -219,9 +219,11 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
         test_at["last"] = test
         if state.best_step == state.step:
             test_at["best"] = test
+            best_written_at[0] = state.step
         return stop_early
 
     saved_at_step = [-1]
+    best_written_at = [-1]  # the step whose weights this process wrote to best/ (never one from before a resume)
 
     def save_last() -> None:  # called on every process: the RNG states are gathered from all of them
         if saved_at_step[0] == state.step:
@@ -232,8 +234,11 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
             state.elapsed_s += time.time() - clock[0]
             clock[0] = time.time()
             state.scaler = backend.scaler_state()
+            # an epoch end that was also the best: last/ shares best/'s weights file instead of writing it again
+            same_weights = run_dir / "checkpoints" / "best" if best_written_at[0] == state.step else None
             ckpt.save_last(run_dir / "checkpoints", backend.unwrap(model), optimizer, scheduler,
-                           dataclasses.asdict(state), config=resolved_dict(cfg), rng_per_rank=rng_per_rank)
+                           dataclasses.asdict(state), config=resolved_dict(cfg), rng_per_rank=rng_per_rank,
+                           weights_from=same_weights)
 
     status, message = "completed", None
     clock = [time.time()]

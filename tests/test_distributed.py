@@ -110,6 +110,7 @@ def test_torchrun_two_processes_match_one(single, tmp_path):
     check_same_as_single(single, run, out)
 
 
+@pytest.mark.slow  # the same check as torchrun, through `accelerate launch`
 @pytest.mark.timeout(300)
 def test_accelerate_launch_two_processes_match_one(single, tmp_path):
     run, out = run_cli(tmp_path, "accelerate", "train.backend=accelerate",
@@ -124,6 +125,7 @@ def torchrun() -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
 
 
+@pytest.mark.slow  # three 2-process runs
 @pytest.mark.timeout(300)
 def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
     """Dropout on, so each rank's own RNG stream must come back; SIGTERM must stop both ranks at one step."""

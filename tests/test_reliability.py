@@ -173,7 +173,9 @@ def _checkpointed_steps(every: int) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend,every", [("torch", 1), ("accelerate", 1), ("torch", 3)])
+# torch every 3 (a rollback past unsaved steps) in every run of the suite; the other two with `make test-slow`
+@pytest.mark.parametrize("backend,every", [pytest.param("torch", 1, marks=pytest.mark.slow),
+                                           pytest.param("accelerate", 1, marks=pytest.mark.slow), ("torch", 3)])
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every, reference, tmp_path):
     # wait for step k (its line is logged after the previous step's checkpoint is complete), then kill after a
     # random delay: the kill lands in step k's checkpoint write or anywhere in the steps after it
@@ -266,6 +268,7 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, capsys):
     assert summary["steps"] < 50 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow  # a subprocess with long steps; the first Ctrl-C is in every run (test_sigint_...)
 @pytest.mark.timeout(120)
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     # long steps (64 examples of 128 tokens, 8 micro-batches): the second signal lands inside the finishing step

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every timeout in these tests catches a hang, never slowness: CI has run on hosts 10-20x slower than a quiet one
 # (steal time; `import torch` took 20-80 s and the suite 31 minutes instead of 3), so all of them, pytest-timeout
 # marks and waits on subprocesses alike, are scaled by one factor.
-TIMEOUT_SCALE = float(os.environ.get("EBSLAB_TEST_TIMEOUT_SCALE", "5"))
+TIMEOUT_SCALE = float(os.environ.get("EBSLAB_TEST_TIMEOUT_SCALE", "10"))
 
 
 def hang_after(seconds: float) -> float:

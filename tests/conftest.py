@@ -32,6 +32,8 @@ def pytest_collection_modifyitems(items):
         mark = item.get_closest_marker("timeout")
         if mark is not None and mark.args:
             item.add_marker(pytest.mark.timeout(hang_after(mark.args[0])), append=False)
+
+
 TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=250", "train.epochs=1",
         "batch.effective=32", "batch.micro=8", "optim.lr=1e-3"]
 

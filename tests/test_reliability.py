@@ -335,7 +335,8 @@ def test_full_disk_gives_one_line_and_keeps_the_last_good_checkpoint(reference, 
     run = tmp_path / "full"
     last = run / "checkpoints" / "last"
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
-    assert (last / "model.safetensors").stat().st_ino == (run / "checkpoints" / "best" / "model.safetensors").stat().st_ino
+    best = run / "checkpoints" / "best"
+    assert (last / "model.safetensors").stat().st_ino == (best / "model.safetensors").stat().st_ino
     assert not (run / "checkpoints" / ".last.tmp").exists()
     load_file(str(last / "model.safetensors"))  # intact
 

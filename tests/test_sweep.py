@@ -450,6 +450,7 @@ def test_e2e_failing_run_leaves_the_other_complete_then_resume(tmp_path, monkeyp
     assert read_index(root)[good.name]["action"] == "skip"
 
 
+@pytest.mark.slow  # four real runs; resume/retry logic is in every run (test_resume_skips_done_resumes_...)
 @pytest.mark.timeout(120)
 def test_e2e_resume_continues_interrupted_and_retries_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -473,6 +474,15 @@ def test_e2e_resume_continues_interrupted_and_retries_failed(tmp_path, monkeypat
         assert again[i]["test_last"]["acc"] == pytest.approx(first[i]["test_last"]["acc"])
 
 
+def test_ray_executor_without_ray_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where ray is not installed
+    path = write_sweep(tmp_path, {"name": "noray", "base": TINY, "grid": {"train.seed": [1]}})
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ebslab: error: --executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
+
+
+@pytest.mark.slow  # a Ray cluster and two real runs; `make test-slow` installs ray
 @pytest.mark.timeout(300)
 def test_e2e_ray_executor_two_runs(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")

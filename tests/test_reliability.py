@@ -1,9 +1,10 @@
 """Reliability: a run killed at any moment resumes to the same numbers; signals stop cleanly; a full disk keeps the
 last good checkpoint; nothing is ever unpickled.
 
-The kill/resume tests start `ebslab train` as a subprocess, wait until step k (random) is in metrics.jsonl, kill
-it, resume it, and compare with an uninterrupted run: weights, summary, and every step line to 1e-6. Dropout is on
-(0.1 in the head and in the encoder), so a resume that does not restore the RNG states gives other numbers.
+The SIGKILL tests start `ebslab train` as a subprocess (SIGTERM and SIGINT go to a run in this process), wait
+until step k (random) is in metrics.jsonl, kill or signal it, resume it, and compare with an uninterrupted run:
+weights, summary, and every step line to 1e-6. Dropout is on (0.1 in the head and in the encoder), so a resume
+that does not restore the RNG states gives other numbers.
 """
 
 from __future__ import annotations
@@ -204,15 +205,34 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every,
           f"step {killed_at} was logged; resumed from step {rollback}; largest difference {diff:.3g}")
 
 
+def _train_signalled_at(sig: signal.Signals, run: Path, k: int, args: list[str]) -> int:
+    """`ebslab train` in this process, sent a real `sig` from a thread once step k is logged (no interpreter
+    start-up: on a slow CI host that is minutes per process)."""
+    done = threading.Event()
+
+    def send() -> None:
+        while not done.is_set():
+            if _step_reached(run, k)():
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        return main(["train", *args, f"out.dir={run.parent}", f"out.name={run.name}"])
+    finally:
+        done.set()
+        thread.join()
+
+
 @pytest.mark.timeout(300)
-def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(reference, tmp_path, monkeypatch):
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(reference, tmp_path, monkeypatch,
+                                                                            capsys):
     k = CHANCE.randint(2, TOTAL_STEPS - 4)
     run = tmp_path / "term"
-    proc = _start([*RUN, f"out.dir={tmp_path}", "out.name=term"], tmp_path / "log")
-    _wait_for(proc, _step_reached(run, k), tmp_path / "log")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=hang_after(60)) == 143
-    err = (tmp_path / "log" / "stderr.txt").read_text()
+    assert _train_signalled_at(signal.SIGTERM, run, k, RUN) == 143
+    err = capsys.readouterr().err
     assert "Traceback" not in err and "SIGTERM" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
@@ -240,24 +260,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(refere
 
 @pytest.mark.timeout(120)
 def test_sigint_checkpoints_and_exits_130(tmp_path, capsys):
-    # in-process (a real SIGINT to this process, sent from a thread once step 2 is logged): no interpreter start-up
     run = tmp_path / "int"
-    done = threading.Event()
-
-    def ctrl_c() -> None:
-        while not done.is_set():
-            if _step_reached(run, 2)():
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=ctrl_c, daemon=True)
-    thread.start()
-    try:
-        code = main(["train", *RUN, "train.epochs=50", f"out.dir={tmp_path}", "out.name=int"])
-    finally:
-        done.set()
-        thread.join()
+    code = _train_signalled_at(signal.SIGINT, run, 2, [*RUN, "train.epochs=50"])
     err = capsys.readouterr().err
     assert code == 130
     assert "Traceback" not in err and "SIGINT: stopping after this step" in err

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -41,6 +43,28 @@ TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=250", "train.e
 @pytest.fixture(scope="session", autouse=True)
 def _token_cache(tmp_path_factory):
     os.environ["EBSLAB_CACHE"] = str(tmp_path_factory.mktemp("ebslab-cache"))
+
+
+# The exact-arithmetic setting that the Accelerate backend and 2-process runs must match step by step: train 225 =
+# 7 x 32 + 1, so every epoch ends in a window of ONE example (and rank 1 of 2 runs a stand-in micro-batch); val and
+# test have 27 examples each, an odd count that 2 processes cannot split evenly
+EXACT = ["model.name=tiny-bert", "data.max_length=32", "data.limit=279", "train.epochs=2",
+         "batch.effective=32", "batch.micro=8", "model.dropout=0", "model.encoder_dropout=0",
+         "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.clip_norm=1.0",
+         "sched.name=linear", "sched.warmup_ratio=0.2", "train.device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def exact_torch_run(tmp_path_factory) -> tuple[Path, str]:
+    """`ebslab train EXACT`, torch backend, 1 process, run once in this process (no interpreter start-up): the
+    reference for test_backends and test_distributed. Returns the run folder and what it printed."""
+    from ebslab.cli import main
+
+    out, printed = tmp_path_factory.mktemp("exact"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["train", *EXACT, f"out.dir={out}", "out.name=torch"])
+    assert code == 0, printed.getvalue()[-3000:]
+    return out / "torch", printed.getvalue()
 
 
 def read_jsonl(path):

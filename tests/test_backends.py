@@ -1,7 +1,7 @@
 """The Accelerate backend runs the same loop as the plain torch one and gives the same numbers.
 
-Runs go through the CLI in a subprocess: Accelerate keeps process-wide state (PartialState) that must not leak
-into other tests.
+The Accelerate run goes through the CLI in a subprocess: Accelerate keeps process-wide state (PartialState) that
+must not leak into other tests. The torch reference runs in this process (conftest.exact_torch_run).
 """
 
 from __future__ import annotations
@@ -14,14 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hang_after
+from conftest import EXACT, hang_after
 import yaml
-
-# train 225 = 7 x 32 + 1: every epoch ends in a short window of ONE example (val 27, test 27)
-EXACT = ["model.name=tiny-bert", "data.max_length=32", "data.limit=279", "train.epochs=2",
-         "batch.effective=32", "batch.micro=8", "model.dropout=0", "model.encoder_dropout=0",
-         "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.clip_norm=1.0",
-         "sched.name=linear", "sched.warmup_ratio=0.2", "train.device=cpu"]
 
 
 def run_cli(tmp_path: Path, name: str, *overrides: str, **extra_env: str) -> tuple[Path, str]:
@@ -55,8 +49,8 @@ def weight_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float
 
 
 @pytest.mark.timeout(300)
-def test_accelerate_backend_matches_torch_step_by_step(tmp_path):
-    torch_run, _ = run_cli(tmp_path, "torch")
+def test_accelerate_backend_matches_torch_step_by_step(exact_torch_run, tmp_path):
+    torch_run, _ = exact_torch_run
     # what `accelerate launch --gradient_accumulation_steps 4` or a config sets: it must not divide the loss
     acc_run, out = run_cli(tmp_path, "accelerate", "train.backend=accelerate",
                            ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4")

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hang_after
+from conftest import EXACT, hang_after
 import yaml
 
 BIN = Path(sys.executable).parent
-# train 225 = 7 x 32 + 1: every epoch ends in a window of ONE example, so rank 1 runs a stand-in micro-batch;
-# val and test have 27 examples each, an odd count that 2 processes cannot split evenly
-EXACT = ["model.name=tiny-bert", "data.max_length=32", "data.limit=279", "train.epochs=2",
-         "batch.effective=32", "batch.micro=8", "model.dropout=0", "model.encoder_dropout=0",
-         "optim.lr=1e-3", "optim.weight_decay=0.01", "optim.clip_norm=1.0",
-         "sched.name=linear", "sched.warmup_ratio=0.2", "train.device=cpu"]
 
 
 def free_port() -> int:
@@ -61,9 +55,9 @@ def weight_rel_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+def single(exact_torch_run) -> tuple[Path, dict[str, int]]:
     """The reference: 1 process x micro 8 x accum 4, and the split sizes it printed."""
-    run, out = run_cli(tmp_path_factory.mktemp("single"), "single")
+    run, out = exact_torch_run
     sizes = re.search(r"train (\d+) / val (\d+) / test (\d+)", out)
     assert sizes, out
     return run, dict(zip(("train", "val", "test"), map(int, sizes.groups())))

@@ -120,6 +120,28 @@ def test_imdb_split_sizes_on_the_shipped_data():
     assert labels[te].mean() == 0.5
 
 
+def test_shipped_imdb_is_read_and_cleaned_once_per_process(monkeypatch):
+    from ebslab import data
+    from ebslab.config import DataConfig
+
+    with pytest.raises(UserError, match="dataset 'imdb' has no text column 'nope'"):
+        data.load_examples(DataConfig(text_column="nope"), "dataset 'imdb'")
+    first = data.load_examples(DataConfig(), "dataset 'imdb'")
+    assert len(first.texts) == len(first.labels) == 50_000 and first.label_names == ["0", "1"]
+    monkeypatch.setattr(data, "_load_imdb", lambda: pytest.fail("the shipped IMDB was read a second time"))
+    # limit and max_length act after loading: the same cleaned table serves every run
+    assert data.load_examples(DataConfig(limit=64, max_length=16), "dataset 'imdb'") is first
+    # a user's own file is read every time: it may have changed between runs
+    import pandas as pd
+
+    reads = []
+    monkeypatch.setattr(data, "load_table", lambda cfg: reads.append(cfg.path) or pd.DataFrame(
+        {"text": ["a", "b"], "label": [0, 1]}))
+    for _ in range(2):
+        assert data.load_examples(DataConfig(path="x.csv"), "x.csv").texts == ["a", "b"]
+    assert reads == ["x.csv", "x.csv"]
+
+
 # ---------------------------------------------------------------- models
 
 

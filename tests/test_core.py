@@ -65,6 +65,32 @@ def test_logged_train_loss_is_the_per_example_mean_not_divided_by_accum(train_ru
     assert 0.3 < first < 3.0
 
 
+def test_the_host_waits_for_the_device_only_at_log_eval_and_checkpoint_steps(train_run, monkeypatch):
+    import ebslab.train as loop
+
+    reads = []
+    real = loop._to_host
+    monkeypatch.setattr(loop, "_to_host", lambda t: reads.append(1) or real(t))
+    dense = train_run(*NO_DROPOUT)
+    dense_reads, reads[:] = len(reads), []
+    sparse = train_run(*NO_DROPOUT, "train.log_every_steps=3")
+    derived = yaml.safe_load((sparse / "config.yaml").read_text())["derived"]
+    per_epoch, total = derived["steps_per_epoch"], derived["total_steps"]
+    assert per_epoch % 3 != 0, "an epoch end must fall between log steps"
+    read_at = [s for s in range(1, total + 1) if s % 3 == 0 or s % per_epoch == 0]
+    assert dense_reads == total and len(reads) == len(read_at)
+    assert [r["step"] for r in steps(sparse)] == read_at
+    by_step = {r["step"]: r for r in steps(dense)}
+    for r in steps(sparse):  # a step line is still that step's own window, not an average
+        assert rel_diff(r["train/loss"], by_step[r["step"]]["train/loss"]) <= 1e-6
+    evals = [[r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"] for run in (dense, sparse)]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):  # the sums kept on the device between reads add up to the same epoch means
+        for key in ("train/loss", "train/acc", "val/loss"):
+            assert rel_diff(a[key], b[key]) <= 1e-6, key
+    assert weight_rel_diff(weights(dense), weights(sparse)) == 0
+
+
 def test_short_window_is_spread_over_micro_batches_and_processes():
     window = np.arange(10)
     shards = [shard_window(window, micro=4, world_size=2, rank=r) for r in (0, 1)]

@@ -242,6 +242,8 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
 
     status, message = "completed", None
     clock = [time.time()]
+    # sums of the steps the host has not read yet (loss, correct, count, stop): a GPU runs on while they grow
+    unread = torch.zeros(4, device=backend.device)
     progress = _progress(derived.total_steps, state.step, backend.is_main)
     model.train()
     try:
@@ -261,10 +263,12 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     lr = scheduler.get_last_lr()[0]
                     micro_batches = shard_window(window, derived.micro, backend.world_size, backend.rank)
                     window_sums = torch.zeros(4, device=backend.device)  # loss sum, correct, count, stop
+                    window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                     for i, mb in enumerate(micro_batches):
                         batch = {k: v.to(backend.device, non_blocking=True) for k, v in
                                  collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
-                        labels = torch.from_numpy(data.train.labels[mb.indices]).to(backend.device)
+                        labels = torch.from_numpy(data.train.labels[mb.indices]).to(backend.device,
+                                                                                    non_blocking=True)
                         weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
                         last_micro = i == len(micro_batches) - 1
                         with contextlib.nullcontext() if last_micro else backend.no_sync(model):
@@ -273,10 +277,9 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                             losses = F.cross_entropy(logits.float(), labels, reduction="none")
                             # DDP averages gradients over processes: x world_size turns that into the window sum
                             backend.backward(losses.sum() * (weight * backend.world_size / len(window)))
-                        window_sums[:3] += weight * torch.stack([losses.detach().sum(),
-                                                                 (logits.detach().argmax(-1) == labels).sum(),
-                                                                 torch.tensor(float(len(mb.indices)),
-                                                                              device=backend.device)])
+                        window_sums[:2] += weight * torch.stack([losses.detach().sum(),
+                                                                 (logits.detach().argmax(-1) == labels).sum()])
+                        window_count += weight * len(mb.indices)
                         state.micro_step += 1
                     grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
                     backend.step(optimizer)
@@ -284,15 +287,31 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                     optimizer.zero_grad(set_to_none=True)
 
                     # ---- bookkeeping: counters, logs, evaluation, checkpoints
-                    # a signal on any process stops all of them after this same step (no rank left waiting)
-                    window_sums[3] = float(stop.signal is not None)
-                    loss_sum, correct, count, stop_any = backend.reduce_sum(window_sums).tolist()  # 1 sync/step
+                    # a signal on any process stops all of them after the same step (no rank left waiting)
+                    window_sums[2].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
+                    window_sums[3].fill_(float(stop.signal is not None))
+                    window_sums = backend.reduce_sum(window_sums)
+                    unread += window_sums
                     state.step += 1
                     state.window += 1
                     state.samples += len(window)
                     state.train_time_s += time.perf_counter() - step_started
                     epoch_done = state.window == len(epoch_windows)
-                    if state.step % cfg.train.log_every_steps == 0 or epoch_done:
+                    every = cfg.eval.every_steps
+                    eval_due = bool(every and state.step % every == 0) or (not every and epoch_done) or \
+                        state.step == derived.total_steps
+                    save_due = epoch_done or bool(cfg.checkpoint.every_steps and
+                                                  state.step % cfg.checkpoint.every_steps == 0)
+                    log_due = state.step % cfg.train.log_every_steps == 0 or epoch_done
+                    if not (log_due or eval_due or save_due):
+                        progress.update(1)
+                        continue  # the host does not wait for the device between log lines
+
+                    # the one host sync: this step's sums and those since the previous read, on every process
+                    step_sums, since_read = _to_host(torch.stack([window_sums, unread]))
+                    unread.zero_()
+                    loss_sum, correct, count, _ = step_sums
+                    if log_due:
                         loss = loss_sum / count
                         rate = state.samples / max(state.train_time_s, 1e-9)
                         log({"event": "step", "step": state.step, "epoch": state.step /
@@ -300,21 +319,17 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                              "train/acc": correct / count, "lr": lr, "grad_norm": float(grad_norm),
                              "samples_per_s": rate, "elapsed_s": _elapsed(state, clock)})
                         progress.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.1f}", refresh=False)
-                    if not math.isfinite(loss_sum):
-                        status, message = "diverged", f"non-finite train loss at step {state.step}"
+                    if not math.isfinite(since_read[0]):
+                        status, message = "diverged", f"non-finite train loss by step {state.step}"
                         _warn(log, state.step, "diverged", message + "; stopping the run", backend.is_main)
                         break
-                    state.since_eval = [a + b for a, b in zip(state.since_eval, (loss_sum, correct, count))]
-                    stopping = stop_any > 0
+                    state.since_eval = [a + b for a, b in zip(state.since_eval, since_read[:3])]
+                    stopping = since_read[3] > 0
                     progress.update(1)
 
-                    every = cfg.eval.every_steps
-                    if (every and state.step % every == 0) or (not every and epoch_done) or \
-                            state.step == derived.total_steps:
-                        if run_eval():
-                            status = "early_stopped"
-                    if epoch_done or (cfg.checkpoint.every_steps and
-                                      state.step % cfg.checkpoint.every_steps == 0):
+                    if eval_due and run_eval():
+                        status = "early_stopped"
+                    if save_due:
                         if epoch_done:
                             state.epoch, state.window = state.epoch + 1, 0
                         save_last()
@@ -381,6 +396,11 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers of the loop
+
+
+def _to_host(tensor: torch.Tensor) -> list:
+    """Device to host: the training loop's only wait for the device (a function, so tests can count calls)."""
+    return tensor.tolist()
 
 
 def _elapsed(state: TrainerState, clock: list[float]) -> float:

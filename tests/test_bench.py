@@ -64,7 +64,7 @@ def small_imdb(tmp_path_factory):
 def test_bench_json_schema_on_tiny_bert(tmp_path, small_imdb):
     s = bench.Settings(model="tiny-bert", data_path=small_imdb, lengths=[16], steps=2, micro=2, effective=4, rounds=1,
                        experiment=True, experiment_limit=30, experiment_length=16, experiment_epochs=1,
-                       startup_limit=40, matmul_size=64, warmup=False)
+                       startup_limit=40, matmul_size=64, warmup=False, profile_steps=2)
     result = bench.bench(s, tmp_path, say=lambda m: None)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"]
@@ -86,13 +86,20 @@ def test_bench_json_schema_on_tiny_bert(tmp_path, small_imdb):
         assert r["tokens_per_s"] <= r["samples_per_s"] * r["max_length"] + 0.1
     assert all(r["vs_trainer"] == 1.0 for r in rows if r["contestant"] == "hf-trainer")
     assert saved["startup"]["examples"] == 40 and saved["startup"]["cached_s"] > 0
-    assert "ebslab-torch" in bench.table(saved)
+    # the profile records exactly the asked optimizer steps (not step 1, not set-up, not the final evaluation)
+    prof = saved["profile"]
+    assert prof["optimizer_steps"] == 2 and prof["max_length"] == 16
+    shares = [o["share"] for o in prof["ops"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-3
+    assert {"aten::addmm", "aten::mm"} & {o["op"] for o in prof["ops"]}  # linear layers, forward and backward
+    assert 0 < prof["matmul_share"] < 1
+    assert "ebslab-torch" in bench.table(saved) and "step profile" in bench.table(saved)
     assert not any(p.name.startswith("work-") for p in tmp_path.iterdir())  # scratch folders removed
 
 
 def _args(**kw):
     base = dict(quick=True, out="x", model=None, lengths=None, steps=None, contestants=None, no_experiment=False,
-                rounds=None, no_startup=False, experiment_limit=None)
+                rounds=None, no_startup=False, experiment_limit=None, no_profile=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -103,7 +110,8 @@ def test_cli_settings_and_errors():
     s = bench.settings_from_args(_args(quick=False, lengths="128,512", steps=4, contestants="naive,hf-trainer",
                                        no_experiment=True))
     assert s.lengths == [128, 512] and s.steps == 4 and s.contestants == ["naive", "hf-trainer"]
-    assert not s.experiment
+    assert not s.experiment and s.profile_steps > 0
+    assert bench.settings_from_args(_args(no_profile=True)).profile_steps == 0
     for bad in (dict(steps=1), dict(lengths="12x"), dict(contestants="lightning")):
         with pytest.raises(UserError):
             bench.settings_from_args(_args(**bad))

@@ -66,6 +66,8 @@ class Settings:
     """A local table instead of the shipped IMDB (tests use a small one)."""
     matmul_size: int = 2048
     warmup: bool = True
+    profile_steps: int = 4
+    """Optimizer steps of ebslab-torch profiled at the first length (0: no profile)."""
 
 
 def quick_settings() -> Settings:
@@ -399,6 +401,55 @@ def experiment_trainer(s: Settings, files: dict[str, str], out_dir: Path, hf_cac
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Profile: where ebslab's step time goes
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+OUTSIDE_OPS = "(outside aten ops: Python, loop, autograd engine)"
+
+
+def profile_step(s: Settings, max_length: int, out_dir: Path) -> dict[str, Any]:
+    """torch.profiler over `s.profile_steps` optimizer steps of the real `ebslab.train.train` (torch backend),
+    self time per op. The profiler advances on every optimizer step (a global post-step hook), so model
+    loading, tokenization, step 1 (allocation, lazy init) and the final evaluation are not recorded."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from ebslab.train import train
+
+    steps = s.profile_steps + 2  # one step waited out, one warm-up step, then the recorded ones
+    cfg = ebslab_config(s, max_length, out_dir, f"profile-L{max_length}", **{
+        "train.max_steps": steps, "data.limit": math.ceil(steps * s.effective / 0.8) + 10})
+    gpu = device().type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=s.profile_steps)) as prof:
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            train(cfg, overwrite=True)
+        finally:
+            hook.remove()
+    events = prof.key_averages()
+    # on a GPU the device's time is the one that matters; the host's only queues kernels
+    self_time = {e.key: float(e.self_device_time_total if gpu else e.self_cpu_time_total) for e in events}
+    # self times partition the recorded time; what is not inside an aten op is Python, the loop, autograd's
+    # bookkeeping and the step markers
+    total = sum(self_time.values())
+    ops = {k: t for k, t in self_time.items() if k.startswith("aten::") and t > 0}
+    ops[OUTSIDE_OPS] = total - sum(ops.values())
+    shares = sorted(((k, t / total) for k, t in ops.items()), key=lambda kv: -kv[1])
+    optimizer_steps = sum(e.count for e in events if e.key.startswith("Optimizer.step#"))
+    return {"contestant": "ebslab-torch", "max_length": max_length, "micro": s.micro, "effective": s.effective,
+            "optimizer_steps": optimizer_steps, "time": "gpu" if gpu else "cpu", "total_s": round(total / 1e6, 3),
+            "matmul_share": round(sum(sh for k, sh in shares if k in MATMUL_OPS), 4),
+            "ops": [{"op": k, "share": round(sh, 4)} for k, sh in shares[:15]]}
+
+
+def profile_line(prof: dict[str, Any]) -> str:
+    top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in prof["ops"][:6])
+    return (f"step profile (ebslab-torch, length {prof['max_length']}, {prof['optimizer_steps']} steps): matmul "
+            f"{prof['matmul_share']:.0%} of the self {prof['time']} time; {top}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Start-up: tokenization cache
 
 
@@ -573,6 +624,11 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
             else:
                 os.environ["EBSLAB_CACHE"] = old
 
+    if s.profile_steps:
+        with quiet(log):
+            result["profile"] = prof = profile_step(s, s.lengths[0], work)
+        say(profile_line(prof))
+
     if s.startup_limit != 0:
         result["startup"] = startup_figures(s, work)
         st = result["startup"]
@@ -597,6 +653,8 @@ def table(result: dict[str, Any]) -> str:
                      f"{100 * r['peak_fraction']:>5.1f}% {r['peak_memory_mb']:>7.0f}")
     lines.append(f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s on {result['device']}; "
                  f"bench took {result['total_s']:.0f} s")
+    if "profile" in result:
+        lines.append(profile_line(result["profile"]))
     return "\n".join(lines)
 
 
@@ -616,6 +674,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="step scenario: runs per contestant and length")
     parser.add_argument("--no-startup", action="store_true", help="skip the token-cache start-up figure")
     parser.add_argument("--no-experiment", action="store_true", help="skip the experiment scenario")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of a step")
     parser.add_argument("--experiment-limit", type=int, default=None,
                         help="reviews in the experiment scenario (8:1:1 split; quick 160, full 3000)")
 
@@ -647,6 +706,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.startup_limit = 0
     if args.no_experiment:
         s.experiment = False
+    if getattr(args, "no_profile", False):
+        s.profile_steps = 0
     if getattr(args, "experiment_limit", None):
         if args.experiment_limit < 30:
             raise UserError("--experiment-limit must be >= 30 (val and test need examples of both classes)")

@@ -31,7 +31,8 @@ def run_cli(out: Path, name: str, *overrides: str, launcher: list[str] | None = 
     cmd = [*(launcher or [sys.executable, "-m"]), "ebslab", "train", *EXACT, *overrides, f"out.dir={out}",
            f"out.name={name}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=hang_after(280))
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    # the workers' own lines (a C++ abort's "what():") come before torchrun's long failure summary: keep both
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-15000:]}"
     return out / name, done.stdout
 
 

@@ -108,4 +108,7 @@ class TorchBackend:
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            # every process arrives before any tears its connections down: rank 0 still writes the summary
+            # after the last collective, and a peer closing a gloo pair under a live one can abort it
+            dist.barrier()
             dist.destroy_process_group()

@@ -38,6 +38,15 @@ def test_cpu_takes_the_largest_divisor_under_auto_cap():
     assert largest_micro(cfg, 2) == 12  # 24 per process
 
 
+@pytest.mark.parametrize("max_length,tokens,expected", [(128, 2048, 16), (256, 2048, 8), (512, 2048, 4),
+                                                         (4096, 2048, 1), (256, 10**6, 16), (100, 1000, 8)])
+def test_cpu_keeps_micro_times_max_length_under_auto_cpu_tokens(max_length, tokens, expected, capsys):
+    cfg = load_config(None, ["batch.effective=48", "batch.micro=auto", "batch.auto_cap=20", "train.device=cpu",
+                             f"data.max_length={max_length}", f"batch.auto_cpu_tokens={tokens}"])
+    assert largest_micro(cfg, 1) == expected  # the largest divisor of 48 under min(20, tokens // max_length)
+    assert f"batch.auto_cpu_tokens {tokens}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("limit,expected", [(100, 64), (40, 32), (20, 16), (9, 8), (1, 1)])
 def test_simulated_memory_limit_backs_off_to_what_fits(limit, expected):
     cfg = load_config(None, ["batch.effective=256", "batch.micro=auto", "batch.auto_cap=64"])

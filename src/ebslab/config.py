@@ -60,6 +60,9 @@ class BatchConfig:
     """Examples per forward/backward on one process; `auto` = largest that fits, EBS kept."""
     auto_cap: int = 64
     """Upper bound for `micro=auto` (the cap on CPU, the first try on GPU)."""
+    auto_cpu_tokens: int = 2048
+    """CPU only: `micro=auto` also keeps micro x data.max_length under this many tokens (larger micro-batches
+    ran slower on a 2-core CPU: docs/performance.md)."""
 
 
 @dataclass
@@ -387,6 +390,7 @@ def validate(cfg: Config) -> None:
         (cfg.batch.effective > 0, "batch.effective must be > 0"),
         (cfg.batch.micro == "auto" or cfg.batch.micro > 0, "batch.micro must be > 0 or auto"),
         (cfg.batch.auto_cap > 0, "batch.auto_cap must be > 0"),
+        (cfg.batch.auto_cpu_tokens > 0, "batch.auto_cpu_tokens must be > 0"),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs must be > 0 (or set train.max_steps)"),
         (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
         (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),

@@ -180,13 +180,16 @@ class StepData:
     timed_samples: int
 
 
-def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, **extra: Any) -> Any:
+def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, steps: int | None = None,
+                  **extra: Any) -> Any:
+    """ebslab's config for `steps` optimizer steps (default `s.steps`) on just enough data for them."""
     from ebslab.config import load_config
 
-    limit = math.ceil(s.steps * s.effective / 0.8) + 10  # the 8:1:1 split leaves >= N windows to train on
+    steps = steps or s.steps
+    limit = math.ceil(steps * s.effective / 0.8) + 10  # the 8:1:1 split leaves >= N windows to train on
     values = {"model.name": s.model, "data.max_length": max_length, "data.limit": limit,
               "batch.effective": s.effective, "batch.micro": s.micro, "optim.lr": s.lr, "optim.clip_norm": 1.0,
-              "sched.name": "linear", "train.max_steps": s.steps, "train.seed": s.seed, "eval.test_on": "last",
+              "sched.name": "linear", "train.max_steps": steps, "train.seed": s.seed, "eval.test_on": "last",
               "out.dir": str(out_dir), "out.name": name, "train.precision": "bf16" if device().type == "cuda"
               else "fp32"}
     if s.data_path:
@@ -416,9 +419,8 @@ def profile_step(s: Settings, max_length: int, out_dir: Path) -> dict[str, Any]:
 
     from ebslab.train import train
 
-    steps = s.profile_steps + 2  # one step waited out, one warm-up step, then the recorded ones
-    cfg = ebslab_config(s, max_length, out_dir, f"profile-L{max_length}", **{
-        "train.max_steps": steps, "data.limit": math.ceil(steps * s.effective / 0.8) + 10})
+    # one step waited out, one warm-up step, then the recorded ones
+    cfg = ebslab_config(s, max_length, out_dir, f"profile-L{max_length}", steps=s.profile_steps + 2)
     gpu = device().type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=s.profile_steps)) as prof:

@@ -118,3 +118,120 @@ def test_ece_against_simulations_with_a_known_gap():
     overconfident = (rng.uniform(size=confidence.size) < confidence - 0.1).astype(float)
     assert expected_calibration_error(confidence, calibrated) < 0.015
     assert expected_calibration_error(confidence, overconfident) == pytest.approx(0.1, abs=0.015)
+
+
+# ---------------------------------------------------------------- in a run: eval lines, summary, predictions
+
+
+@pytest.fixture(scope="module")
+def keywords(tmp_path_factory):
+    """3 classes, each text holds its class's keyword twice among filler words: a tiny model learns it in ~10
+    steps, after which val acc stays at 1.0 while val loss keeps falling (acc and loss pick different steps)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    filler = "the a of and to in is it that was for on with as his at by".split()
+    keys = {"apple": "fruit", "river": "water", "stone": "rock"}
+    rows = [{"text": " ".join([*rng.choice(filler, 3), key, key]), "label": keys[key]}
+            for key in [*keys] * 80]
+    path = tmp_path_factory.mktemp("keywords") / "keywords.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def learning(keywords):
+    return ["model.name=tiny-bert", f"data.path={keywords}", "data.max_length=16", "batch.effective=16",
+            "batch.micro=16", "optim.lr=3e-3", "model.dropout=0", "model.pooling=mean", "eval.every_steps=3"]
+
+
+def evals_of(run):
+    from conftest import read_jsonl
+
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+
+
+def test_a_run_records_every_metric_and_every_class_probability(train_run, keywords):
+    import json
+
+    import pandas as pd
+
+    run = train_run(*learning(keywords), "train.max_steps=6", base=[])
+    names = json.loads((run / "labels.json").read_text())["names"]
+    assert names == ["fruit", "rock", "water"]
+    per_class = [f"{kind}_{name}" for name in names for kind in ("precision", "recall")]
+    for line in evals_of(run):
+        for split in ("val", "test"):
+            assert {f"{split}/{m}" for m in (*METRICS, *per_class)} <= set(line)
+    s = json.loads((run / "summary.json").read_text())
+    for part in ("val_best", "test_best", "test_last"):
+        assert set(s[part]) == {*METRICS, *per_class, "n"}
+    for which in ("test_best", "test_last"):
+        preds = pd.read_parquet(run / "predictions" / f"{which}.parquet")
+        probs = preds[["prob_0", "prob_1", "prob_2"]].to_numpy()
+        assert list(preds.columns) == ["index", "label", "pred", "prob", "prob_0", "prob_1", "prob_2"]
+        assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+        assert (preds["pred"] == probs.argmax(1)).all() and np.array_equal(preds["prob"], probs.max(1))
+        # the summary's numbers are those of the predictions file, recomputed by the same function
+        again = compute_metrics(preds["label"].to_numpy(), probs, names)
+        assert again == pytest.approx(s[which], nan_ok=True)
+
+
+def test_select_by_loss_picks_the_lowest_val_loss_and_acc_the_first_highest_acc(train_run, keywords):
+    import json
+
+    by_acc, by_loss = (train_run(*learning(keywords), "train.max_steps=12", f"eval.select_by={m}", base=[])
+                       for m in ("acc", "loss"))
+    evals = evals_of(by_acc)
+    same_training = [{k: v for k, v in e.items() if k != "elapsed_s"} for e in evals]
+    assert same_training == [{k: v for k, v in e.items() if k != "elapsed_s"} for e in evals_of(by_loss)]
+    acc_best = max(evals, key=lambda e: e["val/acc"])["step"]  # max() keeps the first of equal values
+    loss_best = min(evals, key=lambda e: e["val/loss"])["step"]
+    assert acc_best != loss_best  # the constructed case: acc reaches 1.0 and stays, loss keeps falling
+    for run, best in ((by_acc, acc_best), (by_loss, loss_best)):
+        s = json.loads((run / "summary.json").read_text())
+        line = next(e for e in evals if e["step"] == best)
+        assert s["best_step"] == best
+        assert s["val_best"]["loss"] == line["val/loss"] and s["test_best"]["acc"] == line["test/acc"]
+
+
+def test_early_stopping_counts_evaluations_without_gain_in_the_select_by_metric(train_run, keywords):
+    import json
+
+    by_acc = train_run(*learning(keywords), "train.max_steps=30", "train.early_stopping_patience=2", base=[])
+    evals = evals_of(by_acc)
+    first_best = max(range(len(evals)), key=lambda i: evals[i]["val/acc"])
+    assert len(evals) == first_best + 3 < 10  # two evaluations after acc stopped rising
+    assert json.loads((by_acc / "summary.json").read_text())["message"] == \
+        "early stopping after 2 evaluations without val-acc gain"
+    by_loss = train_run(*learning(keywords), "train.max_steps=30", "train.early_stopping_patience=2",
+                        "eval.select_by=loss", base=[])
+    losses = [e["val/loss"] for e in evals_of(by_loss)]
+    assert len(losses) == 10 and all(b < a for a, b in zip(losses, losses[1:]))  # loss gained at every one
+    assert json.loads((by_loss / "summary.json").read_text())["message"] is None
+
+
+def test_an_unknown_select_by_is_one_line_and_exit_2(capsys, tmp_path):
+    from ebslab.cli import main
+
+    assert main(["train", "model.name=tiny-bert", "eval.select_by=accuracy", f"out.dir={tmp_path}",
+                 "out.name=x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ebslab: error: eval.select_by must be one of acc, loss, ece, f1, mcc, auroc, brier, "
+                   "got 'accuracy'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_improves_follows_the_metric_direction_and_never_prefers_an_undefined_value():
+    from ebslab.evaluate import EvalResult, improves
+
+    def result(probs, label=BIN_LABEL):
+        return EvalResult(index=np.arange(len(label)), label=label, probs=np.array(probs), label_names=["n", "p"])
+
+    confident = result(np.where(np.eye(2)[BIN_LABEL] == 1, 0.9, 0.1))  # all right, loss -log 0.9
+    hesitant = result(np.where(np.eye(2)[BIN_LABEL] == 1, 0.6, 0.4))  # all right, loss -log 0.6
+    assert improves(confident, hesitant.metrics(), "loss") and not improves(hesitant, confident.metrics(), "loss")
+    assert not improves(confident, hesitant.metrics(), "acc")  # equal acc is no gain
+    assert improves(hesitant, None, "brier")
+    one_class = result([[0.2, 0.8]] * 3, label=np.array([1, 1, 1]))  # AUROC undefined
+    assert one_class.metrics()["auroc"] is None  # JSON-ready: null, not NaN
+    assert not improves(one_class, confident.metrics(), "auroc") and improves(confident, one_class.metrics(), "auroc")

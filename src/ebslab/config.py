@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ebslab.metrics import METRICS
+
 
 class UserError(Exception):
     """A problem in what the user gave (path, key, value): reported as one line, exit code 2."""
@@ -108,6 +110,9 @@ class EvalConfig:
     """Evaluate val/test every N optimizer steps; 0 = at each epoch end."""
     test_on: Literal["best", "last", "both"] = "both"
     batch_size: int = 64
+    select_by: str = "acc"
+    """Validation metric that picks the best checkpoint (and that early stopping watches): one of
+    ebslab.metrics.METRICS, compared in its direction (loss, ece, brier: lower is better)."""
 
 
 @dataclass
@@ -397,6 +402,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every_steps > 0, "train.log_every_steps must be > 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
+        (cfg.eval.select_by in METRICS,
+         f"eval.select_by must be one of {', '.join(METRICS)}, got {cfg.eval.select_by!r}"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.model.encoder_dropout is None or 0 <= cfg.model.encoder_dropout < 1,

@@ -11,7 +11,6 @@ import math
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
 
 METRICS = ("acc", "loss", "ece", "f1", "mcc", "auroc", "brier")
 """The headline-able metrics: any of them can pick the best checkpoint (`eval.select_by`) or lead a report."""
@@ -21,6 +20,13 @@ ECE_BINS = 15
 PROB_FLOOR = 1e-12
 """Cross-entropy clips the true class's probability here: one confidently wrong example costs at most
 -log(1e-12) = 27.6 nats instead of an infinite mean."""
+
+
+def _skm():
+    # imported on first use: sklearn.metrics takes ~2 s to import, and config.py (every CLI call) needs METRICS
+    from sklearn import metrics
+
+    return metrics
 
 
 def higher_is_better(name: str) -> bool:
@@ -74,11 +80,11 @@ def _ece(label: np.ndarray, probs: np.ndarray) -> float:
 
 def _f1(label: np.ndarray, probs: np.ndarray) -> float:
     classes = np.arange(probs.shape[1])
-    return float(skm.f1_score(label, probs.argmax(1), labels=classes, average="macro", zero_division=0))
+    return float(_skm().f1_score(label, probs.argmax(1), labels=classes, average="macro", zero_division=0))
 
 
 def _mcc(label: np.ndarray, probs: np.ndarray) -> float:
-    return float(skm.matthews_corrcoef(label, probs.argmax(1)))
+    return float(_skm().matthews_corrcoef(label, probs.argmax(1)))
 
 
 def _auroc(label: np.ndarray, probs: np.ndarray) -> float:
@@ -86,15 +92,15 @@ def _auroc(label: np.ndarray, probs: np.ndarray) -> float:
     if len(np.unique(label)) < num_classes:  # a ranking needs every class present (ovr: each vs the rest)
         return math.nan
     if num_classes == 2:
-        return float(skm.roc_auc_score(label, probs[:, 1]))
+        return float(_skm().roc_auc_score(label, probs[:, 1]))
     # float32 softmax rows sum to 1 only within ~1e-7: renormalise so sklearn's sum check never trips
     rows = probs / probs.sum(1, keepdims=True)
-    return float(skm.roc_auc_score(label, rows, multi_class="ovr", average="macro", labels=np.arange(num_classes)))
+    return float(_skm().roc_auc_score(label, rows, multi_class="ovr", average="macro", labels=np.arange(num_classes)))
 
 
 def _brier(label: np.ndarray, probs: np.ndarray) -> float:
     # scale_by_half=False: the multiclass definition (sum over every class) for two classes too
-    return float(skm.brier_score_loss(label, probs, labels=np.arange(probs.shape[1]), scale_by_half=False))
+    return float(_skm().brier_score_loss(label, probs, labels=np.arange(probs.shape[1]), scale_by_half=False))
 
 
 _METRIC_FUNCTIONS = {"acc": _acc, "loss": _loss, "ece": _ece, "f1": _f1, "mcc": _mcc, "auroc": _auroc,
@@ -124,7 +130,7 @@ def compute_metrics(label: np.ndarray, probs: np.ndarray, label_names: list[str]
         raise ValueError(f"{len(label_names)} label names for {num_classes} probability columns")
     out: dict[str, float] = {name: metric_value(name, label, probs) for name in METRICS}
     if len(label):
-        precision, recall, _, _ = skm.precision_recall_fscore_support(
+        precision, recall, _, _ = _skm().precision_recall_fscore_support(
             label, probs.argmax(1), labels=np.arange(num_classes), zero_division=0)
     else:
         precision = recall = np.full(num_classes, math.nan)

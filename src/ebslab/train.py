@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
@@ -32,7 +31,7 @@ from ebslab import checkpoint as ckpt
 from ebslab.backends import Backend, make_backend
 from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
 from ebslab.data import DataBundle, collate, epoch_order, length_grouped, load_data, shard_window, windows
-from ebslab.evaluate import EvalResult, evaluate
+from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
 from ebslab.tracking import NullTracker, check_trackers, open_trackers, truncate_metrics
@@ -204,13 +203,14 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
     def log(record: dict[str, Any]) -> None:
         tracker.log(record)
 
-    # test results kept from the evaluations: "last" (the latest one) and "best" (at the best val acc), so the
+    # test results kept from the evaluations: "last" (the latest one) and "best" (at the best val metric), so the
     # final test on those weights reuses them instead of scoring the same weights again
     test_at: dict[str, EvalResult] = {}
 
     def score(split: Any) -> EvalResult:
         # the unwrapped module: DDP's forward would broadcast buffers, a collective a rank with no examples skips
-        return evaluate(backend.unwrap(model), split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs)
+        return evaluate(backend.unwrap(model), split, backend, cfg.eval.batch_size, bundle.pad_id, bundle.model_inputs,
+                        data.label_names)
 
     def run_eval() -> bool:
         """Score val and test, log, keep the best; True asks for early stopping."""
@@ -348,7 +348,7 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False) 
                 return summary
             if status == "early_stopped":
                 status, message = "completed", f"early stopping after {cfg.train.early_stopping_patience} " \
-                                                "evaluations without val-acc gain"
+                                                f"evaluations without val-{cfg.eval.select_by} gain"
             if state.last_eval_step != state.step and status != "diverged":
                 run_eval()
             if status != "diverged":  # keep the last finite checkpoint, not NaN weights
@@ -424,9 +424,7 @@ def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Der
     loss_sum, correct, count = state.since_eval
     log({"event": "eval", "epoch": state.step / derived.steps_per_epoch, "step": state.step,
          "train/loss": loss_sum / count if count else None, "train/acc": correct / count if count else None,
-         "val/loss": val.loss, "val/acc": val.acc, "val/ece": val.ece,
-         "test/loss": test.loss, "test/acc": test.acc, "test/ece": test.ece,
-         "elapsed_s": _elapsed(state, clock)})
+         **val.record("val"), **test.record("test"), "elapsed_s": _elapsed(state, clock)})
     state.since_eval = [0.0, 0.0, 0.0]
     state.last_eval_step = state.step
     state.last_val_acc = val.acc
@@ -436,7 +434,7 @@ def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Der
         state.collapse_warned = True
         _warn(log, state.step, "collapsed", f"val acc fell to {val.acc:.4f}, the majority-class rate "
                                             f"{data.majority_rate:.4f}, at step {state.step}", backend.is_main)
-    if state.best_val is None or val.acc > state.best_val["acc"]:
+    if improves(val, state.best_val, cfg.eval.select_by):
         state.best_val = val.metrics()
         state.best_step, state.best_epoch = state.step, math.ceil(state.step / derived.steps_per_epoch)
         state.evals_without_gain = 0
@@ -449,14 +447,8 @@ def _after_eval(cfg: Config, data: DataBundle, state: TrainerState, derived: Der
 
 
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
-    if not backend.is_main:
-        return
-    folder = run_dir / "predictions"
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".{name}.tmp.parquet"
-    pd.DataFrame({"index": result.index, "label": result.label, "pred": result.pred,
-                  "prob": result.prob}).to_parquet(tmp, index=False)
-    tmp.replace(folder / f"{name}.parquet")
+    if backend.is_main:
+        save_predictions(run_dir, name, result)
 
 
 def _check_resumable(run_dir: Path, saved: dict, derived: Derived) -> None:

@@ -399,16 +399,16 @@ def test_smoke_goes_to_its_own_folder(tmp_path, fake_train):
 # Shipped sweep files
 
 
-@pytest.mark.parametrize("name, runs", [("exp1-hparams", 384), ("exp2-ebs", 288), ("cpu-minilm", 4)])
+@pytest.mark.parametrize("name, runs", [("exp1-hparams", 384), ("exp2-ebs", 288), ("cpu-minilm", 6)])
 def test_shipped_sweep_files_are_valid(name, runs):
     s = sw.load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
     assert s.name == name
     assert len(sw.validate_sweep(s)) == runs
     assert "train.seed" in s.grid
-    if name == "cpu-minilm":  # sized for ~10-15 minutes on 2 CPU cores at ~7 train samples/s
+    if name == "cpu-minilm":  # sized for ~10 minutes on 2 CPU cores (6 runs: 9 min 51 s measured)
         cfg = load_config(None, sw.run_overrides(s, sw.expand_grid(s)[0]))
         train_examples = round(cfg.data.limit * cfg.data.split[0]) * cfg.train.epochs * runs
-        assert cfg.model.name == "minilm" and 2500 <= train_examples <= 4500
+        assert cfg.model.name == "minilm" and 4500 <= train_examples <= 6000
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ebslab.config import UserError
+from ebslab.config import UserError, flatten
 
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
@@ -241,28 +241,20 @@ def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: An
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_config(folder: Path, config: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume when config.yaml changed (beyond RESUME_SAFE_KEYS) since the checkpoint was written."""
     path = Path(folder) / "config.json"
     if not path.is_file():  # a checkpoint written before configs were stored in it
         return
     try:
-        saved = _flat(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
     except (OSError, ValueError):
         raise UserError(f"cannot resume '{run_dir}': its checkpoint is damaged ({path.name} unreadable); "
                         "start the run again with --overwrite") from None
-    now = _flat({k: v for k, v in config.items() if k != "derived"})
-    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_SAFE_KEYS and k != "derived"
-               and saved.get(k) != now.get(k)]
+    saved, now = flatten(saved), flatten(config)  # without `derived`: it follows from the config and the data
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_SAFE_KEYS and saved.get(k) != now.get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         raise UserError(f"cannot resume '{run_dir}': config.yaml changed since its checkpoint ({diffs}); undo "

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Collection, Literal, Union
 
 import yaml
 
@@ -318,15 +318,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise bad
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested or dotted mapping -> {dotted key: value}. `derived` (written by us) is ignored on reload."""
+def flatten(mapping: dict, prefix: str = "", skip: Collection[str] = ("derived",)) -> dict[str, Any]:
+    """Nested or dotted mapping -> {dotted key: value}: {"optim": {"lr": 1}} and {"optim.lr": 1} give the same.
+    The one flattening of config keys (config files, overrides, sweep grids, checkpoints, reports).
+
+    A mapping under a valid key stays its value (a type error named by its key, not keys made up from it).
+    Dotted keys in `skip` are left out: by default `derived`, which ebslab writes and never reads back."""
     flat: dict[str, Any] = {}
     for k, v in mapping.items():
         key = f"{prefix}{k}"
-        if key == "derived":
+        if key in skip:
             continue
         if isinstance(v, dict) and key not in VALID_KEYS:
-            flat.update(_flatten(v, key + "."))
+            flat.update(flatten(v, key + ".", skip))
         else:
             flat[key] = v
     return flat
@@ -375,11 +379,11 @@ def build_config(values: dict[str, Any]) -> Config:
 def load_config(base: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> Config:
     values: dict[str, Any] = {}
     if isinstance(base, dict):
-        values.update(_flatten(base))
+        values.update(flatten(base))
     elif base is not None:
-        values.update(_flatten(read_yaml(base)))
+        values.update(flatten(read_yaml(base)))
     if isinstance(overrides, dict):
-        values.update(_flatten(overrides))
+        values.update(flatten(overrides))
     else:
         for text in overrides or []:
             key, value = parse_override(text)

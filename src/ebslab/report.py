@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from ebslab.config import UserError
+from ebslab.config import UserError, flatten as config_flatten
 
 OK_STATUS = "completed"
 GROUP_EXCLUDED_PREFIXES = ("out.", "derived.")
@@ -89,17 +89,10 @@ def holm(pvals: Sequence[float]) -> list[float]:
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {dotted key: leaf}. Lists are leaves (kept as tuples so they can be compared)."""
-    out: dict[str, Any] = {}
-    for key, value in (mapping or {}).items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
-        elif isinstance(value, list):
-            out[dotted] = tuple(value)
-        else:
-            out[dotted] = value
-    return out
+    """A run's config -> {dotted key: leaf}, `derived.*` included. Lists are leaves (kept as tuples so they can
+    be compared)."""
+    flat = config_flatten(mapping or {}, prefix, skip=())
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def varying_keys(flat_configs: Sequence[dict[str, Any]], exclude: Iterable[str] = ()) -> list[str]:

@@ -166,7 +166,7 @@ def fake_run(folder: Path, status: str | None, checkpoint: bool, old_checkpoint:
 
 
 @pytest.mark.parametrize("status, checkpoint, expected", [
-    ("completed", True, "skip"), ("collapsed", True, "skip"), ("diverged", False, "skip"),
+    ("completed", True, "skip"), ("collapsed", True, "skip"), ("diverged", False, "skip"), ("pruned", True, "skip"),
     ("interrupted", True, "resume"), (None, True, "resume"),
     ("failed", True, "retry"), ("failed", False, "retry"), (None, False, "retry"), ("interrupted", False, "retry"),
 ])

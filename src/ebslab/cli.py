@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(load_config(config, overrides), overwrite=args.overwrite)
     if summary["exit_code"]:
         return summary["exit_code"]
-    return 0 if summary["status"] in ("completed", "collapsed") else 1
+    return 0 if summary["status"] in ("completed", "collapsed", "pruned") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import UserError, VALID_KEYS, _flatten, _unknown_key, load_config, read_yaml
+from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
 
-DONE = ("completed", "collapsed", "diverged")
-"""Statuses of a run that finished: skipped by --resume."""
+DONE = ("completed", "collapsed", "diverged", "pruned")
+"""Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
 
 SMOKE_OVERRIDES: dict[str, Any] = {"train.epochs": 1, "train.max_steps": 0, "data.limit": 64}
 """What --smoke changes in every combination: one short epoch on 64 examples."""
@@ -71,7 +71,7 @@ def _grid_of(sweep: Sweep | dict) -> dict[str, list[Any]]:
     if not isinstance(grid, dict):
         raise UserError(f"sweep 'grid' must be a mapping of key: [values], not {type(grid).__name__}")
     out: dict[str, list[Any]] = {}
-    for key, values in _flatten(grid).items():
+    for key, values in flatten(grid).items():
         if not isinstance(values, (list, tuple)):
             values = [values]  # `train.epochs: 3` in a grid = one value
         if len(values) == 0:
@@ -168,7 +168,7 @@ def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
     base_file: Path | None = None
     base_values: dict[str, Any] = {}
     if isinstance(base, dict):
-        base_values = _flatten(base)
+        base_values = flatten(base)
         for key in base_values:
             if key not in VALID_KEYS:
                 raise UserError(f"sweep {where} base: {_unknown_key(key)}")
@@ -283,7 +283,7 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 def resume_action(run_dir: Path) -> str:
     """What `--resume` does with a run folder: skip | resume | retry | new.
 
-    - skip: summary.json says completed / collapsed / diverged (its files are left untouched);
+    - skip: summary.json says completed / collapsed / diverged / pruned (its files are left untouched);
     - resume: interrupted (no summary.json, or status interrupted) with a complete checkpoints/last:
       `train --resume`;
     - retry: failed, or nothing to resume from: `train ... --overwrite`;

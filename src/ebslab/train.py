@@ -261,7 +261,7 @@ class Trainer:
             ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                             "majority_rate": data.majority_rate})
             self.tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
-            print(_startup_text(cfg, derived, data, bundle, backend, run_dir, self.state), flush=True)
+            print(_startup_text(self), flush=True)
 
     def _resume(self) -> None:
         last = ckpt.resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -577,8 +577,9 @@ def _summary_text(run_dir: Path, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _startup_text(cfg: Config, derived: Derived, data: DataBundle, bundle: ModelBundle, backend: Backend,
-                  run_dir: Path, state: TrainerState) -> str:
+def _startup_text(trainer: Trainer) -> str:
+    cfg, derived, data, bundle, backend = trainer.cfg, trainer.derived, trainer.data, trainer.bundle, trainer.backend
+    run_dir, state = trainer.run_dir, trainer.state
     cache = "from cache" if data.from_cache else "tokenized"
     pooling = cfg.model.pooling + (" (last layer computed at the first token only)" if bundle.first_token_only
                                    else "")

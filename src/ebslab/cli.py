@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, help_text in (("sweep", "ebslab.sweep", "a grid of runs, each in its own folder"),
                                     ("report", "ebslab.report", "tables, plots and statistics from run folders"),
-                                    ("bench", "ebslab.bench", "throughput against HF Trainer and a naive loop")):
+                                    ("bench", "ebslab.bench", "throughput against HF Trainer and a naive loop"),
+                                    ("predict", "ebslab.predict", "labels and class probabilities for new texts"),
+                                    ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card")):
         p = sub.add_parser(name, help=help_text)
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # options may sit between overrides (`train cfg.yaml --overwrite a=1`): argparse leaves the rest here
     if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.items += extra
+    elif args.command == "predict" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):

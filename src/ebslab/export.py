@@ -1,0 +1,260 @@
+"""`ebslab export RUN_DIR --out DIR`: a folder that `transformers` loads without ebslab, plus a model card.
+
+DIR holds the encoder's config (with id2label / label2id and `auto_map`), modeling_ebslab.py (the head, see
+ebslab/hf_modeling.py for why it cannot be a stock class), safetensors weights, the tokenizer (model_max_length =
+the run's data.max_length) and README.md. The folder is built beside DIR, reloaded and checked against
+`ebslab predict`, and only then renamed into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ebslab.config import UserError, resolved_dict
+from ebslab.predict import LoadedRun, load_run, predict_texts
+
+MODELING_FILE = "modeling_ebslab.py"
+CLASS_NAME = "EbslabForSequenceClassification"
+MAX_PROB_DIFF = 1e-5
+# reloaded export vs predict: short, long, odd and empty-ish inputs exercise padding and truncation
+CHECK_TEXTS = ["A wonderful film, I loved every minute of it.", "Dull. Terrible acting and a plot with holes.",
+               "ok", "It was " + "very " * 200 + "long.", "Ni bueno ni malo: un film correct, sans plus.", " "]
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+IMDB_CITATION = """@inproceedings{maas-etal-2011-learning,
+  title = {Learning Word Vectors for Sentiment Analysis},
+  author = {Maas, Andrew L. and Daly, Raymond E. and Pham, Peter T. and Huang, Dan and Ng, Andrew Y. and Potts, Christopher},
+  booktitle = {Proceedings of the 49th Annual Meeting of the Association for Computational Linguistics: Human Language Technologies},
+  year = {2011},
+  address = {Portland, Oregon, USA},
+  publisher = {Association for Computational Linguistics},
+  pages = {142--150},
+  url = {http://www.aclweb.org/anthology/P11-1015}
+}"""
+
+
+def ebslab_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ebslab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def hf_config(run: LoadedRun) -> Any:
+    encoder = run.bundle.model.encoder
+    config = copy.deepcopy(encoder.config)
+    config.num_labels = len(run.label_names)
+    config.id2label = {i: name for i, name in enumerate(run.label_names)}
+    config.label2id = {name: i for i, name in enumerate(run.label_names)}
+    config.architectures = [CLASS_NAME]
+    config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{CLASS_NAME}"}
+    config.ebslab_pooling = run.cfg.model.pooling
+    config.ebslab_head_dropout = run.cfg.model.dropout
+    config.ebslab_model_inputs = list(run.bundle.model_inputs)
+    return config
+
+
+def _modeling_class() -> type:
+    from ebslab import hf_modeling
+
+    return hf_modeling.EbslabForSequenceClassification
+
+
+def _checkpoint_metrics(run: LoadedRun) -> tuple[dict | None, dict | None]:
+    """(val, test) metrics of the exported checkpoint, from the run folder."""
+    try:
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    if run.checkpoint == "best":
+        return summary.get("val_best"), summary.get("test_best")
+    val = None
+    try:
+        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "eval":
+            val = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("val/")}
+    return val, summary.get("test_last")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(run: LoadedRun, out_name: str) -> Any:
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    cfg, derived = run.cfg, run.derived
+    val, test = _checkpoint_metrics(run)
+    imdb = not cfg.data.path and cfg.data.name == "imdb"
+    dataset_id = "stanfordnlp/imdb" if imdb else (cfg.data.name if not cfg.data.path else None)
+    dataset_name = "IMDB" if imdb else (cfg.data.path or cfg.data.name)
+    base = MINILM_HUB_ID if cfg.model.name == "minilm" else (
+        None if cfg.model.name.startswith("tiny-") or Path(cfg.model.name).exists() else cfg.model.name)
+    results = []
+    for split, metrics in (("validation", val), ("test", test)):
+        for name, value in (metrics or {}).items():
+            if name == "n" or not isinstance(value, (int, float)) or value != value:
+                continue
+            results.append(EvalResult(task_type="text-classification", task_name="Text Classification",
+                                      dataset_type=dataset_id or "custom", dataset_name=dataset_name,
+                                      dataset_split=split, metric_type=name, metric_name=f"{split} {name}",
+                                      metric_value=float(value)))
+    data = ModelCardData(model_name=out_name, base_model=base, datasets=[dataset_id] if dataset_id else None,
+                         library_name="transformers", pipeline_tag="text-classification",
+                         tags=["ebslab", "text-classification", "custom_code"],
+                         eval_results=results or None)
+    ebs_line = (f"effective_batch {cfg.batch.effective} = micro {derived.get('micro')} x accum_steps "
+                f"{derived.get('accum_steps')} x world_size {derived.get('world_size')}")
+    lr_line = (f"lr {derived.get('lr')} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} from base_batch "
+               f"{cfg.optim.base_batch}), {cfg.optim.name}, weight_decay {cfg.optim.weight_decay}, "
+               f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.sched.name} (warmup {derived.get('warmup_steps')} "
+               f"of {derived.get('total_steps')} steps)")
+    rows = ["| split | " + " | ".join(sorted(k for k in (test or val or {}) if k != "n")) + " |"]
+    keys = sorted(k for k in (test or val or {}) if k != "n")
+    rows.append("|---|" + "---|" * len(keys))
+    for split, metrics in (("validation", val), ("test", test)):
+        if metrics:
+            rows.append(f"| {split} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    metrics_md = "\n".join(rows) if keys else "No evaluation was recorded in the run folder."
+    split_text = ":".join(f"{f:g}" for f in cfg.data.split)
+    body = f"""
+# {out_name}
+
+A text classifier fine-tuned with [ebslab](https://github.com/) {ebslab_version()} from `{cfg.model.name}`
+({'`' + base + '`' if base else 'a local or randomly initialised encoder'}), exported from the run folder
+`{run.run_dir}` at its **{run.checkpoint}** checkpoint.
+
+## Use
+
+```python
+from transformers import pipeline
+clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER", trust_remote_code=True)
+clf(["a text"], top_k=None, truncation=True)
+```
+
+`trust_remote_code=True` is needed: the head (dropout + linear on the `{cfg.model.pooling}` pooled vector, no
+pooler) is not any stock `...ForSequenceClassification` head; it is defined in `{MODELING_FILE}` in this folder,
+which imports only torch and transformers. Pass `truncation=True`: the model was trained on the first
+{cfg.data.max_length} tokens (the tokenizer's `model_max_length`).
+
+Labels: {", ".join(f"{i} = `{n}`" for i, n in enumerate(run.label_names))}.
+
+## Data
+
+Dataset: {dataset_name}; columns `{cfg.data.text_column}` / `{cfg.data.label_column}`; split {split_text}
+(stratified, seed {cfg.data.split_seed}){f", first {cfg.data.limit} examples of the seeded shuffle" if cfg.data.limit else ""};
+max_length {cfg.data.max_length}.
+
+## Training
+
+- {ebs_line}
+- {lr_line}
+- pooling `{cfg.model.pooling}`, head dropout {cfg.model.dropout}, encoder dropout
+  {cfg.model.encoder_dropout if cfg.model.encoder_dropout is not None else "pretrained default"}
+- {derived.get('epochs')} epoch(s), {derived.get('num_train')} train examples, precision {cfg.train.precision}
+- seeds: train.seed {cfg.train.seed}, data.split_seed {cfg.data.split_seed}
+
+## Evaluation at the exported checkpoint
+
+{metrics_md}
+
+`ece`: expected calibration error (15 equal-width bins of the predicted class's probability).
+
+## Full resolved config
+
+```yaml
+{_yaml(resolved_dict(cfg) | {"derived": derived})}```
+"""
+    if imdb:
+        body += f"\n## Citation (IMDB)\n\n```bibtex\n{IMDB_CITATION}\n```\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def check_reload(folder: Path, run: LoadedRun) -> float:
+    """Load `folder` the way users will (AutoModel + trust_remote_code) and return the largest probability
+    difference against ebslab predict on CHECK_TEXTS."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    expected = predict_texts(run, CHECK_TEXTS, progress=False)
+    with torch.inference_mode():
+        encoded = tokenizer(CHECK_TEXTS, truncation=True, padding=True, return_tensors="pt")
+        got = model(**encoded).logits.float().softmax(-1).numpy()
+    return float(np.abs(got - expected).max())
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False) -> Path:
+    from ebslab.checkpoint import AtomicDir
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"export target '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export target '{out}' is a file; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"'{out}' is a non-empty folder that is not a model export; choose another --out "
+                        "(--overwrite only replaces exports)")
+    if not out.parent.is_dir():
+        raise UserError(f"--out '{out}': folder '{out.parent}' does not exist; create it first")
+    run = load_run(run_dir, checkpoint, ["train.device=cpu"])
+    Model = _modeling_class()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+    with AtomicDir(out) as tmp:
+        config = hf_config(run)
+        model = Model(config)
+        model.load_state_dict(run.bundle.model.state_dict(), strict=True)
+        model.save_pretrained(str(tmp))
+        tokenizer = copy.deepcopy(run.bundle.tokenizer)
+        tokenizer.model_max_length = run.cfg.data.max_length
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), tmp / MODELING_FILE)
+        model_card(run, out.name).save(str(tmp / "README.md"))
+        (tmp / "ebslab_export.json").write_text(json.dumps({
+            "run_dir": str(Path(run_dir).resolve()), "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
+            "labels": run.label_names}, indent=2))
+        diff = check_reload(tmp, run)
+        if not diff <= MAX_PROB_DIFF:
+            raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
+                               "nothing was written")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out.dir/out.name)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export folder (must not exist)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.run_dir, args.out, args.checkpoint, args.overwrite)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {args.run_dir} ({args.checkpoint}) to {out} ({size / 1e6:.1f} MB); load it with "
+          f"pipeline('text-classification', model='{out}', trust_remote_code=True)", file=sys.stderr)
+    return 0

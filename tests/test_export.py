@@ -229,3 +229,28 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(runs, tmp_path):
     assert code == 0, err
     assert (export_dir / "model.safetensors").stat().st_mtime_ns != before
     assert not any(p.name.startswith(f".{export_dir.name}") for p in export_dir.parent.iterdir())
+
+
+@pytest.mark.slow  # torch.onnx's exporter takes ~10-30 s per model on a CPU
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_export_matches_pytorch(runs, model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    from ebslab.predict import load_run, predict_texts
+
+    run_dir, _ = runs[(model, "mean")]
+    code, _, err = cli("export", run_dir, "--out", tmp_path / "onnx", "--onnx")
+    assert code == 0, err
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    inputs = json.loads((tmp_path / "onnx" / "config.json").read_text())["ebslab_model_inputs"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    encoded = tokenizer(TEXTS, truncation=True, padding=True, return_tensors="np")
+    feed = {k: (encoded[k] if k in encoded else np.zeros_like(encoded["input_ids"])).astype(np.int64) for k in inputs}
+    logits = session.run(None, feed)[0]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    expected = predict_texts(load_run(run_dir, "best"), TEXTS, progress=False)
+    assert np.abs(probs - expected).max() <= 1e-4

@@ -9,7 +9,9 @@ the run's data.max_length) and README.md. The folder is built beside DIR, reload
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import shutil
 import sys
@@ -25,6 +27,7 @@ from ebslab.predict import LoadedRun, load_run, predict_texts
 MODELING_FILE = "modeling_ebslab.py"
 CLASS_NAME = "EbslabForSequenceClassification"
 MAX_PROB_DIFF = 1e-5
+MAX_ONNX_DIFF = 1e-4
 # reloaded export vs predict: short, long, odd and empty-ish inputs exercise padding and truncation
 CHECK_TEXTS = ["A wonderful film, I loved every minute of it.", "Dull. Terrible acting and a plot with holes.",
                "ok", "It was " + "very " * 200 + "long.", "Ni bueno ni malo: un film correct, sans plus.", " "]
@@ -207,7 +210,60 @@ def check_reload(folder: Path, run: LoadedRun) -> float:
     return float(np.abs(got - expected).max())
 
 
-def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False) -> Path:
+def _require_onnx() -> Any:
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+    except ImportError:
+        raise UserError("--onnx needs onnx, onnxscript and onnxruntime: pip install 'ebslab[onnx]'") from None
+    return onnxruntime
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Named tensor inputs, logits out: the signature an ONNX graph needs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def export_onnx(folder: Path, model: torch.nn.Module, tokenizer: Any, inputs: list[str]) -> float:
+    """folder/model.onnx through torch's own exporter (torch.onnx, dynamo), batch and length dynamic; returns the
+    largest probability difference of ONNX Runtime against the PyTorch model on CHECK_TEXTS."""
+    import warnings
+
+    onnxruntime = _require_onnx()
+
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs]
+    example = tokenizer(CHECK_TEXTS[:2], truncation=True, padding=True, return_tensors="pt")
+    args = tuple(example[k] if k in example else torch.zeros_like(example["input_ids"]) for k in inputs)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=tokenizer.model_max_length)
+    wrapped = _LogitsOnly(model.eval())
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, args, str(folder / "model.onnx"), dynamo=True, input_names=inputs,
+                              output_names=["logits"], dynamic_shapes={k: {0: batch, 1: length} for k in inputs})
+    except Exception as e:  # the exporter's failures come in many classes
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"ONNX export of this model failed ({type(e).__name__}: {first}); export without --onnx") \
+            from None
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    encoded = tokenizer(CHECK_TEXTS, truncation=True, padding=True, return_tensors="pt")
+    feed = [encoded[k] if k in encoded else torch.zeros_like(encoded["input_ids"]) for k in inputs]
+    got = torch.from_numpy(session.run(None, {k: t.numpy() for k, t in zip(inputs, feed)})[0]).softmax(-1)
+    with torch.inference_mode():
+        expected = wrapped(*feed).float().softmax(-1)
+    return float((got - expected).abs().max())
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False,
+           onnx: bool = False) -> Path:
     from ebslab.checkpoint import AtomicDir
 
     out = Path(out)
@@ -220,6 +276,8 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
                         "(--overwrite only replaces exports)")
     if not out.parent.is_dir():
         raise UserError(f"--out '{out}': folder '{out.parent}' does not exist; create it first")
+    if onnx:
+        _require_onnx()
     run = load_run(run_dir, checkpoint, ["train.device=cpu"])
     Model = _modeling_class()
     from transformers.utils import logging as hf_logging
@@ -242,6 +300,11 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
         if not diff <= MAX_PROB_DIFF:
             raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
                                "nothing was written")
+        if onnx:
+            onnx_diff = export_onnx(tmp, model, tokenizer, list(run.bundle.model_inputs))
+            if not onnx_diff <= MAX_ONNX_DIFF:
+                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
+                                   "nothing was written")
     return out
 
 
@@ -250,10 +313,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the export folder (must not exist)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx), checked with ONNX Runtime")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out, args.checkpoint, args.overwrite)
+    out = export(args.run_dir, args.out, args.checkpoint, args.overwrite, args.onnx)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {args.run_dir} ({args.checkpoint}) to {out} ({size / 1e6:.1f} MB); load it with "
           f"pipeline('text-classification', model='{out}', trust_remote_code=True)", file=sys.stderr)

@@ -88,6 +88,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: list[str]
         raise UserError(f"run '{run_dir}' has no readable labels.json; the run did not get past start-up") from None
     weights = checkpoint_folder(run_dir, checkpoint)
     device = pick_device(cfg.train.device, 0)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would precede every prediction's output
     tokenizer = load_tokenizer(cfg.model.name)
     bundle = build_model(cfg.model, len(label_names), cfg.train.seed, tokenizer, cfg.data.max_length)
     try:

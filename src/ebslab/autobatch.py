@@ -72,7 +72,9 @@ def gpu_probe(cfg: Config, device: torch.device) -> Probe:
     model = bundle.model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-12)  # allocates the moment buffers
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    from ebslab.backends import AUTOCAST_DTYPES, resolve_precision
+
+    dtype = AUTOCAST_DTYPES.get(resolve_precision(cfg.train.precision, device))
 
     def probe(micro: int) -> None:
         length = cfg.data.max_length

@@ -146,3 +146,62 @@ def test_grad_norm_comes_with_the_one_host_read(train_run, monkeypatch):
     run = train_run("train.max_steps=3", "train.log_every_steps=1", "optim.clip_norm=1.0")
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "step"]
     assert len(reads) == 3 and all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in steps)
+
+
+def test_mfu_uses_the_spec_peak_of_the_named_gpu(monkeypatch):
+    from ebslab import bench
+
+    assert bench.spec_peak("NVIDIA H200") == 989e12
+    assert bench.spec_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.spec_peak("NVIDIA H100 PCIe") == 756e12
+    assert bench.spec_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.spec_peak("NVIDIA L40S") == 362e12 and bench.spec_peak("NVIDIA L4") == 121e12
+    assert bench.spec_peak("Some Future GPU") is None
+    monkeypatch.setattr(bench, "device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: pytest.fail("measured although the GPU is known"))
+    assert bench.device_peak(2048) == (989e12, "NVIDIA H100 80GB HBM3 dense bf16 spec peak")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 5e14)
+    assert bench.device_peak(2048) == (5e14, "measured bf16 2048^2 matmul, best of 8")
+    # 110M params at 100k real tokens/s against the measured 5e14
+    assert bench.peak_fraction(110_000_000, 1e5, bench.device_peak(2048)[0]) == pytest.approx(6 * 1.1e13 / 5e14)
+
+
+def test_auto_micro_treats_cublas_alloc_failure_and_missing_headroom_as_out_of_memory(capsys):
+    from ebslab import autobatch
+    from ebslab.config import load_config
+
+    cfg = load_config({"batch": {"effective": 64, "micro": "auto"}, "data": {"max_length": 512}})
+    gib = 2 ** 30
+    seen = []
+
+    def probe(micro):  # a simulated 80 GiB device, 1.5 GiB per example; 48 fits only without headroom
+        seen.append(micro)
+        if micro == 64:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        autobatch.check_headroom(int(1.5 * gib * micro), 80 * gib)
+
+    assert autobatch.largest_micro(cfg, 1, probe=probe) == 32
+    assert seen == [64, 32]  # divisors of 64: 64 (cuBLAS), 32 = 48 GiB < 85% of 80
+    autobatch.check_headroom(int(0.85 * 80 * gib), 80 * gib)
+    with pytest.raises(autobatch.ProbeOutOfMemory, match="more than 85%"):
+        autobatch.check_headroom(int(0.86 * 80 * gib), 80 * gib)
+    with pytest.raises(ValueError, match="bad value"):  # any other error is a real one
+        autobatch.largest_micro(cfg, 1, probe=lambda m: (_ for _ in ()).throw(ValueError("bad value")))
+
+
+def test_auto_micro_every_rank_takes_the_smallest(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from ebslab import autobatch
+    from ebslab.config import load_config
+
+    other_rank = 4  # the peer's GPU had less free memory
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.clamp_(max=other_rank) if op == dist.ReduceOp.MIN
+                        else pytest.fail("not a min"))
+    cfg = load_config({"batch": {"effective": 64, "micro": "auto"}, "data": {"max_length": 128}})
+    assert autobatch.largest_micro(cfg, 2, probe=lambda m: None) == 4
+    assert autobatch.agree_on_smallest(16, 1) == 16  # one process: no collective

@@ -205,3 +205,29 @@ def test_auto_micro_every_rank_takes_the_smallest(monkeypatch, capsys):
     cfg = load_config({"batch": {"effective": 64, "micro": "auto"}, "data": {"max_length": 128}})
     assert autobatch.largest_micro(cfg, 2, probe=lambda m: None) == 4
     assert autobatch.agree_on_smallest(16, 1) == 16  # one process: no collective
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line(capsys, monkeypatch):
+    from ebslab import gpucheck
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpucheck, "run_checks", lambda *a: pytest.fail("checks ran without CUDA"))
+    assert gpucheck.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "make gpu-check needs a CUDA GPU" in err
+
+
+def test_gpu_check_table_and_throughput_verdicts():
+    from ebslab.gpucheck import Row, table, throughput_row
+
+    done = {"status": "completed", "samples": 1280, "train_samples_per_s": 1000.0}
+    honest = throughput_row("bert bf16 L128", done, 1.25, 1.0)  # 1280 / 1.25 s = 1024 wall: within 15%
+    assert honest.ok and honest.result == "1000 samples/s logged, 1024 wall, 1.0 host syncs/step"
+    assert throughput_row("x", {**done, "train_samples_per_s": 3000.0}, 1.25, None).ok is False  # queue time only
+    assert throughput_row("x", done, 1.25, 3.0).ok is False  # a host sync inside the step
+    assert throughput_row("x", {**done, "status": "failed"}, 1.25, None).ok is False
+    text = table([honest, Row("SIGTERM + resume", "exit 143 then 0, 160 steps", False), Row("m", "3", None)])
+    lines = text.splitlines()
+    assert lines[0].startswith("| check") and lines[2] == f"| {'bert bf16 L128':<16} | {honest.result} | ok |"
+    assert lines[3].endswith("| FAIL |") and lines[4].endswith("| - |")
+    assert lines[-1] == "3 checks, 1 failed"

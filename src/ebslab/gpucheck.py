@@ -79,11 +79,11 @@ def build_local_models(root: Path) -> dict[str, Path]:
 
     tokenizer = load_tokenizer("minilm")
     vocab = len(tokenizer)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+               eos_token_id=tokenizer.sep_token_id)
     configs = {"bert": BertConfig(vocab_size=vocab),
-               "roberta": RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1,
-                                        pad_token_id=tokenizer.pad_token_id),
-               "modernbert": ModernBertConfig(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                                              cls_token_id=tokenizer.cls_token_id,
+               "roberta": RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1, **ids),
+               "modernbert": ModernBertConfig(vocab_size=vocab, **ids, cls_token_id=tokenizer.cls_token_id,
                                               sep_token_id=tokenizer.sep_token_id)}
     paths = {}
     for name, config in configs.items():

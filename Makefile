@@ -19,7 +19,7 @@ export WANDB_MODE ?= offline
 PIP_INSTALL := $(PY) -m pip install --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/ebslab bench --quick --out runs/bench
+
+# the 5-minute check of the GPU paths (needs CUDA; exits 2 with one line without it): one table, docs/performance.md
+gpu-check: $(STAMP)
+	$(PY) -m ebslab.gpucheck --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs

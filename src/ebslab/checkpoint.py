@@ -203,7 +203,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: a resume may see fewer GPUs than the run that saved (every visible device's
+        # state would not fit), and each rank keeps its own in rng_per_rank anyway
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -214,7 +216,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints that saved every visible device's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: Any,

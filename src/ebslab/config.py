@@ -34,6 +34,9 @@ class ModelConfig:
     """Dropout before the linear head."""
     encoder_dropout: float | None = None
     """Every dropout probability inside the encoder; None keeps the pretrained config's, 0 turns them off."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """Attention kernel passed to `from_pretrained`: `sdpa` (PyTorch's fused kernels), `flash_attention_2` (needs
+    the flash-attn package and a GPU), `eager` (plain matmuls, the reference)."""
 
 
 @dataclass
@@ -97,7 +100,9 @@ class TrainConfig:
     """A budget in optimizer steps instead of epochs; 0 = use epochs."""
     seed: int = 1
     backend: Literal["torch", "accelerate"] = "torch"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast where the device supports it (recent GPUs), fp32 elsewhere (CPU). fp32 on a GPU
+    runs its matmuls in TF32."""
     early_stopping_patience: int = 0
     log_every_steps: int = 1
     compile: bool = False

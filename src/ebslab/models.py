@@ -76,8 +76,8 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         if cfg.encoder_dropout is not None:
             _set_encoder_dropout(config, cfg.encoder_dropout)
         if cfg.name == "tiny-modernbert":
-            return AutoModel.from_config(config, attn_implementation="eager")
-        return AutoModel.from_config(config, add_pooling_layer=False)
+            return AutoModel.from_config(config, attn_implementation=cfg.attn_implementation)
+        return AutoModel.from_config(config, add_pooling_layer=False, attn_implementation=cfg.attn_implementation)
     source = minilm_path() if cfg.name == "minilm" else cfg.name
     try:
         config = AutoConfig.from_pretrained(source)
@@ -90,10 +90,16 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     try:  # BERT/RoBERTa build a pooler we never use: skip its weights and its matmul
         hf_logging.set_verbosity_error()  # ...and the load report listing those weights as "unexpected"
+        # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads dtype="auto": a bf16 checkpoint
+        # would train in pure bf16); autocast does the bf16 compute
+        options = dict(config=config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
         try:
-            return AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+            return AutoModel.from_pretrained(source, add_pooling_layer=False, **options)
         except TypeError:
-            return AutoModel.from_pretrained(source, config=config)
+            return AutoModel.from_pretrained(source, **options)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation} cannot be used here ({e}); use "
+                        "model.attn_implementation=sdpa") from None
     except Exception as e:  # a folder with a config but no weights, a half-downloaded cache ...
         raise _hub_error(cfg.name, e) from None
     finally:
@@ -159,8 +165,29 @@ class EncoderClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
+    def unused_parameter_names(self) -> list[str]:
+        """Weights the forward never reaches (a pooler left in by a model without `add_pooling_layer`): DDP must
+        then look for unused parameters on every step."""
+        return [n for n, p in self.named_parameters() if p.requires_grad and ".pooler." in f".{n}"]
+
+    def encoder_mask(self, attention_mask: torch.Tensor) -> Any:
+        """The padding mask in the form the SDPA path takes as it is: from a 2-D mask transformers checks
+        `mask.all()` on the host (a device sync) every forward and builds a float (B, 1, L, L) mask, which also
+        rules out the fused kernels. A boolean (B, 1, 1, L) broadcasts over the queries; ModernBERT's sliding
+        layers get the band of their window as well. Other kernels (eager, flash) keep the 2-D mask."""
+        config = self.encoder.config
+        if getattr(config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        keys = attention_mask[:, None, None, :].bool()
+        if getattr(config, "model_type", "") != "modernbert":
+            return keys
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        band = (positions[:, None] - positions[None, :]).abs() <= config.sliding_window
+        return {"full_attention": keys, "sliding_attention": keys & band}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        hidden = self.encoder(input_ids=input_ids, attention_mask=self.encoder_mask(attention_mask),
+                              **extra).last_hidden_state
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -204,6 +204,7 @@ class Trainer:
         self.saved_at_step = -1  # the step last written to checkpoints/last
         self.best_written_at = -1  # the step whose weights this process wrote to best/ (never one before a resume)
         self.clock = time.time()  # since the last checkpoint: state.elapsed_s holds the time before it
+        self.read_clock = time.perf_counter()  # the last host read, evaluation or checkpoint (fit's train time)
         self.backend: Backend
         self.data: DataBundle
         self.bundle: ModelBundle
@@ -289,6 +290,9 @@ class Trainer:
         model, optimizer, scheduler, state = self.model, self.optimizer, self.scheduler, self.state
         world_size = backend.world_size
         self.clock = time.time()
+        # training time is wall time between host reads (a GPU runs ahead of the host: a clock that stops before the
+        # read counts only the time to queue the work); evaluation and checkpoints restart it
+        self.read_clock = time.perf_counter()
         # sums of the steps the host has not read yet (loss, correct, count, stop): a GPU runs on while they grow
         unread = torch.zeros(4, device=backend.device)
         self.callbacks.on_fit_start(self)
@@ -297,7 +301,6 @@ class Trainer:
             epoch_windows = windows(self._epoch_order(), cfg.batch.effective)
             while state.window < len(epoch_windows) and state.step < derived.total_steps:
                 window = epoch_windows[state.window]
-                step_started = time.perf_counter()
 
                 # ---- one optimizer step over the window
                 lr = scheduler.get_last_lr()[0]
@@ -305,9 +308,9 @@ class Trainer:
                 window_sums = torch.zeros(4, device=backend.device)  # loss sum, correct, count, stop
                 window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                 for i, mb in enumerate(micro_batches):
-                    batch = {k: v.to(backend.device, non_blocking=True) for k, v in
+                    batch = {k: _to_device(v, backend.device) for k, v in
                              collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
-                    labels = torch.from_numpy(data.train.labels[mb.indices]).to(backend.device, non_blocking=True)
+                    labels = _to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
                     weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
                     last_micro = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last_micro else backend.no_sync(model):
@@ -336,7 +339,6 @@ class Trainer:
                 state.step += 1
                 state.window += 1
                 state.samples += len(window)
-                state.train_time_s += time.perf_counter() - step_started
                 epoch_done = state.window == len(epoch_windows)
                 log_due, eval_due, save_due = self._due(epoch_done)
                 if not (log_due or eval_due or save_due):
@@ -344,14 +346,16 @@ class Trainer:
                     continue  # the host does not wait for the device between log lines
 
                 # the one host sync: this step's sums and those since the previous read, on every process
-                step_sums, since_read = _to_host(torch.stack([window_sums, unread]))
+                step_sums, since_read, (grad_norm_value, *_) = _to_host(
+                    torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(4)]))
+                state.train_time_s += time.perf_counter() - self.read_clock
                 unread.zero_()
                 loss_sum, correct, count, _ = step_sums
                 record = None
                 if log_due:
                     record = {"event": "step", "step": state.step, "epoch": state.step / derived.steps_per_epoch,
                               "micro_step": state.micro_step, "train/loss": loss_sum / count,
-                              "train/acc": correct / count, "lr": lr, "grad_norm": float(grad_norm),
+                              "train/acc": correct / count, "lr": lr, "grad_norm": grad_norm_value,
                               "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
                               "elapsed_s": self.elapsed()}
                 self.callbacks.on_step(self, record)  # the tracker logging, last, writes the line
@@ -370,6 +374,7 @@ class Trainer:
                     if epoch_done:
                         state.epoch, state.window = state.epoch + 1, 0
                     self.save_last()
+                self.read_clock = time.perf_counter()
                 if self.interrupted or self.end is not None or epoch_done:
                     break  # at an epoch end: the outer loop draws the next epoch's order
 
@@ -542,6 +547,13 @@ class Trainer:
 # Helpers of the loop
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A non-blocking copy to the GPU is asynchronous only from pinned host memory (else it is a synchronous one)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _to_host(tensor: torch.Tensor) -> list:
     """Device to host: the training loop's only wait for the device (a function, so tests can count calls)."""
     return tensor.tolist()
@@ -586,7 +598,9 @@ def _startup_text(trainer: Trainer) -> str:
     head = [f"ebslab run {run_dir}" + (f" (resuming at step {state.step})" if state.step else ""),
             f"model {cfg.model.name} ({bundle.non_embedding_params / 1e6:.1f}M non-embedding params), "
             f"pooling {pooling}, "
-            f"device {backend.device}, precision {cfg.train.precision}, backend {cfg.train.backend}",
+            f"device {backend.device}, precision {backend.precision}"
+            + (" (train.precision=auto)" if cfg.train.precision == "auto" else "")
+            + f", attention {bundle.model.encoder.config._attn_implementation}, backend {cfg.train.backend}",
             f"data {cfg.data.path or cfg.data.name}: train {len(data.train)} / val {len(data.val)} / test "
             f"{len(data.test)}, {data.num_labels} classes, max_length {cfg.data.max_length} ({cache} in "
             f"{data.tokenize_s:.1f} s)" + (f", dropped {data.dropped_empty} empty" if data.dropped_empty else "")]

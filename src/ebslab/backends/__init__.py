@@ -15,6 +15,7 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    precision: str  # the one in use: train.precision=auto resolved for this device
 
     @property
     def is_main(self) -> bool: ...
@@ -54,10 +55,29 @@ class Backend(Protocol):
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_precision(precision: str, device: torch.device) -> None:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: `auto` is bf16 where the device computes in it natively, else fp32. A GPU fp32 run
+    also gets TF32 matmuls (about 8x the fp32 rate on Ampere and later, at a 10-bit mantissa inside the matmul)."""
+    import torch  # not the module global: importing ebslab.backends.torch rebinds `torch` in this package
+
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and device.type == "cpu":
         raise UserError(f"train.precision={precision} is refused on CPU: bf16/fp16 matmul on this kind of CPU is "
-                        "hundreds of times slower than fp32; use train.precision=fp32 (bf16/fp16 are for GPUs)")
+                        "hundreds of times slower than fp32; use train.precision=auto or fp32 (bf16/fp16 are for "
+                        "GPUs)")
+    if precision == "fp32" and device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (cuDNN convolutions allow TF32 by default)
+    return precision
+
+
+def ddp_options(model: nn.Module) -> dict[str, Any]:
+    """DistributedDataParallel's arguments. `find_unused_parameters` costs a graph walk on every synced step (and
+    a warning on every rank), so it is on only when the model reports weights its forward never uses; these
+    encoders change no buffer in training (no broadcast), and gradients live in DDP's buckets (no copy)."""
+    unused = getattr(model, "unused_parameter_names", None)
+    return {"find_unused_parameters": bool(unused()) if callable(unused) else True,
+            "gradient_as_bucket_view": True, "broadcast_buffers": False}
 
 
 def make_backend(cfg: TrainConfig) -> Backend:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.backends import check_precision
+from ebslab.backends import ddp_options, resolve_precision
 from ebslab.backends.torch import pick_device
 from ebslab.config import UserError
 
@@ -29,18 +29,18 @@ class AccelerateBackend:
 
         # On a machine without CUDA, Accelerate sets up several CPU processes (gloo) only when told `cpu=True`:
         # without it, each process of `accelerate launch --multi_gpu` / torchrun would train alone.
+        self.ddp_kwargs = DistributedDataParallelKwargs()  # filled in `prepare`, once the model is known
         cpu = device == "cpu" or (device == "auto" and pick_device("auto", 0).type == "cpu")
         if cpu:
-            check_precision(precision, torch.device("cpu"))  # refuse before any process group exists
+            resolve_precision(precision, torch.device("cpu"))  # refuse before any process group exists
         state = PartialState(cpu=cpu)
-        check_precision(precision, state.device)
+        precision = self.precision = resolve_precision(precision, state.device)
         self.accelerator = Accelerator(
             mixed_precision={"fp32": "no"}.get(precision, precision), cpu=cpu,
             # a plugin, not gradient_accumulation_steps=1: that one yields to ACCELERATE_GRADIENT_ACCUMULATION_STEPS
             # (set by `accelerate launch --gradient_accumulation_steps` / a config), and backward would divide by it
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
-            # an encoder may hold weights the classifier never uses (BERT's pooler): DDP must not wait for them
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+            kwargs_handlers=[self.ddp_kwargs])
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -58,6 +58,8 @@ class AccelerateBackend:
         return self.accelerator.is_main_process
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        for key, value in ddp_options(model).items():
+            setattr(self.ddp_kwargs, key, value)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         return model, optimizer
 

@@ -10,11 +10,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebslab.backends import AUTOCAST_DTYPES, check_precision
+from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision
 from ebslab.config import UserError
 
 
-def pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int, world_size: int = 1) -> torch.device:
+    if device.startswith("cuda:") and world_size > 1:  # checked first: the same answer on a machine without CUDA
+        raise UserError(f"train.device={device} with {world_size} processes would put every process on one GPU; "
+                        "use train.device=cuda or auto (each process takes the GPU of its LOCAL_RANK)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={device} but no CUDA device is visible; use train.device=auto or cpu")
     if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
@@ -34,13 +37,15 @@ class TorchBackend:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = pick_device(device, local_rank)
-        check_precision(precision, self.device)
+        self.device = pick_device(device, local_rank, self.world_size)
+        precision = self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.precision = precision
+            if self.device.type == "cuda":  # binds the NCCL communicator to this rank's GPU at once
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     @property
@@ -51,8 +56,7 @@ class TorchBackend:
         model.to(self.device)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # an encoder may hold weights the classifier never uses (BERT's pooler): DDP must not wait for them
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_options(model))
         return model, optimizer
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -313,7 +313,7 @@ def test_a_failing_run_never_stops_the_others(tmp_path, fake_train, capsys):
     assert env == {"WANDB_PROJECT": "exp", "WANDB_RUN_GROUP": "data.text_column=text,optim.lr=5e-05",
                    "WANDB_NAME": "data.text_column=text,optim.lr=5e-05", "HF_HUB_OFFLINE": "1"}
     assert "2 failed" in out and "1 completed" in out and "1 diverged" in out
-    assert not list(root.glob("sweep.json.tmp*"))  # the index was replaced, never left half-written
+    assert not [p.name for p in root.iterdir() if ".tmp" in p.name]  # the index was replaced, never left half-written
 
 
 def test_resume_skips_done_resumes_interrupted_and_retries_failed(tmp_path, fake_train):

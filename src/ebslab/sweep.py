@@ -32,6 +32,8 @@ from typing import Any, Callable
 import yaml
 
 from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
+from ebslab.files import atomic_write_text
+from ebslab.locks import FolderLock
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
 """Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
@@ -474,9 +476,7 @@ class SweepRunner:
                 "runs": [j.record() for j in self.jobs],
             }
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f"sweep.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-            os.replace(tmp, self.root / "sweep.json")
+            atomic_write_text(self.root / "sweep.json", json.dumps(data, indent=1, default=str) + "\n")
 
     def started(self, job: Job) -> None:
         job.status, job.started = "running", time.time()
@@ -631,8 +631,15 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus_per_run < 0 or args.cpus_per_run < 0:
         raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
     sweep = load_sweep(args.sweep_file)
-    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
+    validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sweep_dir(args.out, sweep, args.smoke).resolve()
+    # one sweep per folder: a second one would `train --resume` runs the first is still writing
+    with FolderLock(root, "sweep"):
+        return _run_locked(args, sweep, root)
+
+
+def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
+    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
     runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
     where = (f"local x {args.parallel}" if args.executor == "local"

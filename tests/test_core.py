@@ -585,3 +585,34 @@ def test_last_shares_the_best_weights_file_when_both_are_the_same_step(train_run
     monkeypatch.setattr("ebslab.checkpoint.os.link", no_links)
     run = train_run()
     assert not linked(run) and same_weights(run)
+
+
+def test_token_cache_key_changes_with_everything_that_changes_token_ids():
+    from tokenizers import normalizers
+
+    from ebslab.data import _tokenizer_fingerprint, tokenize
+    from ebslab.models import load_tokenizer
+
+    def fresh():
+        return load_tokenizer("tiny-bert")
+
+    base = _tokenizer_fingerprint(fresh())
+    assert _tokenizer_fingerprint(fresh()) == base  # a rerun hits the cache
+    tok = fresh()
+    tokenize(["a call leaves its truncation settings behind"], tok, 8)
+    assert _tokenizer_fingerprint(tok) == base
+
+    left = fresh()
+    left.truncation_side = "left"
+    cased = fresh()
+    cased.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    special = fresh()
+    special.add_special_tokens({"additional_special_tokens": ["[NEW]"]})
+    changed = {name: _tokenizer_fingerprint(t) for name, t in
+               (("truncation side", left), ("normaliser", cased), ("special tokens", special))}
+    assert all(key != base for key in changed.values()), changed
+    assert len(set(changed.values())) == 3
+    text = ["One two three four five six seven eight nine ten eleven twelve"]
+    # and those changes do change the ids: a key that ignored them would serve the wrong ones from the cache
+    assert tokenize(text, left, 8)[0].tolist() != tokenize(text, fresh(), 8)[0].tolist()
+    assert tokenize(text, cased, 8)[0].tolist() != tokenize(text, fresh(), 8)[0].tolist()

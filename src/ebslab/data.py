@@ -217,11 +217,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EBSLAB_CACHE", Path.home() / ".cache" / "ebslab"))
 
 
+# where the tokenizer was loaded from, not how it tokenizes: the same tokenizer in two folders shares a cache entry
+_LOCATION_KWARGS = {"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local", "local_files_only",
+                    "cache_dir", "_commit_hash", "backend"}
+
+
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    vocab = tokenizer.get_vocab()
-    h = hashlib.sha256(json.dumps(sorted(vocab.items())).encode())
-    h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", None)).encode())
+    """Everything that changes token ids: the fast tokenizer's full serialized state (vocabulary, normaliser,
+    pre-tokenizer, post-processor, added tokens), the side it truncates, its special tokens and init options."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # transformers leaves the last call's truncation and padding in the backend; this module's call sets them
+        # from max_length (in the key) and truncation_side (below), so they are not part of the tokenizer
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:  # a slow (Python) tokenizer has no serialized state: its vocabulary and options stand for it
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    init = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _LOCATION_KWARGS}
+    settings = {"truncation_side": getattr(tokenizer, "truncation_side", None),
+                "special_tokens": getattr(tokenizer, "special_tokens_map", {}),
+                "special_ids": getattr(tokenizer, "all_special_ids", []), "init": init}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 

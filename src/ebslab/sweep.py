@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -442,6 +443,30 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = Tru
         proc.wait()
 
 
+RAY_AUTH_HINT = ("if the cluster uses token authentication (on by default since Ray 2.52), give this process "
+                 "its token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<`ray get-auth-token` on the head> (or copy the "
+                 "head's ~/.ray/auth_token here); or start the cluster with RAY_AUTH_MODE=disabled on every node")
+
+
+def connect_ray(ray: Any, address: str | None) -> None:
+    """`ray.init` on RAY_ADDRESS (none: a local cluster). An unreachable or refusing cluster is one line naming
+    the address and the fix, not a traceback after minutes of retries."""
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}); give the head's "
+                            "<ip>:<port> as `ray start --head` printed it (and open that port), RAY_ADDRESS=auto "
+                            "on a cluster node, or unset RAY_ADDRESS for a local cluster") from None
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"could not connect to the Ray cluster at RAY_ADDRESS={address} ({first}); "
+                        f"{RAY_AUTH_HINT}") from None
+
+
 def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
     """(exit code, start, end): the time the run ran, not the time it waited for a free CPU/GPU."""
     started = time.time()
@@ -551,8 +576,7 @@ class SweepRunner:
             raise UserError("--executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
         started_here = False
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            connect_ray(ray, os.environ.get("RAY_ADDRESS"))
             started_here = True
         try:
             task = ray.remote(_ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)

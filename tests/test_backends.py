@@ -112,3 +112,36 @@ def test_half_precision_is_refused_on_cpu(tmp_path, capsys, backend, precision):
     assert f"train.precision={precision}" in err and "CPU" in err and "fp32" in err  # what, why, the fix
     assert "Traceback" not in err
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("name", ["torch", "accelerate"])
+def test_close_waits_for_every_process_before_tearing_down(name, monkeypatch):
+    """A process that tears its process group down while a peer is still in a collective aborts it (SIGABRT seen
+    once with gloo): both backends meet at a barrier first. The calls are recorded where each backend makes them,
+    as a 2-process run of each would need two interpreter start-ups apiece."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import importlib
+
+    from ebslab.backends import make_backend
+    from ebslab.config import TrainConfig
+
+    torch_backend = importlib.import_module("ebslab.backends.torch")  # `ebslab.backends.torch` is torch itself
+
+    calls: list[str] = []
+    backend = make_backend(TrainConfig(backend=name, device="cpu"))
+    try:
+        if name == "torch":
+            backend.world_size = 2  # as under torchrun; the group calls below are the recorded ones
+            monkeypatch.setattr(torch_backend.dist, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch_backend.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+            monkeypatch.setattr(torch_backend.dist, "destroy_process_group", lambda *a: calls.append("teardown"))
+        else:
+            monkeypatch.setattr(backend.accelerator, "wait_for_everyone", lambda: calls.append("barrier"))
+            monkeypatch.setattr(AcceleratorState, "destroy_process_group",
+                                lambda self, *a: calls.append("teardown"))
+        backend.close()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert calls == ["barrier", "teardown"]

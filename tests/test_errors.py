@@ -419,3 +419,61 @@ def test_hang_timeouts_are_scaled_by_one_factor(request):
     from conftest import TIMEOUT_SCALE, hang_after
 
     assert request.node.get_closest_marker("timeout").args[0] == 7 * TIMEOUT_SCALE == hang_after(7)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels that look wrong
+
+
+def _labelled_csv(path: Path, labels: list, header: str = "text,label") -> Path:
+    path.write_text(header + "\n" + "".join(f"review {i},{v}\n" for i, v in enumerate(labels)))
+    return path
+
+
+def test_a_class_under_min_class_fraction_is_refused_with_the_threshold_to_lower(tmp_path):
+    path = _labelled_csv(tmp_path / "d.csv", ["positive", "negative"] * 150 + ["1"])  # 1 row in 301
+    cfg = DataConfig(path=str(path))
+    with pytest.raises(UserError) as e:
+        clean(load_table(cfg), cfg, "d.csv")
+    assert str(e.value) == ("d.csv: label(s) '1' (1 row) hold under data.min_class_fraction=0.01 of the 301 rows, "
+                            "a likely typo in column 'label'; fix those rows, or set data.min_class_fraction=0.0017 "
+                            "(0 = off) if the class is meant")
+    ex = clean(load_table(cfg), DataConfig(path=str(path), min_class_fraction=0.0017), "d.csv")
+    assert ex.label_names == ["1", "negative", "positive"]
+    # the warning says why a third class appeared: a number among words
+    assert ex.warnings == ["d.csv: column 'label' mixes numeric labels ('1') with text labels ('positive', "
+                           "'negative'); each distinct value is a class of its own"]
+    assert np.bincount(ex.labels).tolist() == [1, 150, 150]
+
+
+def test_labels_of_one_kind_give_no_warning_and_a_rare_class_at_the_threshold_passes(tmp_path):
+    words = clean(load_table(cfg := DataConfig(path=str(_labelled_csv(tmp_path / "w.csv", ["a", "b"] * 50)))),
+                  cfg, "w")
+    numbers = clean(load_table(cfg := DataConfig(path=str(_labelled_csv(tmp_path / "n.csv", [0] * 99 + [1])))),
+                    cfg, "n")
+    assert words.warnings == [] and numbers.warnings == []
+    assert np.bincount(numbers.labels).tolist() == [99, 1]  # 1 of 100 = 0.01: not under the threshold
+
+
+def test_a_duplicated_column_name_is_warned_about(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,label\n" + "".join(f"t{i},{i % 2},0\n" for i in range(20)))
+    cfg = DataConfig(path=str(path))
+    ex = clean(load_table(cfg), cfg, "d.csv")
+    assert ex.warnings == [f"data file '{path}' has the column 'label' 2 times (pandas renamed the later ones to "
+                           "NAME.1, NAME.2 ...); rename the columns so each is unique"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(f'{{"text": "t{i}", "label": 0, "label": {i % 2}}}\n' for i in range(20)))
+    assert clean(load_table(c := DataConfig(path=str(jsonl))), c, "j").warnings[0].startswith(
+        f"data file '{jsonl}' has the column 'label' 2 times (the last value of a repeated key is the one read)")
+
+
+def test_load_data_counts_the_classes_of_the_kept_rows(tmp_path):
+    from ebslab.data import load_data
+    from ebslab.models import load_tokenizer
+
+    path = _labelled_csv(tmp_path / "d.csv", ["neg"] * 70 + ["pos"] * 30)
+    bundle = load_data(DataConfig(path=str(path), max_length=8), load_tokenizer("tiny-bert"))
+    assert bundle.class_counts == [70, 30] and bundle.label_names == ["neg", "pos"]
+    bundle = load_data(DataConfig(path=str(path), max_length=8, limit=50), load_tokenizer("tiny-bert"))
+    assert sum(bundle.class_counts) == 50

@@ -40,7 +40,11 @@ RUN = ["model.name=tiny-bert", "data.limit=75", "data.max_length=32", "batch.eff
 TOTAL_STEPS = 8
 STEPS_PER_EPOCH = 4
 TOL = 1e-6
-CHANCE = random.Random()  # own generator: a run in this process reseeds the global one (random.seed(train.seed))
+# own generator (a run in this process reseeds the global one), seeded and printed so a failure reproduces:
+# EBSLAB_TEST_SEED=<the printed seed> draws the same kill steps and delays again
+CHANCE_SEED = int(os.environ.get("EBSLAB_TEST_SEED") or random.SystemRandom().randrange(2**32))
+CHANCE = random.Random(CHANCE_SEED)
+print(f"kill/signal tests: EBSLAB_TEST_SEED={CHANCE_SEED}")
 STEP_KEYS = ("step", "epoch", "micro_step", "train/loss", "train/acc", "lr", "grad_norm")
 EVAL_KEYS = ("step", "train/loss", "train/acc", "val/loss", "val/acc", "val/ece", "test/loss", "test/acc")
 SUMMARY_KEYS = ("status", "best_step", "best_epoch", "steps", "micro_steps", "samples")
@@ -200,8 +204,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every,
     assert rollback in [s for s in _checkpointed_steps(every) if s <= killed_at][-2:]
 
     _resume(run)
-    diff = assert_same_run(reference, run, f"{backend}, every_steps={every}, killed after step {killed_at} (k={k})")
-    print(f"[kill/resume] backend={backend} every_steps={every} k={k}: killed {delay * 1000:.0f} ms later, after "
+    diff = assert_same_run(reference, run, f"{backend}, every_steps={every}, killed after step {killed_at} (k={k}, "
+                                           f"EBSLAB_TEST_SEED={CHANCE_SEED})")
+    print(f"[kill/resume] EBSLAB_TEST_SEED={CHANCE_SEED} backend={backend} every_steps={every} k={k}: killed {delay * 1000:.0f} ms later, after "
           f"step {killed_at} was logged; resumed from step {rollback}; largest difference {diff:.3g}")
 
 
@@ -230,6 +235,7 @@ def _train_signalled_at(sig: signal.Signals, run: Path, k: int, args: list[str])
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(reference, tmp_path, monkeypatch,
                                                                             capsys):
     k = CHANCE.randint(2, TOTAL_STEPS - 4)
+    print(f"[sigterm] EBSLAB_TEST_SEED={CHANCE_SEED} k={k}")
     run = tmp_path / "term"
     assert _train_signalled_at(signal.SIGTERM, run, k, RUN) == 143
     err = capsys.readouterr().err

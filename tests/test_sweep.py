@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -313,7 +314,7 @@ def test_a_failing_run_never_stops_the_others(tmp_path, fake_train, capsys):
     assert env == {"WANDB_PROJECT": "exp", "WANDB_RUN_GROUP": "data.text_column=text,optim.lr=5e-05",
                    "WANDB_NAME": "data.text_column=text,optim.lr=5e-05", "HF_HUB_OFFLINE": "1"}
     assert "2 failed" in out and "1 completed" in out and "1 diverged" in out
-    assert not list(root.glob("sweep.json.tmp*"))  # the index was replaced, never left half-written
+    assert not [p.name for p in root.iterdir() if ".tmp" in p.name]  # the index was replaced, never left half-written
 
 
 def test_resume_skips_done_resumes_interrupted_and_retries_failed(tmp_path, fake_train):
@@ -504,3 +505,81 @@ def test_e2e_ray_executor_two_runs(tmp_path, monkeypatch):
         cfg = yaml.safe_load((root / f"train.seed={i}" / "config.yaml").read_text())
         assert cfg["train"]["seed"] == i
         assert (root / f"train.seed={i}.log").read_text().strip().endswith("=== exit code 0")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head with token authentication, started for this test and stopped by pid (never `ray stop`, which
+    would stop every Ray cluster of this user on the machine). Yields (address, token)."""
+    pytest.importorskip("ray")
+    import re
+    import secrets
+
+    import tempfile
+
+    # a short folder: Ray's unix sockets live under it, and a socket path is limited to 107 bytes
+    token, temp = secrets.token_hex(16), Path(tempfile.mkdtemp(prefix="ebslab-ray-", dir="/tmp"))
+    env = {**os.environ, "HOME": str(tmp_path / "head-home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    started = subprocess.run([ray_cli, "start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+                              "--disable-usage-stats", f"--temp-dir={temp}"], env=env, capture_output=True,
+                             text=True, timeout=hang_after(60))
+    assert started.returncode == 0, started.stderr[-3000:]
+    address = re.search(r"ray start --address='([^']+)'", started.stdout + started.stderr).group(1)
+    try:
+        yield address, token
+    finally:
+        for proc in Path("/proc").iterdir():  # the head's processes: the ones whose command names its temp dir
+            try:
+                if proc.name.isdigit() and str(temp) in (proc / "cmdline").read_text():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow  # a Ray head (~20 s) and a refused connection (~20 s of Ray's retries)
+@pytest.mark.timeout(300)
+def test_ray_cluster_unreachable_or_unauthenticated_is_one_line_then_the_token_connects(
+        tmp_path, monkeypatch, capsys, fake_train, ray_head):
+    address, token = ray_head
+    path = write_sweep(tmp_path, {"name": "cluster", "base": TINY, "grid": {"train.seed": [1]}})
+    sweep = ["sweep", str(path), "--out", str(tmp_path / "runs"), "--executor", "ray", "--resume"]
+    monkeypatch.setenv("HOME", str(tmp_path / "driver-home"))  # no ~/.ray/auth_token of this user's
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+
+    with socket_closed_port() as port:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        assert main(sweep) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ebslab: error: cannot reach the Ray cluster at RAY_ADDRESS="
+                                               f"127.0.0.1:{port} (")
+
+    monkeypatch.setenv("RAY_ADDRESS", address)  # reachable, but this process has no token
+    assert main(sweep) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("ebslab:")]
+    assert err == [f"ebslab: error: could not connect to the Ray cluster at RAY_ADDRESS={address} (Failed to "
+                   f"connect to Ray cluster at {address}); {sw.RAY_AUTH_HINT}"]
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # what the README tells a driver to set
+    # Ray caches the auth mode and token per process: reset them, as Ray's own auth tests do, so this process
+    # starts over as a driver that was given the token would
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
+    assert main(sweep) == 0
+    assert read_index(tmp_path / "runs" / "cluster")["train.seed=1"]["status"] == "completed"
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A local port nothing listens on (bound, then closed)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    yield port

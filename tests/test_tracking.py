@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import hang_after
 
-from ebslab.tracking import (OPTIONAL_TRACKERS, JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers,
+from ebslab.config import UserError
+from ebslab.tracking import (JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers,
                              read_metrics)
 
 RECORDS = [
@@ -22,8 +23,20 @@ RECORDS = [
 ]
 
 
-def test_optional_trackers_registered():
-    assert OPTIONAL_TRACKERS == {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+def test_track_names_open_their_trackers_and_a_missing_package_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ebslab.tracking import check_trackers
+
+    opened = open_trackers(["jsonl", "tensorboard"], tmp_path, {"model": {"name": "tiny-bert"}})
+    opened.log({"event": "step", "step": 1, "train/loss": 0.5})
+    opened.close()
+    assert [type(t) for t in opened.trackers] == [JsonlTracker, TensorBoardTracker]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # the registered class wrote its file
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match=r"^track: wandb needs the wandb package: pip install 'ebslab\[track\]'"):
+        check_trackers(["jsonl", "wandb"])
 
 
 def test_jsonl_tracker_keeps_lines_and_skips_a_torn_one(tmp_path):

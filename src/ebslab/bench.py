@@ -409,10 +409,10 @@ def experiment_trainer(s: Settings, files: dict[str, str], out_dir: Path, hf_cac
     import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    from ebslab.models import TINY_MODELS, minilm_path
+    from ebslab.models import tokenizer_source
 
     ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(hf_cache))
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path() if s.model in ("minilm", *TINY_MODELS) else s.model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(s.model))
 
     def tokenize(batch: dict) -> dict:
         return tokenizer(batch["text"], truncation=True, max_length=s.experiment_length)

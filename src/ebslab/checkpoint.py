@@ -6,7 +6,6 @@ kept until the new one is complete, so a kill at any moment leaves one good chec
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -21,56 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ebslab.config import UserError, flatten
+# the atomic writers live in a module without torch (the sweep uses them); re-exported for callers here
+from ebslab.files import StorageError, _fsync_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, storage_error  # noqa: F401
 
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
 RESUME_SAFE_KEYS = {"out.dir", "out.name", "track", "eval.batch_size", "checkpoint.every_steps",
                     "train.log_every_steps", "train.device", "train.backend", "train.compile", "batch.auto_cap",
                     "batch.auto_cpu_tokens"}
-
-
-class StorageError(UserError):
-    """The disk refused a write (full, read-only, quota): one line, the previous files are left intact."""
-
-
-def storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> StorageError:
-    name = errno.errorcode.get(e.errno or 0, "")
-    reason = f"{e.strerror or e}" + (f" [{name}]" if name else "")
-    hint = (f"the previous checkpoint is intact: free space, then continue with `ebslab train --resume {run_dir}`"
-            if run_dir is not None else "free space (or fix the folder's permissions) and run again")
-    return StorageError(f"could not write '{what}' ({reason}); {hint}")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(path, e) from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -55,6 +55,9 @@ class DataConfig:
     """Drop rows whose text is null/empty instead of refusing the file."""
     group_by_length: bool = False
     """Windows of similar-length examples (less padding at long max_length). Changes the example order."""
+    min_class_fraction: float = 0.01
+    """A label value held by fewer than this fraction of the rows is refused as a likely typo (`1` among
+    `positive`/`negative`); lower it (0 = off) for a dataset with genuinely rare classes."""
 
 
 @dataclass
@@ -425,6 +428,7 @@ def validate(cfg: Config) -> None:
         (len(cfg.data.split) == 3 and all(f > 0 for f in cfg.data.split),
          "data.split must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])"),
         (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null"),
+        (0 <= cfg.data.min_class_fraction < 1, "data.min_class_fraction must be in [0, 1) (0 = off)"),
         (0 <= cfg.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
         (0 <= cfg.data.split_seed < 2**32, "data.split_seed must be in [0, 2**32)"),
         ("jsonl" in cfg.track, "track must include jsonl (the run folder's metrics.jsonl)"),

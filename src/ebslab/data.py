@@ -7,13 +7,14 @@ it holds, which is what makes (micro 32 x accum 1) and (2 processes x micro 8 x 
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,40 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise UserError(f"data file '{path}' is empty")
     try:
         if kind == "parquet":
-            return pd.read_parquet(path)
-        if kind == "csv":
-            return pd.read_csv(path)
-        return pd.read_json(path, lines=True)
+            table = pd.read_parquet(path)
+        elif kind == "csv":
+            table = pd.read_csv(path)
+        else:
+            table = pd.read_json(path, lines=True)
     except Exception as e:  # pyarrow / pandas parse errors come in many classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"data file '{path}' could not be read as {kind} ({first}); is it corrupt?") from None
+    table.attrs["warnings"] = _duplicated_columns(path, kind)
+    return table
+
+
+def _duplicated_columns(path: Path, kind: str) -> list[str]:
+    """pandas renames a repeated csv column (`label`, `label.1`) and a repeated JSON key keeps its last value,
+    both silently: the user may be training on a column they did not mean."""
+    try:
+        if kind == "csv":
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                names = next(csv.reader(f), [])
+        elif kind == "jsonl":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            names = [k for k, _ in json.loads(first, object_pairs_hook=lambda pairs: pairs)]
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+    except Exception:  # a header this cannot read was read by pandas: the warning is best effort
+        return []
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    how = {"csv": "pandas renamed the later ones to NAME.1, NAME.2 ...",
+           "jsonl": "the last value of a repeated key is the one read"}.get(kind, "pandas keeps one of them")
+    return [f"data file '{path}' has the column {n!r} {names.count(n)} times ({how}); rename the columns so "
+            "each is unique" for n in repeated]
 
 
 def _read_path(path_text: str) -> pd.DataFrame:
@@ -58,7 +86,10 @@ def _read_path(path_text: str) -> pd.DataFrame:
     if not files:
         raise UserError(f"data.path '{path_text}' holds no .parquet, .csv or .jsonl file")
     # A folder's files (train/val/test or shards) are pooled and re-split 8:1:1, the users' IMDB protocol.
-    return pd.concat([_read_file(f) for f in files], ignore_index=True)
+    tables = [_read_file(f) for f in files]
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs["warnings"] = [w for t in tables for w in t.attrs.get("warnings", [])]
+    return table
 
 
 def _load_imdb() -> pd.DataFrame:
@@ -98,6 +129,8 @@ class Examples:
     labels: np.ndarray  # int64 class ids
     label_names: list[str]
     dropped_empty: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """Things in the data that look wrong but may be meant: printed at start and logged as warning lines."""
 
 
 def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
@@ -125,18 +158,51 @@ def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
         raise UserError(f"{source}: {len(where)} row(s) have no label (NaN, first at row {where[0]}); "
                         "fix or drop them")
     values = labels.to_numpy()
+    found = list(table.attrs.get("warnings", []))
     if np.issubdtype(values.dtype, np.number) and np.all(np.mod(values, 1) == 0):
         keys = values.astype(np.int64)
     else:  # string (or mixed) labels: ids in sorted order, mapping saved in labels.json
+        found += _mixed_label_types(values, cfg.label_column, source)
         keys = values.astype(str)
-    classes = np.unique(keys)
+    classes, counts = np.unique(keys, return_counts=True)
     names = [str(c) for c in classes]
     if len(classes) < 2:
         raise UserError(f"{source}: column '{cfg.label_column}' holds a single class ({names[0]!r}); "
                         "classification needs at least two")
+    rare = [(n, int(c)) for n, c in zip(names, counts) if c < cfg.min_class_fraction * len(keys)]
+    if rare:
+        listed = ", ".join(f"{n!r} ({c} row{'s' if c > 1 else ''})" for n, c in rare)
+        raise UserError(f"{source}: label(s) {listed} hold under data.min_class_fraction="
+                        f"{cfg.min_class_fraction:g} of the {len(keys)} rows, a likely typo in column "
+                        f"'{cfg.label_column}'; fix those rows, or set data.min_class_fraction="
+                        f"{min(c for _, c in rare) / len(keys) / 2:.2g} (0 = off) if the class is meant")
     return Examples(texts=table[cfg.text_column].astype(str).tolist(),
                     labels=np.searchsorted(classes, keys).astype(np.int64), label_names=names,
-                    dropped_empty=dropped)
+                    dropped_empty=dropped, warnings=found)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float, np.number)):
+        return True
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _mixed_label_types(values: np.ndarray, column: str, source: str) -> list[str]:
+    """`1` among `positive` / `negative` (a csv edited by hand, two files pooled) becomes a class of its own."""
+    distinct = pd.unique(values)
+    numbers = [v for v in distinct if _is_number(v)]
+    if not numbers or len(numbers) == len(distinct):
+        return []
+    words = [v for v in distinct if not _is_number(v)]
+    show = lambda vs: ", ".join(repr(str(v)) for v in vs[:5]) + (" ..." if len(vs) > 5 else "")  # noqa: E731
+    return [f"{source}: column '{column}' mixes numeric labels ({show(numbers)}) with text labels "
+            f"({show(words)}); each distinct value is a class of its own"]
 
 
 def load_examples(cfg: DataConfig, source: str) -> Examples:
@@ -144,13 +210,16 @@ def load_examples(cfg: DataConfig, source: str) -> Examples:
     process: 50k reviews took longer to read and check than a tiny model's whole run, and tests, the bench and
     autobatch make many runs in one process. Callers treat the result as read-only."""
     if not cfg.path and cfg.name == "imdb" and (SHIPPED_IMDB / "train.parquet").exists():
-        return _shipped_imdb_examples(cfg.text_column, cfg.label_column, cfg.drop_empty, source)
+        return _shipped_imdb_examples(cfg.text_column, cfg.label_column, cfg.drop_empty, cfg.min_class_fraction,
+                                      source)
     return clean(load_table(cfg), cfg, source)
 
 
 @functools.lru_cache(maxsize=4)
-def _shipped_imdb_examples(text_column: str, label_column: str, drop_empty: bool, source: str) -> Examples:
-    cfg = DataConfig(text_column=text_column, label_column=label_column, drop_empty=drop_empty)
+def _shipped_imdb_examples(text_column: str, label_column: str, drop_empty: bool, min_class_fraction: float,
+                           source: str) -> Examples:
+    cfg = DataConfig(text_column=text_column, label_column=label_column, drop_empty=drop_empty,
+                     min_class_fraction=min_class_fraction)
     return clean(_load_imdb(), cfg, source)
 
 
@@ -217,11 +286,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EBSLAB_CACHE", Path.home() / ".cache" / "ebslab"))
 
 
+# where the tokenizer was loaded from, not how it tokenizes: the same tokenizer in two folders shares a cache entry
+_LOCATION_KWARGS = {"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local", "local_files_only",
+                    "cache_dir", "_commit_hash", "backend"}
+
+
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    vocab = tokenizer.get_vocab()
-    h = hashlib.sha256(json.dumps(sorted(vocab.items())).encode())
-    h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", None)).encode())
+    """Everything that changes token ids: the fast tokenizer's full serialized state (vocabulary, normaliser,
+    pre-tokenizer, post-processor, added tokens), the side it truncates, its special tokens and init options."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # transformers leaves the last call's truncation and padding in the backend; this module's call sets them
+        # from max_length (in the key) and truncation_side (below), so they are not part of the tokenizer
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:  # a slow (Python) tokenizer has no serialized state: its vocabulary and options stand for it
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    init = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _LOCATION_KWARGS}
+    settings = {"truncation_side": getattr(tokenizer, "truncation_side", None),
+                "special_tokens": getattr(tokenizer, "special_tokens_map", {}),
+                "special_ids": getattr(tokenizer, "all_special_ids", []), "init": init}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -265,15 +353,23 @@ class DataBundle:
     dropped_empty: int
     tokenize_s: float
     from_cache: bool
+    class_counts: list[int] = field(default_factory=list)
+    """Rows per class (label id order) in the kept data, all splits: printed at start."""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
-def load_data(cfg: DataConfig, tokenizer: Any) -> DataBundle:
-    source = f"data.path '{cfg.path}'" if cfg.path else f"dataset '{cfg.name}'"
-    examples = load_examples(cfg, source)
+def data_source(cfg: DataConfig) -> str:
+    return f"data.path '{cfg.path}'" if cfg.path else f"dataset '{cfg.name}'"
+
+
+def load_data(cfg: DataConfig, tokenizer: Any, examples: Examples | None = None) -> DataBundle:
+    """Split and tokenize. `examples`: the table already read and checked (`load_examples`), so a wrong path or
+    column is reported before anything model-related is loaded."""
+    examples = examples if examples is not None else load_examples(cfg, data_source(cfg))
     train_idx, val_idx, test_idx = split_indices(examples.labels, cfg.split, cfg.split_seed, cfg.limit)
     kept = np.concatenate([train_idx, val_idx, test_idx])
     t0 = time.perf_counter()
@@ -290,7 +386,9 @@ def load_data(cfg: DataConfig, tokenizer: Any) -> DataBundle:
     return DataBundle(train=splits[0], val=splits[1], test=splits[2], label_names=examples.label_names,
                       majority_rate=float(val_counts.max() / val_counts.sum()),
                       dropped_empty=examples.dropped_empty, tokenize_s=time.perf_counter() - t0,
-                      from_cache=from_cache)
+                      from_cache=from_cache,
+                      class_counts=np.bincount(whole.labels, minlength=len(examples.label_names)).tolist(),
+                      warnings=list(examples.warnings))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ebslab.backends import Backend
-from ebslab.checkpoint import storage_error
+from ebslab.checkpoint import _fsync_dir, storage_error
 from ebslab.data import TokenizedSplit, collate
 from ebslab.metrics import compute_metrics, higher_is_better
 
@@ -96,6 +96,7 @@ def save_predictions(run_dir: Path, name: str, result: EvalResult) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise storage_error(path, e, run_dir) from None
+    _fsync_dir(folder)  # the rename itself on disk too
 
 
 @torch.inference_mode()

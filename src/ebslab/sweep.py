@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,8 @@ from typing import Any, Callable
 import yaml
 
 from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
+from ebslab.files import atomic_write_text
+from ebslab.locks import FolderLock
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
 """Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
@@ -440,6 +443,30 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = Tru
         proc.wait()
 
 
+RAY_AUTH_HINT = ("if the cluster uses token authentication (on by default since Ray 2.52), give this process "
+                 "its token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<`ray get-auth-token` on the head> (or copy the "
+                 "head's ~/.ray/auth_token here); or start the cluster with RAY_AUTH_MODE=disabled on every node")
+
+
+def connect_ray(ray: Any, address: str | None) -> None:
+    """`ray.init` on RAY_ADDRESS (none: a local cluster). An unreachable or refusing cluster is one line naming
+    the address and the fix, not a traceback after minutes of retries."""
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e}); give the head's "
+                            "<ip>:<port> as `ray start --head` printed it (and open that port), RAY_ADDRESS=auto "
+                            "on a cluster node, or unset RAY_ADDRESS for a local cluster") from None
+    try:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError, ray.exceptions.RaySystemError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"could not connect to the Ray cluster at RAY_ADDRESS={address} ({first}); "
+                        f"{RAY_AUTH_HINT}") from None
+
+
 def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
     """(exit code, start, end): the time the run ran, not the time it waited for a free CPU/GPU."""
     started = time.time()
@@ -474,9 +501,7 @@ class SweepRunner:
                 "runs": [j.record() for j in self.jobs],
             }
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f"sweep.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-            os.replace(tmp, self.root / "sweep.json")
+            atomic_write_text(self.root / "sweep.json", json.dumps(data, indent=1, default=str) + "\n")
 
     def started(self, job: Job) -> None:
         job.status, job.started = "running", time.time()
@@ -551,8 +576,7 @@ class SweepRunner:
             raise UserError("--executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
         started_here = False
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            connect_ray(ray, os.environ.get("RAY_ADDRESS"))
             started_here = True
         try:
             task = ray.remote(_ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
@@ -631,8 +655,15 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus_per_run < 0 or args.cpus_per_run < 0:
         raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
     sweep = load_sweep(args.sweep_file)
-    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
+    validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sweep_dir(args.out, sweep, args.smoke).resolve()
+    # one sweep per folder: a second one would `train --resume` runs the first is still writing
+    with FolderLock(root, "sweep"):
+        return _run_locked(args, sweep, root)
+
+
+def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
+    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
     runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
     where = (f"local x {args.parallel}" if args.executor == "local"

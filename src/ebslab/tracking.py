@@ -63,10 +63,11 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
     if not path.exists():
         return
+    from ebslab.files import atomic_write_text
+
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    # durable: a power cut right after the resume must not leave an empty or half-written log
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class Trackers:

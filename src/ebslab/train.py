@@ -31,8 +31,10 @@ from ebslab import checkpoint as ckpt
 from ebslab.backends import Backend, make_backend
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
-from ebslab.data import DataBundle, collate, epoch_order, length_grouped, load_data, shard_window, windows
+from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
+                         shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
+from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
 from ebslab.tracking import NullTracker, Tracker, check_trackers, open_trackers, truncate_metrics
@@ -121,6 +123,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_dropout(seed: int, rank: int) -> None:
+    """Each process its own dropout masks: seeded by (seed, rank), so rank 1 of a 2-process run does not repeat
+    rank 0's masks on a micro-batch of the same shape. Rank 0's stream is left as it is (a 1-process run is unchanged). Only
+    dropout draws from torch's global generator after set-up: data order and initialisation have their own."""
+    if rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 def resolve_micro(cfg: Config, world_size: int, saved_derived: dict | None = None) -> int:
     if cfg.batch.micro != "auto":
         return int(cfg.batch.micro)
@@ -138,19 +148,25 @@ def resolve_micro(cfg: Config, world_size: int, saved_derived: dict | None = Non
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> FolderLock:
+    """An empty run folder, locked for this process (two `ebslab train` into one folder: the second refuses)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out.dir/out.name '{run_dir}' is a file; choose another out.name")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not any((run_dir / m).exists() for m in RUN_MARKERS):
-            # --overwrite deletes runs, never a folder that merely shares the name (out.name=Documents ...)
-            raise UserError(f"'{run_dir}' is a non-empty folder that is not an ebslab run; choose another "
-                            "out.dir/out.name (--overwrite only replaces run folders)")
+    existing = run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    if existing and not any((run_dir / m).exists() for m in RUN_MARKERS):
+        # --overwrite deletes runs, never a folder that merely shares the name (out.name=Documents ...)
+        raise UserError(f"'{run_dir}' is a non-empty folder that is not an ebslab run; choose another "
+                        "out.dir/out.name (--overwrite only replaces run folders)")
+    lock = FolderLock(run_dir, "run").acquire()  # before --overwrite deletes what a live run is writing
+    if existing:
         if not overwrite:
+            lock.release()
             raise UserError(f"run folder '{run_dir}' already holds a run; pass --overwrite to replace it, "
                             f"--resume {run_dir} to continue it, or set out.name")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        for child in run_dir.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    return lock
 
 
 def load_run_config(run_dir: Path) -> tuple[Config, dict]:
@@ -170,16 +186,20 @@ def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False,
           callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
     """One run into its folder. Returns the summary (also written to summary.json) with its `exit_code`."""
     trainer = Trainer(cfg, resume_dir, overwrite, callbacks)
-    trainer.setup()
     try:
-        with trainer.signals:
-            trainer.fit()
-            return trainer.finish()
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        trainer.write_failed(e)
-        raise
+        trainer.setup()
+        try:
+            with trainer.signals:
+                trainer.fit()
+                return trainer.finish()
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            trainer.write_failed(e)
+            raise
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
 
 
 class Trainer:
@@ -214,6 +234,7 @@ class Trainer:
         self.optimizer: Any
         self.scheduler: Any
         self.tracker: Tracker = NullTracker()
+        self.lock: FolderLock | None = None  # the run folder's, held by the main process
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -235,8 +256,9 @@ class Trainer:
             derive(cfg, num_train=1, world_size=backend.world_size)
 
         # --- data, model, derived values: every user error surfaces here, before a run folder exists
+        examples = load_examples(cfg.data, data_source(cfg.data))  # a wrong path or column before any model
         tokenizer = load_tokenizer(cfg.model.name)
-        data = self.data = load_data(cfg.data, tokenizer)
+        data = self.data = load_data(cfg.data, tokenizer, examples)
         bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
@@ -244,10 +266,13 @@ class Trainer:
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
+            if backend.is_main:
+                self.lock = FolderLock(run_dir, "run").acquire()
             _check_resumable(run_dir, saved_derived, derived)
         elif backend.is_main:
-            prepare_run_dir(run_dir, self.overwrite)
+            self.lock = prepare_run_dir(run_dir, self.overwrite)
         backend.barrier()
+        seed_dropout(cfg.train.seed, backend.rank)  # after the initialisation; a resume restores the stream
 
         if cfg.train.compile:
             bundle.model.compile()  # in place: state-dict keys, unwrap and no_sync stay as without compile
@@ -263,6 +288,8 @@ class Trainer:
                                                             "majority_rate": data.majority_rate})
             self.tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
             print(_startup_text(self), flush=True)
+        for message in data.warnings:
+            self.warn("data", message)
 
     def _resume(self) -> None:
         last = ckpt.resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -294,7 +321,9 @@ class Trainer:
         # read counts only the time to queue the work); evaluation and checkpoints restart it
         self.read_clock = time.perf_counter()
         # sums of the steps the host has not read yet (loss, correct, count, stop): a GPU runs on while they grow
-        unread = torch.zeros(4, device=backend.device)
+        unread = torch.zeros(5, device=backend.device)
+        # fp16's scaler skips a step with an inf/NaN gradient and lowers the scale, as designed: not a divergence
+        watch_grad = cfg.train.precision != "fp16"
         self.callbacks.on_fit_start(self)
         model.train()
         while state.step < derived.total_steps and self.end is None and not self.interrupted:
@@ -305,7 +334,7 @@ class Trainer:
                 # ---- one optimizer step over the window
                 lr = scheduler.get_last_lr()[0]
                 micro_batches = shard_window(window, derived.micro, world_size, backend.rank)
-                window_sums = torch.zeros(4, device=backend.device)  # loss sum, correct, count, stop
+                window_sums = torch.zeros(5, device=backend.device)  # loss sum, correct, count, stop, bad grad
                 window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                 for i, mb in enumerate(micro_batches):
                     batch = {k: _to_device(v, backend.device) for k, v in
@@ -326,6 +355,8 @@ class Trainer:
                     self.callbacks.on_micro_backward(self, i, len(micro_batches), weight * len(mb.indices))
                 self.callbacks.on_before_clip(self)
                 grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
+                if watch_grad:  # on the device: read with the other sums, the run ends before a checkpoint
+                    window_sums[4] = (~torch.isfinite(grad_norm)).float()
                 backend.step(optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -350,7 +381,7 @@ class Trainer:
                     torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(4)]))
                 state.train_time_s += time.perf_counter() - self.read_clock
                 unread.zero_()
-                loss_sum, correct, count, _ = step_sums
+                loss_sum, correct, count = step_sums[:3]
                 record = None
                 if log_due:
                     record = {"event": "step", "step": state.step, "epoch": state.step / derived.steps_per_epoch,
@@ -359,8 +390,9 @@ class Trainer:
                               "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
                               "elapsed_s": self.elapsed()}
                 self.callbacks.on_step(self, record)  # the tracker logging, last, writes the line
-                if not math.isfinite(since_read[0]):
-                    self.end = ("diverged", f"non-finite train loss by step {state.step}")
+                if since_read[4] > 0 or not math.isfinite(since_read[0]):
+                    what = "gradient norm" if since_read[4] > 0 else "train loss"
+                    self.end = ("diverged", f"non-finite {what} by step {state.step}")
                     self.warn("diverged", self.end[1] + "; stopping the run")
                     break
                 state.since_eval.loss_sum += since_read[0]
@@ -603,7 +635,8 @@ def _startup_text(trainer: Trainer) -> str:
             + f", attention {bundle.model.encoder.config._attn_implementation}, backend {cfg.train.backend}",
             f"data {cfg.data.path or cfg.data.name}: train {len(data.train)} / val {len(data.val)} / test "
             f"{len(data.test)}, {data.num_labels} classes, max_length {cfg.data.max_length} ({cache} in "
-            f"{data.tokenize_s:.1f} s)" + (f", dropped {data.dropped_empty} empty" if data.dropped_empty else "")]
+            f"{data.tokenize_s:.1f} s)" + (f", dropped {data.dropped_empty} empty" if data.dropped_empty else ""),
+            "classes " + ", ".join(f"{name} {n}" for name, n in zip(data.label_names, data.class_counts))]
     if cfg.data.group_by_length:
         head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
                     "the default)")

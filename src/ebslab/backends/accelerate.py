@@ -106,4 +106,7 @@ class AccelerateBackend:
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        # as the torch backend: every process arrives before any tears down (rank 0 writes the summary after the
+        # last collective, and a peer closing its gloo/NCCL connections under a live one can abort it)
+        self.barrier()
+        self.accelerator.end_training()  # destroys the process group

@@ -3,6 +3,7 @@ differencing against every per-example gradient of a fixed model (McCandlish et 
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -181,3 +182,42 @@ def test_a_window_of_one_micro_batch_is_skipped_and_counted():
     records, summary = _drive(model, x, y, effective=32, micro=8, epochs=3)
     assert len(records) == 6 and [("gns/trace" in r) for r in records] == [True, False] * 3
     assert summary["gns"]["skipped_windows"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the training loop
+
+
+def test_train_logs_the_noise_scale_and_evaluates_at_equal_data(train_run, capsys):
+    """TINY: 200 train examples, EBS 32 = 8 x accum 4 (7 steps, the last a window of 8 = one micro-batch).
+    eval.every_examples=50 evaluates at the first step past 50, 100, 150 and 200 examples seen."""
+    from conftest import read_jsonl
+
+    run = train_run("eval.every_examples=50")
+    assert "gradient noise scale on: 4 micro-batch gradients of 4 per step" in capsys.readouterr().out
+    lines = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in lines if r["event"] == "step"]
+    with_gns = [r["step"] for r in steps if "gns/trace" in r]
+    assert with_gns == [1, 2, 3, 4, 5, 6]  # step 7's window is one micro-batch: nothing to compare
+    assert all(isinstance(r["gns/grad_sq"], float) for r in steps[:6])
+    assert [(r["step"], r["samples"]) for r in lines if r["event"] == "eval"] == [(2, 64), (4, 128), (5, 160),
+                                                                                  (7, 200)]
+    gns = json.loads((run / "summary.json").read_text())["gns"]
+    assert gns["steps"] == 3 and gns["skipped_windows"] == 1  # last half = steps 4..7, step 7 skipped
+    mean_grad_sq = np.mean([r["gns/grad_sq"] for r in steps[3:6]])
+    mean_trace = np.mean([r["gns/trace"] for r in steps[3:6]])
+    assert gns["b_simple"] == (pytest.approx(mean_trace / mean_grad_sq) if mean_grad_sq > 0 else None)
+
+
+def test_train_gns_is_off_with_one_micro_batch_per_step_and_says_why(train_run, capsys):
+    from conftest import read_jsonl
+
+    run = train_run("batch.micro=32", "train.max_steps=2")
+    assert "gradient noise scale off: one micro-batch gradient per step" in capsys.readouterr().out
+    assert not any(k.startswith("gns/") for r in read_jsonl(run / "metrics.jsonl") for k in r)
+    assert "gns" not in json.loads((run / "summary.json").read_text())
+
+
+def test_eval_every_steps_and_every_examples_are_exclusive(train_run, capsys):
+    train_run("eval.every_steps=2", "eval.every_examples=64", expect=2)
+    assert "eval.every_steps and eval.every_examples are both set" in capsys.readouterr().err

@@ -25,8 +25,8 @@ from ebslab.config import UserError, flatten
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
 RESUME_SAFE_KEYS = {"out.dir", "out.name", "track", "eval.batch_size", "checkpoint.every_steps",
-                    "train.log_every_steps", "train.device", "train.backend", "train.compile", "batch.auto_cap",
-                    "batch.auto_cpu_tokens"}
+                    "train.log_every_steps", "train.gns", "train.device", "train.backend", "train.compile",
+                    "batch.auto_cap", "batch.auto_cpu_tokens"}
 
 
 class StorageError(UserError):

@@ -122,3 +122,12 @@ def test_load_study_run_reads_a_run_folder(tmp_path):
     assert (run.effective_batch, run.seed, run.lr_scaling, run.lr) == (16, 2, "sqrt", 7e-5)
     assert run.evals == [(2, 32, 0.6), (4, 64, 0.7)] and run.b_simple_curve == [(32, 30.0)] and run.b_simple == 33.0
     assert steps_table([run], 0.65)[0].steps == [4]
+
+
+def test_an_upper_bound_far_past_the_runs_is_reported_as_unbounded(tmp_path):
+    """One seed with S ~ 1/B (S_min 0) and one with B_crit 16: resamples of the first give no upper bound."""
+    runs = [synthetic_run(b, 1, 3200 // b) for b in EBS[:4]] + [synthetic_run(b, 2, round(40 * (1 + 16 / b)))
+                                                                 for b in EBS[:4]]
+    md, data = section(runs, tmp_path)
+    assert "to unbounded (S_min near 0 in some resamples)" in md
+    assert data["critical_batch_ci"][1] is None or data["critical_batch_ci"][1] > 6400

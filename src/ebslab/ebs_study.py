@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-LOWER_IS_BETTER = {"loss", "ece", "brier"}
+from ebslab.metrics import higher_is_better
 
 
 @dataclass
@@ -65,10 +65,6 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
 
 # ------------------------------------------------------------------------------------------------------------
 # Steps and examples to a target
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
 
 
 def _reached(value: float, target: float, higher: bool) -> bool:
@@ -243,11 +239,21 @@ def _num(x: float | None, digits: int = 0) -> str:
     return f"{x:.{digits}f}"
 
 
+def _interval(study: EbsStudy) -> str:
+    """The bootstrap interval in words; a bound beyond 100x the largest EBS run is a resample whose S_min was about
+    0 (steps fell like 1/B): no upper bound is measured then."""
+    if study.critical_batch_ci is None:
+        return ""
+    low, high = study.critical_batch_ci
+    far = 100 * max(r.effective_batch for r in study.rows)
+    high_text = "unbounded (S_min near 0 in some resamples)" if not math.isfinite(high) or high > far else _num(high)
+    return f" (95% bootstrap interval over seeds {_num(low)} to {high_text})"
+
+
 def paragraph(study: EbsStudy) -> str:
     parts = []
     if study.critical_batch is not None:
-        ci = study.critical_batch_ci
-        interval = f" (95% bootstrap interval over seeds {_num(ci[0])} to {_num(ci[1])})" if ci else ""
+        interval = _interval(study)
         if math.isfinite(study.critical_batch):
             parts.append(f"To reach val/{study.metric} {study.target:.4g}, the runs needed S = "
                          f"{study.s_min:.1f} (1 + {study.critical_batch:.0f} / B) optimizer steps: the measured "
@@ -346,7 +352,6 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
     out_dir = Path(out_dir)
     plot_tradeoff(study, out_dir / "ebs_steps_vs_examples.png")
     plot_b_simple(runs, out_dir / "ebs_b_simple.png")
-    ci = study.critical_batch_ci
     md = ["## Effective batch size", "", paragraph(study), "",
           f"Steps S and training examples E to reach val/{study.metric} {study.target:.4g} (first evaluation at or "
           "past it), per seed and averaged; B_simple = the gradient noise scale over the last half of each run.", "",
@@ -358,8 +363,7 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
                   f"{_num(r.mean_steps, 1)} | {_num(r.mean_examples)} | {_num(r.mean_b_simple)} |")
     md += ["", f"Fit of S = S_min + E_min / B over EBS {', '.join(map(str, study.fitted))}: S_min = "
            f"{_num(study.s_min, 1)}, E_min = {_num(study.e_min)}, B_crit = E_min / S_min = "
-           f"{_num(study.critical_batch)}" + (f" (95% bootstrap interval over seeds {_num(ci[0])} to "
-                                               f"{_num(ci[1])})" if ci else "") + ".", ""]
+           f"{_num(study.critical_batch)}" + _interval(study) + ".", ""]
     md += [f"- {note}" for note in study.notes] + ([""] if study.notes else [])
     md += ["![steps vs examples](ebs_steps_vs_examples.png)", "", "![B_simple](ebs_b_simple.png)", ""]
     return "\n".join(md), study.to_json()

@@ -47,9 +47,12 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     effective = int(config["batch"]["effective"])
     evals, curve = [], []
     for line in (path / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
             continue
-        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            continue
         samples = rec.get("samples", rec.get("step", 0) * effective)
         if rec.get("event") == "eval" and rec.get(f"val/{metric}") is not None:
             evals.append((int(rec["step"]), int(samples), float(rec[f"val/{metric}"])))
@@ -57,8 +60,8 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
             curve.append((int(rec["step"]) * effective, float(rec["gns/b_simple"])))
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return StudyRun(name=path.name, effective_batch=effective, seed=int(config["train"]["seed"]),
-                    lr_scaling=str(config["optim"]["lr_scaling"]), lr=(config.get("derived") or {}).get("lr"),
+    return StudyRun(name=path.name, effective_batch=effective, seed=int((config.get("train") or {}).get("seed", 1)),
+                    lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
                     status=str(summary.get("status", "unknown")))
 
@@ -367,3 +370,20 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
     md += [f"- {note}" for note in study.notes] + ([""] if study.notes else [])
     md += ["![steps vs examples](ebs_steps_vs_examples.png)", "", "![B_simple](ebs_b_simple.png)", ""]
     return "\n".join(md), study.to_json()
+
+
+def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None = None,
+                   metric: str = "acc") -> tuple[list[str], dict[str, Any] | None]:
+    """`ebslab report`'s one call: (markdown lines, `ebs_study` for report.json or None) from the run folders;
+    runs that did not complete are left out of the fit."""
+    runs = [load_study_run(d, metric) for d in run_dirs]
+    done = [r for r in runs if r.status == "completed"]
+    result = section(done, out_dir, target, metric)
+    if result is None:
+        return [], None
+    md, data = result
+    left_out = [r.name for r in runs if r.status != "completed"]
+    if left_out:
+        md += f"- left out (not completed): {', '.join(left_out)}\n"
+        data["notes"].append(f"left out (not completed): {', '.join(left_out)}")
+    return md.splitlines() + [""], data

@@ -60,7 +60,8 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
             curve.append((int(rec["step"]) * effective, float(rec["gns/b_simple"])))
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return StudyRun(name=path.name, effective_batch=effective, seed=int((config.get("train") or {}).get("seed", 1)),
+    seed = int((config.get("train") or {}).get("seed", 1))
+    return StudyRun(name=path.name, effective_batch=effective, seed=seed,
                     lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
                     status=str(summary.get("status", "unknown")))

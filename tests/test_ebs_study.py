@@ -131,3 +131,29 @@ def test_an_upper_bound_far_past_the_runs_is_reported_as_unbounded(tmp_path):
     md, data = section(runs, tmp_path)
     assert "to unbounded (S_min near 0 in some resamples)" in md
     assert data["critical_batch_ci"][1] is None or data["critical_batch_ci"][1] > 6400
+
+
+def test_runs_that_differ_in_another_key_get_one_fit_each(tmp_path):
+    """A sweep over EBS x lr_scaling: each lr rule gets its own fit (B_crit 64 for sqrt, 16 for linear)."""
+    from ebslab.ebs_study import report_section
+
+    import yaml
+
+    for rule, b_crit in (("sqrt", 64), ("linear", 16)):
+        for seed in (1, 2):
+            for ebs in (8, 16, 32, 64):
+                run = synthetic_run(ebs, seed, round(40 * (1 + b_crit / ebs)))
+                d = tmp_path / "sweep" / f"{rule}-{ebs}-{seed}"
+                d.mkdir(parents=True)
+                (d / "config.yaml").write_text(yaml.safe_dump({"batch": {"effective": ebs}, "train": {"seed": seed},
+                                                               "optim": {"lr_scaling": rule},
+                                                               "out": {"name": d.name}}))
+                (d / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "step": s, "samples": e,
+                                                                     "val/acc": v}) + "\n" for s, e, v in run.evals))
+                (d / "summary.json").write_text(json.dumps({"status": "completed"}))
+    lines, data = report_section(sorted((tmp_path / "sweep").iterdir()), tmp_path)
+    assert set(data["groups"]) == {"optim.lr_scaling=sqrt", "optim.lr_scaling=linear"}
+    assert data["groups"]["optim.lr_scaling=sqrt"]["critical_batch"] == pytest.approx(64.0)
+    assert data["groups"]["optim.lr_scaling=linear"]["critical_batch"] == pytest.approx(16.0, rel=0.02)
+    assert "## Effective batch size: optim.lr_scaling=linear" in lines
+    assert (tmp_path / "ebs2_steps_vs_examples.png").exists()

@@ -38,6 +38,7 @@ class StudyRun:
     b_simple_curve: list[tuple[int, float]] = field(default_factory=list)  # (examples seen, B_simple)
     b_simple: float | None = None  # summary.json: over the last half of training
     status: str = "completed"
+    config: dict[str, Any] = field(default_factory=dict)  # dotted keys, as in a sweep's grid
 
 
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
@@ -64,7 +65,17 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     return StudyRun(name=path.name, effective_batch=effective, seed=seed,
                     lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
-                    status=str(summary.get("status", "unknown")))
+                    status=str(summary.get("status", "unknown")), config=_flatten(config))
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,17 +357,17 @@ def plot_b_simple(runs: Sequence[StudyRun], path: Path) -> Path:
     return path
 
 
-def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None, metric: str = "acc"
-            ) -> tuple[str, dict[str, Any]] | None:
+def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None, metric: str = "acc",
+            title: str = "", prefix: str = "ebs") -> tuple[str, dict[str, Any]] | None:
     """(markdown, report.json's `ebs_study`) with the two plots written into out_dir; None when the runs do not
     vary batch.effective."""
     study = analyse(runs, target, metric)
     if study is None:
         return None
     out_dir = Path(out_dir)
-    plot_tradeoff(study, out_dir / "ebs_steps_vs_examples.png")
-    plot_b_simple(runs, out_dir / "ebs_b_simple.png")
-    md = ["## Effective batch size", "", paragraph(study), "",
+    plot_tradeoff(study, out_dir / f"{prefix}_steps_vs_examples.png")
+    plot_b_simple(runs, out_dir / f"{prefix}_b_simple.png")
+    md = ["## Effective batch size" + (f": {title}" if title else ""), "", paragraph(study), "",
           f"Steps S and training examples E to reach val/{study.metric} {study.target:.4g} (first evaluation at or "
           "past it), per seed and averaged; B_simple = the gradient noise scale over the last half of each run.", "",
           "| EBS | seeds | steps per seed | examples per seed | mean S | mean E | B_simple |",
@@ -369,7 +380,7 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
            f"{_num(study.s_min, 1)}, E_min = {_num(study.e_min)}, B_crit = E_min / S_min = "
            f"{_num(study.critical_batch)}" + _interval(study) + ".", ""]
     md += [f"- {note}" for note in study.notes] + ([""] if study.notes else [])
-    md += ["![steps vs examples](ebs_steps_vs_examples.png)", "", "![B_simple](ebs_b_simple.png)", ""]
+    md += [f"![steps vs examples]({prefix}_steps_vs_examples.png)", "", f"![B_simple]({prefix}_b_simple.png)", ""]
     return "\n".join(md), study.to_json()
 
 
@@ -379,12 +390,33 @@ def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None
     runs that did not complete are left out of the fit."""
     runs = [load_study_run(d, metric) for d in run_dirs]
     done = [r for r in runs if r.status == "completed"]
-    result = section(done, out_dir, target, metric)
-    if result is None:
+    groups = group_by_other_keys(done)
+    lines: list[str] = []
+    studies: dict[str, Any] = {}
+    for i, (label, members) in enumerate(groups.items()):
+        result = section(members, out_dir, target, metric, title=label,
+                         prefix="ebs" if len(groups) == 1 else f"ebs{i + 1}")
+        if result is not None:
+            lines += result[0].splitlines() + [""]
+            studies[label] = result[1]
+    if not studies:
         return [], None
-    md, data = result
     left_out = [r.name for r in runs if r.status != "completed"]
     if left_out:
-        md += f"- left out (not completed): {', '.join(left_out)}\n"
-        data["notes"].append(f"left out (not completed): {', '.join(left_out)}")
-    return md.splitlines() + [""], data
+        lines += [f"Left out of the effective-batch-size fit (not completed): {', '.join(left_out)}", ""]
+    # one study: ebs_study is it; several (other keys vary too): one per combination of those keys
+    return lines, next(iter(studies.values())) if len(studies) == 1 else {"groups": studies}
+
+
+def group_by_other_keys(runs: Sequence[StudyRun]) -> dict[str, list[StudyRun]]:
+    """Runs by the values of the config keys that vary besides batch.effective and the seed (a fit mixes only
+    runs that differ in EBS): {"optim.lr_scaling=sqrt": [...], ...}; one group "" when nothing else varies."""
+    def ignored(key: str) -> bool:
+        return key in ("batch.effective", "train.seed") or key.startswith(("out.", "derived."))
+
+    keys = sorted({k for r in runs for k in r.config if not ignored(k)
+                   and len({repr(x.config.get(k)) for x in runs}) > 1})
+    groups: dict[str, list[StudyRun]] = {}
+    for r in runs:
+        groups.setdefault(", ".join(f"{k}={r.config.get(k)}" for k in keys), []).append(r)
+    return groups

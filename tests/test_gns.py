@@ -1,5 +1,5 @@
 """The gradient noise scale estimator: pure functions against simulations with a known truth, and the callback's
-differencing against every per-example gradient of a fixed model (McCandlish et al. 2018, Appendix A.1)."""
+gradient hooks against every per-example gradient of a fixed model (McCandlish et al. 2018, Appendix A.1)."""
 
 from __future__ import annotations
 
@@ -63,14 +63,14 @@ def test_b_simple_is_a_ratio_of_averages_and_refuses_a_non_positive_signal():
 
 def test_gns_decision_on_off_and_why():
     assert gns_decision(None, accum_steps=4, world_size=1) == (
-        True, "on: 4 micro-batch gradients of 4 per step against the window's")
+        True, "on: 4 micro-batch gradient(s) per step on each of 1 process(es) against the window's")
     assert gns_decision(None, 1, 1) == (
         False, "off: one micro-batch gradient per step (needs accum_steps x world_size >= 2)")
     assert gns_decision(True, 1, 1)[1].endswith("train.gns=true cannot change that")
     assert gns_decision(False, 4, 1) == (False, "off (train.gns=false)")
-    assert gns_decision(None, 1, 2)[0] is False and "before the all-reduce" in gns_decision(None, 1, 2)[1]
-    assert gns_decision(None, 2, 2) == (
-        True, "on: 1 micro-batch gradients of 2 per step against the window's (process 0's estimate)")
+    assert gns_decision(None, 1, 2) == (
+        True, "on: 1 micro-batch gradient(s) per step on each of 2 process(es) against the window's "
+              "(process 0's estimate is logged)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -123,9 +123,9 @@ def _drive(model, x, y, effective: int, micro: int, epochs: int, seed: int = 3, 
     return records, summary
 
 
-def test_differencing_gives_the_estimates_of_the_micro_batch_gradients_themselves():
+def test_the_hooks_give_the_estimates_of_the_micro_batch_gradients_themselves():
     """One window of 3 micro-batches of 4: the callback's step estimates equal window_estimates() on gradients
-    computed one micro-batch at a time (float64, to 1e-9): the differencing reads the micro-batch gradients."""
+    computed one micro-batch at a time (float64, to 1e-9): the hooks read the micro-batch gradients."""
     model, x, y = _fixed_model(12)
     records, _ = _drive(model, x, y, effective=12, micro=4, epochs=1)
     window = windows(epoch_order(12, 3, 0), 12)[0]
@@ -194,7 +194,7 @@ def test_train_logs_the_noise_scale_and_evaluates_at_equal_data(train_run, capsy
     from conftest import read_jsonl
 
     run = train_run("eval.every_examples=50")
-    assert "gradient noise scale on: 4 micro-batch gradients of 4 per step" in capsys.readouterr().out
+    assert "gradient noise scale on: 4 micro-batch gradient(s) per step on each of 1 process(es)" in capsys.readouterr().out
     lines = read_jsonl(run / "metrics.jsonl")
     steps = [r for r in lines if r["event"] == "step"]
     with_gns = [r["step"] for r in steps if "gns/trace" in r]

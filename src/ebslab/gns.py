@@ -98,40 +98,38 @@ def finite_population_expectations(grad_sq: float, trace: float, num_examples: i
 def gns_decision(setting: bool | None, accum_steps: int, world_size: int) -> tuple[bool, str]:
     """(on?, the start-up line's reason). `setting` None = automatic."""
     grads = accum_steps * world_size
-    if world_size > 1 and accum_steps < 2:
-        # the last micro-batch's backward is the all-reduced one: no local micro-batch gradient is left to read
-        return False, (f"off: accum_steps {accum_steps} on {world_size} processes leaves no micro-batch gradient "
-                       "before the all-reduce (needs accum_steps >= 2)")
     if setting is False:
         return False, "off (train.gns=false)"
     if grads < 2:
         why = "off: one micro-batch gradient per step (needs accum_steps x world_size >= 2)"
         return False, why + ("; train.gns=true cannot change that" if setting else "")
-    used = accum_steps if world_size == 1 else accum_steps - 1
-    return True, (f"on: {used} micro-batch gradients of {accum_steps} per step against the window's"
-                  + (" (process 0's estimate)" if world_size > 1 else ""))
+    return True, (f"on: {accum_steps} micro-batch gradient(s) per step on each of {world_size} process(es) "
+                  "against the window's" + (" (process 0's estimate is logged)" if world_size > 1 else ""))
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The callback: per-micro-batch squared norms by differencing the accumulated .grad (no extra forward or
-# backward), everything kept on the device and read only on the steps that are logged.
+# The callback: per-micro-batch squared norms from gradient hooks (no extra forward or backward), everything kept
+# on the device and read only on the steps that are logged.
 
 
 class GradientNoiseScale(Callback):
     """Adds `gns/grad_sq`, `gns/trace` (this step's estimates) and `gns/b_simple` (ratio of their moving averages)
     to the logged step lines and `gns` (B_simple over the last half of training) to the summary.
 
-    After micro-batch j's backward, .grad = sum_{i<=j} (world_size b_i / B) g_i (the loss rule; DDP later averages
-    over processes), so the difference with the previous .grad is g_j scaled by world_size b_j / B. On several
-    processes the last micro-batch's .grad is the all-reduced one: only the ones before it are used, and each
-    process's estimate is unbiased on its own, so process 0's is logged (no extra collective).
+    A hook on every trainable parameter sees the gradient of one micro-batch's backward before it is added to
+    .grad (and, on DDP, before the all-reduce): by the loss rule that is g_j scaled by world_size b_j / B. Its
+    squared norm is one read of the gradient. (Differencing the accumulated .grad gives the same numbers but
+    writes a copy of every gradient per micro-batch: 4.7% of a MiniLM micro-step on this CPU against 0.2% for
+    the norm alone.) The window gradient is .grad before clipping. Each process's estimate is unbiased on its own
+    (its micro-batches against the all-reduced window), so process 0's is logged and no collective is added.
     """
 
     def __init__(self, beta: float = DEFAULT_BETA) -> None:
         self.beta = beta
         self.params: list[torch.Tensor] = []
-        self.previous: list[torch.Tensor] | None = None
+        self.handles: list[Any] = []
         self.skipped_windows = 0
+        self._parts: list[torch.Tensor] = []  # this micro-batch's per-parameter squared norms, from the hooks
         self._reset_window()
         self._step_estimates: torch.Tensor | None = None
         self._ema: torch.Tensor | None = None
@@ -143,31 +141,20 @@ class GradientNoiseScale(Callback):
         self._examples = 0.0
         self._used = 0
 
+    def _hook(self, grad: torch.Tensor) -> None:
+        self._parts.append(torch.linalg.vector_norm(grad.detach()))
+
     def on_fit_start(self, trainer: Any) -> None:
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.world_size = trainer.backend.world_size
-
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
+        self.handles = [p.register_hook(self._hook) for p in self.params]
 
     def on_micro_backward(self, trainer: Any, micro_index: int, num_micro: int, examples: float) -> None:
         if micro_index == 0:
             self._reset_window()
-        all_reduced = self.world_size > 1 and micro_index == num_micro - 1
-        if all_reduced:
-            return
-        grads = self._grads()
-        last_read = micro_index == num_micro - 1  # nothing after it to difference against
-        if micro_index == 0 or self.previous is None or len(self.previous) != len(grads):
-            delta_sq = _sq_norm(grads)
-            if not last_read:
-                self.previous = [g.detach().clone() for g in grads]
-        else:
-            torch._foreach_sub_(self.previous, grads)  # in place: previous - current = -delta, no new buffers
-            delta_sq = _sq_norm(self.previous)
-            if not last_read:
-                torch._foreach_copy_(self.previous, grads)
-        if examples > 0:  # a stand-in micro-batch adds nothing to .grad and is no sample
+        parts, self._parts = self._parts, []
+        if examples > 0 and parts:  # a stand-in micro-batch adds nothing to .grad and is no sample
+            delta_sq = torch.stack(parts).double().square().sum()
             self._weighted_sq = self._weighted_sq + delta_sq / examples
             self._examples += examples
             self._used += 1
@@ -180,7 +167,8 @@ class GradientNoiseScale(Callback):
             return
         scale = window / self.world_size
         small_sq = self._weighted_sq * (scale * scale / self._examples)
-        grad_sq, trace = unbiased_estimates(small_sq, self._examples / self._used, _sq_norm(self._grads()), window)
+        window_sq = _sq_norm([p.grad for p in self.params if p.grad is not None])
+        grad_sq, trace = unbiased_estimates(small_sq, self._examples / self._used, window_sq, window)
         self._step_estimates = torch.stack([grad_sq, trace])
         self._ema = ema(self._ema, self._step_estimates, self.beta)
 
@@ -199,6 +187,9 @@ class GradientNoiseScale(Callback):
         record["gns/b_simple"] = b_simple(ema_grad_sq, ema_trace)
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
         if self._half_sums is None:
             summary["gns"] = {"b_simple": None, "steps": 0, "skipped_windows": self.skipped_windows}
             return

@@ -157,3 +157,11 @@ def test_runs_that_differ_in_another_key_get_one_fit_each(tmp_path):
     assert data["groups"]["optim.lr_scaling=linear"]["critical_batch"] == pytest.approx(16.0, rel=0.02)
     assert "## Effective batch size: optim.lr_scaling=linear" in lines
     assert (tmp_path / "ebs2_steps_vs_examples.png").exists()
+
+
+def test_an_ebs_with_fewer_seeds_is_shown_but_left_out_of_the_fit():
+    runs = [r for r in known_runs() if not (r.effective_batch == 256 and r.seed > 1)]
+    study = analyse(runs)
+    assert study.rows[-1].seeds == [1] and study.fitted == EBS[:-1]
+    assert study.critical_batch == pytest.approx(64.0)
+    assert "EBS 256 left out of the fit: not every seed (1, 2, 3) completed there" in study.notes

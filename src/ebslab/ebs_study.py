@@ -215,10 +215,16 @@ def analyse(runs: Sequence[StudyRun], target: float | None = None, metric: str =
                      "run reached")
     rows = steps_table(runs, target, metric)
     seed_sets = {tuple(r.seeds) for r in rows}
-    fitted_rows = [r for r in rows if r.complete]
+    all_seeds = sorted({s for r in rows for s in r.seeds})
+    # the seed is the unit of the bootstrap: an EBS that misses a seed (not run, not completed) would bias the mean
+    fitted_rows = [r for r in rows if r.complete and r.seeds == all_seeds]
     missed = [r.effective_batch for r in rows if not r.complete]
     if missed:
         notes.append(f"EBS {', '.join(map(str, missed))} left out of the fit: a seed never reached the target")
+    short = [r.effective_batch for r in rows if r.complete and r.seeds != all_seeds]
+    if short:
+        notes.append(f"EBS {', '.join(map(str, short))} left out of the fit: not every seed "
+                     f"({', '.join(map(str, all_seeds))}) completed there")
     s_min = e_min = b_crit = None
     ci = None
     if len(fitted_rows) >= 2:

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
+from ebslab.config import flatten
 from ebslab.metrics import higher_is_better
 
 
@@ -65,17 +66,8 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     return StudyRun(name=path.name, effective_batch=effective, seed=seed,
                     lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
-                    status=str(summary.get("status", "unknown")), config=_flatten(config))
+                    status=str(summary.get("status", "unknown")), config=flatten(config))
 
-
-def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in mapping.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +167,9 @@ def test_an_ebs_with_fewer_seeds_is_shown_but_left_out_of_the_fit():
     assert study.rows[-1].seeds == [1] and study.fitted == EBS[:-1]
     assert study.critical_batch == pytest.approx(64.0)
     assert "EBS 256 left out of the fit: not every seed (1, 2, 3) completed there" in study.notes
+
+
+def test_the_paragraph_compares_only_fitted_ebs():
+    runs = [r for r in known_runs() if not (r.effective_batch == 256 and r.seed > 1)]
+    text = section(runs, Path(tempfile.mkdtemp()))[0]
+    assert "EBS 128 needed 2.7x the examples of EBS 8 for 0.17x the steps." in text

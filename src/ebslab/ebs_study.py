@@ -279,9 +279,10 @@ def paragraph(study: EbsStudy) -> str:
                      f"({'; '.join(study.notes)}).")
     if study.b_simple is not None:
         parts.append(f"The gradient noise scale measured during training predicted B_simple = "
-                     f"{study.b_simple:.0f} (median over runs of the last half of training), which McCandlish et "
-                     "al. find close to B_crit.")
-    fitted = [r for r in study.rows if r.complete]
+                     f"{study.b_simple:.0f} (median over runs of the last half of training); McCandlish et al. "
+                     "use B_simple as an estimate of B_crit, off by how far the Hessian is from a multiple of "
+                     "the identity (they find agreement within a factor of a few).")
+    fitted = [r for r in study.rows if r.effective_batch in study.fitted]
     if len(fitted) >= 2:
         small, large = fitted[0], fitted[-1]
         parts.append(f"EBS {large.effective_batch} needed {large.mean_examples / small.mean_examples:.1f}x the "

@@ -122,3 +122,14 @@ def test_cli_registers_bench():
 
     args = build_parser().parse_args(["bench", "--quick", "--out", "somewhere"])
     assert args.quick and args.out == "somewhere" and args.func is bench.run
+
+
+def test_gns_overhead_from_the_on_and_off_rows():
+    """ebslab-torch has the noise scale on (accum 2), ebslab-torch-nogns off: overhead = 1 - on / off per length."""
+    rows = [{"scenario": "step", "contestant": "ebslab-torch", "max_length": 64, "samples_per_s": 19.0},
+            {"scenario": "step", "contestant": "ebslab-torch-nogns", "max_length": 64, "samples_per_s": 20.0},
+            {"scenario": "step", "contestant": "ebslab-torch", "max_length": 128, "samples_per_s": 9.0}]
+    assert bench.gns_overhead(rows) == {"64": 0.05}
+    s = bench.settings_from_args(_args(contestants="ebslab-torch,ebslab-torch-nogns"))
+    assert s.contestants == ["ebslab-torch", "ebslab-torch-nogns"]
+    assert "nogns" not in " ".join(bench.CONTESTANTS)  # on request only: the full bench stays as long as it was

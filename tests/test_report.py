@@ -285,3 +285,22 @@ def test_default_out_is_the_single_dir(tmp_path):
 def test_bold_nothing_when_all_tie():
     assert report.bold_best([0.5, 0.5], ["0.5", "0.5"], True) == ["0.5", "0.5"]
     assert report.bold_best([0.5, 0.5, 0.6], ["0.5", "0.5", "0.6"], False) == ["**0.5**", "**0.5**", "0.6"]
+
+
+def test_report_has_the_effective_batch_size_section_when_ebs_varies(tmp_path):
+    """EBS 16 reaches val acc 0.8 at its second evaluation (step 20), EBS 64 at its first (step 10), 2 seeds each:
+    the section's table and report.json's ebs_study carry those steps; a sweep of one EBS gets no section."""
+    for seed in (1, 2):
+        make_run(tmp_path / "sweep", f"ebs16-s{seed}", ebs=16, seed=seed, lr_scaling="sqrt",
+                 evals=[(0.7, 0.5), (0.8, 0.4)])
+        make_run(tmp_path / "sweep", f"ebs64-s{seed}", ebs=64, seed=seed, lr_scaling="sqrt",
+                 evals=[(0.8, 0.5), (0.8, 0.4)])
+        make_run(tmp_path / "one", f"ebs32-s{seed}", ebs=32, seed=seed)
+    md = report.build_report([tmp_path / "sweep"], tmp_path / "out").read_text()
+    assert "## Effective batch size" in md and "lr_scaling=sqrt" in md
+    study = json.loads((tmp_path / "out" / "report.json").read_text())["ebs_study"]
+    assert study["target"] == 0.8
+    assert [(r["effective_batch"], r["steps"]) for r in study["rows"]] == [(16, [20, 20]), (64, [10, 10])]
+    assert (tmp_path / "out" / "ebs_steps_vs_examples.png").exists()
+    md_one = report.build_report([tmp_path / "one"], tmp_path / "out1").read_text()
+    assert "## Effective batch size" not in md_one and not (tmp_path / "out1" / "report.json").exists()

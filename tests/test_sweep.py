@@ -400,7 +400,8 @@ def test_smoke_goes_to_its_own_folder(tmp_path, fake_train):
 # Shipped sweep files
 
 
-@pytest.mark.parametrize("name, runs", [("exp1-hparams", 384), ("exp2-ebs", 288), ("cpu-minilm", 6)])
+@pytest.mark.parametrize("name, runs", [("exp1-hparams", 384), ("exp2-ebs", 288), ("cpu-minilm", 6),
+                                       ("cpu-ebs-study", 15)])
 def test_shipped_sweep_files_are_valid(name, runs):
     s = sw.load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
     assert s.name == name

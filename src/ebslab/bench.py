@@ -38,6 +38,8 @@ import torch
 
 CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "ebslab-torch-grouped", "hf-trainer",
                "naive")
+# on request only (--contestants): ebslab-torch with the gradient noise scale off, for its overhead
+OPTIONAL_CONTESTANTS = ("ebslab-torch-nogns",)
 ROW_KEYS = ("scenario", "contestant", "max_length", "samples_per_s", "tokens_per_s", "wall_s", "vs_trainer",
             "peak_fraction", "peak_memory_mb")
 
@@ -272,6 +274,8 @@ def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> 
         extra["batch.micro"] = "auto"
     if contestant == "ebslab-torch-grouped":
         extra["data.group_by_length"] = True
+    if contestant == "ebslab-torch-nogns":
+        extra["train.gns"] = False
     cfg = ebslab_config(s, max_length, out_dir, f"{contestant}-L{max_length}", **extra)
     train(cfg, overwrite=True)
     return [r["elapsed_s"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("event") == "step"]
@@ -543,6 +547,18 @@ def _fill_vs_trainer(rows: list[dict[str, Any]]) -> None:
                 r["vs_trainer"] = round(ref[0]["wall_s"] / r["wall_s"], 3)
 
 
+def gns_overhead(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per max_length: the fraction of a step the gradient noise scale costs, 1 - rate(on) / rate(off), from the
+    step rows of ebslab-torch (on when accum_steps >= 2) and ebslab-torch-nogns."""
+    out = {}
+    for on in (r for r in rows if r["scenario"] == "step" and r["contestant"] == "ebslab-torch"):
+        off = [r for r in rows if r["scenario"] == "step" and r["contestant"] == "ebslab-torch-nogns"
+               and r["max_length"] == on["max_length"]]
+        if off:
+            out[str(on["max_length"])] = round(1 - on["samples_per_s"] / off[0]["samples_per_s"], 4)
+    return out
+
+
 def _warm_up(s: Settings, tokenizer: Any) -> None:
     """A fresh host runs 2-3x slower for its first minutes: touch memory and the matmul kernels first."""
     model = hf_classifier(s.model).to(device())
@@ -590,7 +606,7 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
                               "settings": dataclasses.asdict(s), "non_embedding_params": n_params}
 
     # ---- step scenario
-    step_contestants = [c for c in s.contestants if c in CONTESTANTS]
+    step_contestants = [c for c in s.contestants if c in CONTESTANTS + OPTIONAL_CONTESTANTS]
     for li, length in enumerate(s.lengths):
         data = step_data(s, length, tokenizer)
         real = data.timed_tokens / (data.timed_samples * length)
@@ -674,6 +690,7 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
             f"cached {st['cached_s']:.2f} s ({st['speedup']}x)")
 
     _fill_vs_trainer(rows)
+    result["gns_overhead"] = gns_overhead(rows)
     result["total_s"] = round(time.perf_counter() - started, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -692,6 +709,9 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result.get('peak_source', 'measured')}) "
                  f"on {result['device']}; "
                  f"bench took {result['total_s']:.0f} s")
+    if result.get("gns_overhead"):
+        lines.append("gradient noise scale overhead (1 - ebslab-torch / ebslab-torch-nogns samples/s): " +
+                     ", ".join(f"{100 * v:.1f}% at {k}" for k, v in result["gns_overhead"].items()))
     if "profile" in result:
         lines.append(profile_line(result["profile"]))
     return "\n".join(lines)
@@ -735,9 +755,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.steps = args.steps
     if args.contestants:
         names = args.contestants.split(",")
-        bad = [n for n in names if n not in CONTESTANTS]
+        bad = [n for n in names if n not in CONTESTANTS + OPTIONAL_CONTESTANTS]
         if bad:
-            raise UserError(f"unknown contestant '{bad[0]}'; choose from {', '.join(CONTESTANTS)}")
+            raise UserError(f"unknown contestant '{bad[0]}'; choose from "
+                            f"{', '.join(CONTESTANTS + OPTIONAL_CONTESTANTS)}")
         s.contestants = names
     if getattr(args, "rounds", None):
         s.rounds = args.rounds

@@ -26,8 +26,8 @@ from ebslab.files import StorageError, _fsync_dir, atomic_write_bytes, atomic_wr
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
 RESUME_SAFE_KEYS = {"out.dir", "out.name", "track", "eval.batch_size", "checkpoint.every_steps",
-                    "train.log_every_steps", "train.device", "train.backend", "train.compile", "batch.auto_cap",
-                    "batch.auto_cpu_tokens"}
+                    "train.log_every_steps", "train.gns", "train.device", "train.backend", "train.compile",
+                    "batch.auto_cap", "batch.auto_cpu_tokens"}
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:

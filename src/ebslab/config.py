@@ -110,12 +110,17 @@ class TrainConfig:
     log_every_steps: int = 1
     compile: bool = False
     device: str = "auto"
+    gns: bool | None = None
+    """Log the gradient noise scale from the micro-batch gradients; null = on when a step has >= 2 of them."""
 
 
 @dataclass
 class EvalConfig:
     every_steps: int = 0
     """Evaluate val/test every N optimizer steps; 0 = at each epoch end."""
+    every_examples: int = 0
+    """Evaluate val/test each time this many training examples were seen (at the step that crosses it), so runs
+    of different batch.effective are measured at the same points of the data; 0 = off."""
     test_on: Literal["best", "last", "both"] = "both"
     batch_size: int = 64
     select_by: str = "acc"
@@ -413,6 +418,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
         (cfg.train.log_every_steps > 0, "train.log_every_steps must be > 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+        (cfg.eval.every_examples >= 0, "eval.every_examples must be >= 0"),
+        (not (cfg.eval.every_steps and cfg.eval.every_examples),
+         "eval.every_steps and eval.every_examples are both set; keep one (the other = 0)"),
         (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
         (cfg.eval.select_by in METRICS,
          f"eval.select_by must be one of {', '.join(METRICS)}, got {cfg.eval.select_by!r}"),

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
+from ebslab import ebs_study
 from ebslab.config import UserError, flatten as config_flatten
 
 OK_STATUS = "completed"
@@ -675,7 +676,7 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
 # The report
 
 
-def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
+def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None) -> Path:
     """Read the run folders (or folders holding them), write out_dir/report.md and PNG plots; return report.md."""
     dirs = find_run_dirs(run_dirs)
     names = _run_names(dirs)
@@ -736,6 +737,13 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
         md.append(f"![{p.stem}]({p.name})")
         md.append("")
 
+    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
+    md += ebs_md
+    if ebs_json is not None:
+        from ebslab.checkpoint import atomic_write_json  # here: the report needs no torch otherwise
+
+        atomic_write_json(out_dir / "report.json", {"ebs_study": ebs_json})
+
     md += ["## Runs left out", ""]
     if not left_out:
         md.append("None: every run completed.")
@@ -767,12 +775,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folders, or folders (e.g. a sweep) holding run folders at any depth")
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md and the plots go (default: the DIR when one is given, else ./report)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="validation accuracy the effective-batch-size section measures steps to (default: the "
+                             "highest value every run reached)")
 
 
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
-    report = build_report(dirs, Path(out))
+    report = build_report(dirs, Path(out), getattr(args, "target", None))
     runs = [load_run(d) for d in find_run_dirs(dirs)]
     groups = group_runs(runs)
     print(report)

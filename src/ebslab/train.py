@@ -34,6 +34,7 @@ from ebslab.config import Config, Derived, UserError, derive, load_config, resol
 from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
                          shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
+from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
@@ -235,6 +236,7 @@ class Trainer:
         self.scheduler: Any
         self.tracker: Tracker = NullTracker()
         self.lock: FolderLock | None = None  # the run folder's, held by the main process
+        self.gns_reason = "off"  # set by setup(): the start-up line says whether and why
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -280,6 +282,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, derived)
         if resume_dir is not None:
             self._resume()
+        gns_on, self.gns_reason = gns_decision(cfg.train.gns, derived.accum_steps, backend.world_size)
+        if gns_on:
+            self.add_callback(GradientNoiseScale())
 
         if backend.is_main:
             ckpt.atomic_write_text(run_dir / "config.yaml",
@@ -371,7 +376,7 @@ class Trainer:
                 state.window += 1
                 state.samples += len(window)
                 epoch_done = state.window == len(epoch_windows)
-                log_due, eval_due, save_due = self._due(epoch_done)
+                log_due, eval_due, save_due = self._due(epoch_done, len(window))
                 if not (log_due or eval_due or save_due):
                     self.callbacks.on_step(self, None)
                     continue  # the host does not wait for the device between log lines
@@ -418,11 +423,14 @@ class Trainer:
             order = length_grouped(order, self.data.train.lengths, cfg.batch.effective, cfg.train.seed, state.epoch)
         return order
 
-    def _due(self, epoch_done: bool) -> tuple[bool, bool, bool]:
-        """(log, evaluate, save) at the step just taken."""
-        cfg, step = self.cfg, self.state.step
-        every = cfg.eval.every_steps
-        eval_due = bool(every and step % every == 0) or (not every and epoch_done) or step == self.derived.total_steps
+    def _due(self, epoch_done: bool, window_examples: int) -> tuple[bool, bool, bool]:
+        """(log, evaluate, save) at the step just taken (over `window_examples` examples)."""
+        cfg, step, samples = self.cfg, self.state.step, self.state.samples
+        every, every_examples = cfg.eval.every_steps, cfg.eval.every_examples
+        # eval.every_examples: at the step whose window crosses a multiple, so every EBS meets the same data points
+        crossed = bool(every_examples) and samples // every_examples > (samples - window_examples) // every_examples
+        eval_due = bool(every and step % every == 0) or crossed or \
+            (not (every or every_examples) and epoch_done) or step == self.derived.total_steps
         save_due = epoch_done or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
         log_due = step % cfg.train.log_every_steps == 0 or epoch_done
         return log_due, eval_due, save_due
@@ -522,6 +530,7 @@ class Trainer:
         state, data = self.state, self.data
         since = state.since_eval
         record = {"event": "eval", "epoch": state.step / self.derived.steps_per_epoch, "step": state.step,
+                  "samples": state.samples,
                   "train/loss": since.loss_sum / since.count if since.count else None,
                   "train/acc": since.correct / since.count if since.count else None,
                   **val.record("val"), **test.record("test"), "elapsed_s": self.elapsed()}
@@ -640,4 +649,4 @@ def _startup_text(trainer: Trainer) -> str:
     if cfg.data.group_by_length:
         head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
                     "the default)")
-    return "\n".join(head + [derived.describe(cfg)])
+    return "\n".join(head + [derived.describe(cfg), f"gradient noise scale {trainer.gns_reason}"])

@@ -383,7 +383,7 @@ class Trainer:
 
                 # the one host sync: this step's sums and those since the previous read, on every process
                 step_sums, since_read, (grad_norm_value, *_) = _to_host(
-                    torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(4)]))
+                    torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(len(unread))]))
                 state.train_time_s += time.perf_counter() - self.read_clock
                 unread.zero_()
                 loss_sum, correct, count = step_sums[:3]

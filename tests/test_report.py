@@ -201,35 +201,43 @@ def test_report_end_to_end(tmp_path, capsys):
     # collapsed 0.5 is not bold in test loss although ties exist: only completed rows compete
     assert "batch.effective" in header and "train.seed" in header
 
-    # grouped: EBS 1024 has n=1 and 1 left out; its mean is 0.80, not (0.5 + 0.8) / 2
+    # grouped: every run counts; EBS 1024's collapsed run enters the mean with its score: (0.5 + 0.8) / 2
     g_rows = _table_rows(md, "## Configurations")
     gh, gb = g_rows[0], g_rows[1:4]
     by_label = {r[0]: r for r in gb}
     assert set(by_label) == {"batch.effective=64", "batch.effective=256", "batch.effective=1024"}
     r1024 = by_label["batch.effective=1024"]
-    assert r1024[gh.index("n")] == "1" and r1024[gh.index("left out")] == "1"
-    assert r1024[gh.index("test acc (best) mean ± std")] == "0.8000"
+    assert [r1024[gh.index(h)] for h in ("started", "completed", "collapsed", "diverged", "failed")] == \
+        ["2", "1", "1", "0", "0"]
+    assert r1024[gh.index("collapse rate")] == "50%"
+    assert r1024[gh.index("test acc (best) mean ± std")].startswith("0.6500 ± ")
     r64 = by_label["batch.effective=64"]
     assert r64[gh.index("test acc (best) mean ± std")] == "0.9200 ± 0.0200"
     half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)
     assert r64[gh.index("95% CI")] == f"[{0.92 - half:.4f}, {0.92 + half:.4f}]"
+    # two seeds of 0.5 and 0.8: the t-interval would leave [0, 1], so n is too small for one
+    assert r1024[gh.index("95% CI")] == "n = 2 is too small for an interval inside [0, 1]"
 
-    # significance: 64 is best; vs 256 b=12, c=0 -> p = 2 * 0.5**12, Holm over 2 comparisons
-    sig = md.split("## Significance", 1)[1].split("## Plots", 1)[0]
-    assert "Best configuration (highest mean test acc, best checkpoint): **batch.effective=64**" in sig
+    # comparisons: paired t over seeds; 64 vs 256 per-seed differences 0.05, 0.06, 0.07
+    sig = md.split("## Comparisons", 1)[1].split("## Plots", 1)[0]
+    assert "Reference configuration (highest mean validation acc at the best checkpoint): " \
+           "**batch.effective=64**" in sig and "never used to choose" in sig
+    data = json.loads((out / "report.json").read_text())
+    c256 = [c for c in data["comparisons"] if c["b"] == "batch.effective=256"][0]
+    assert c256["per_seed_diff"] == pytest.approx([0.05, 0.06, 0.07])
+    assert c256["p"] == pytest.approx(stats.ttest_1samp([0.05, 0.06, 0.07], 0).pvalue)
+    c1024 = [c for c in data["comparisons"] if c["b"] == "batch.effective=1024"][0]
+    assert c1024["seeds"] == ["1", "2"] and c1024["per_seed_diff"] == pytest.approx([0.40, 0.12])
+    assert c256["p_holm"] == pytest.approx(min(1, 2 * min(c256["p"], c1024["p"])) if c256["p"] < c1024["p"]
+                                           else max(c256["p"], 2 * c1024["p"]))
     line256 = [ln for ln in sig.splitlines() if "vs batch.effective=256" in ln][0]
-    assert "+4.0 pt" in line256  # 100% vs 96% on 300 paired predictions
-    assert "300 paired" in line256 and "12 right only with the first, 0 only" in line256
-    p_raw = 2 * 0.5 ** 12
-    assert f"p = {'< 0.001' if 2 * p_raw < 0.001 else round(2 * p_raw, 3)}" in line256
-    # vs 1024: only seed 2 in common (seed 1 collapsed), b=c=0 -> p = 1
-    line1024 = [ln for ln in sig.splitlines() if "vs batch.effective=1024" in ln][0]
-    assert "100 paired" in line1024 and "seed(s) 2," in line1024 and "+0.0 pt" in line1024
-    assert "not significant" in line1024
+    assert "+6.0 pt test acc (mean over seeds 1, 2, 3)" in line256
+    assert "12 test examples right only with the first, 0 only with the second over 300" in line256
+    assert data["groups"][2]["collapsed"] == 1 and data["reference"] == "batch.effective=64"
 
     # left-out list
     left = md.split("## Runs left out", 1)[1]
-    assert "`ebs1024-s1` (collapsed): val acc at 0.5" in left
+    assert "`ebs1024-s1`" not in left  # collapsed runs are scored, not left out
     assert "ebs256" not in left
 
     # plots
@@ -303,4 +311,34 @@ def test_report_has_the_effective_batch_size_section_when_ebs_varies(tmp_path):
     assert [(r["effective_batch"], r["steps"]) for r in study["rows"]] == [(16, [20, 20]), (64, [10, 10])]
     assert (tmp_path / "out" / "ebs_steps_vs_examples.png").exists()
     md_one = report.build_report([tmp_path / "one"], tmp_path / "out1").read_text()
-    assert "## Effective batch size" not in md_one and not (tmp_path / "out1" / "report.json").exists()
+    assert "## Effective batch size" not in md_one
+    assert "ebs_study" not in json.loads((tmp_path / "out1" / "report.json").read_text())
+
+
+def test_reference_is_chosen_by_validation_not_test(tmp_path):
+    # A: best on test (0.95) but worse on validation (0.80); B: best on validation (0.90)
+    for seed in (1, 2, 3):
+        make_run(tmp_path, f"a{seed}", seed=seed, lr_scaling="none", test_acc=0.95, val_acc=0.80 + seed / 1000)
+        make_run(tmp_path, f"b{seed}", seed=seed, lr_scaling="sqrt", test_acc=0.85, val_acc=0.90 + seed / 1000)
+    out = tmp_path / "rep"
+    report.build_report([tmp_path], out)
+    data = json.loads((out / "report.json").read_text())
+    assert data["reference"] == "optim.lr_scaling=sqrt" and data["selection"] == "validation"
+    assert data["comparisons"][0]["estimate"] == pytest.approx(-0.10)  # reference minus other, on test
+
+
+def test_grouping_ignores_batch_micro_and_counts_collapsed(tmp_path):
+    runs = []
+    for seed, micro in ((1, 8), (2, 16), (3, 32)):
+        d = make_run(tmp_path, f"r{seed}", seed=seed, status="collapsed" if seed == 3 else "completed",
+                     test_acc=0.5 if seed == 3 else 0.9)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["batch"]["micro"] = micro
+        cfg["track"] = ["jsonl"] if seed == 1 else ["jsonl", "tensorboard"]
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs.append(report.load_run(d))
+    groups = report.group_runs(runs)
+    assert len(groups) == 1 and len(groups[0].runs) == 3
+    assert groups[0].stats("best")[0] == pytest.approx((0.9 + 0.9 + 0.5) / 3)  # collapsed run included
+    groups[0].exclude_collapsed = True
+    assert groups[0].stats("best")[0] == pytest.approx(0.9)  # --exclude-collapsed: the old view

@@ -36,11 +36,17 @@ import yaml
 from scipy import stats
 
 from ebslab import ebs_study
+from ebslab import stats as seed_stats
 from ebslab.config import UserError, flatten as config_flatten
 
 OK_STATUS = "completed"
 GROUP_EXCLUDED_PREFIXES = ("out.", "derived.")
 GROUP_EXCLUDED_KEYS = ("train.seed",)
+# keys that provably do not change what is trained (accumulation is exact by the loss rule): never split a group
+NOT_TRAINING_KEYS = ("batch.micro", "batch.auto_cap", "batch.auto_cpu_tokens", "train.backend", "train.device",
+                     "track", "eval.batch_size", "train.log_every_steps")
+NOT_TRAINING_PREFIXES = ("checkpoint.",)
+SCORED_STATUSES = ("completed", "collapsed")
 ALPHA = 0.05
 
 
@@ -258,7 +264,8 @@ class Run:
 
 
 def _in_group(key: str) -> bool:
-    return key not in GROUP_EXCLUDED_KEYS and not key.startswith(GROUP_EXCLUDED_PREFIXES)
+    return (key not in GROUP_EXCLUDED_KEYS and key not in NOT_TRAINING_KEYS
+            and not key.startswith(GROUP_EXCLUDED_PREFIXES + NOT_TRAINING_PREFIXES))
 
 
 def _num(v: Any, default: float = math.nan) -> float:
@@ -354,9 +361,21 @@ class Group:
     runs: list[Run]
     label: str = ""
 
+    exclude_collapsed: bool = False
+
     @property
     def ok_runs(self) -> list[Run]:
-        return [r for r in self.runs if r.ok]
+        """Runs that enter means and tests: completed, and collapsed with their score (unless excluded)."""
+        allowed = ("completed",) if self.exclude_collapsed else SCORED_STATUSES
+        return [r for r in self.runs if r.status in allowed]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.runs)
+
+    def val_mean(self, metric: str = "acc") -> float:
+        vals = [r.val(metric) for r in self.ok_runs]
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else math.nan
 
     @property
     def config(self) -> dict[str, Any]:
@@ -393,72 +412,82 @@ def pair_label(a: Group, b: Group) -> tuple[str, str]:
 
 @dataclass
 class Comparison:
+    """The reference configuration against another, paired by seed (ebslab.seed_stats.seed_comparison)."""
     other: Group
     best: Group
     seeds: list
-    n: int
-    acc_best: float
-    acc_other: float
-    b: int  # best right, other wrong
-    c: int  # best wrong, other right
-    p: float
+    diffs: list[float]  # per-seed test acc (best checkpoint): reference minus other
+    result: dict
+    b: int = 0  # pooled over seeds: reference right, other wrong (secondary, within-seed evidence)
+    c: int = 0
+    n: int = 0
+    mcnemar: list[float] = field(default_factory=list)  # within-seed McNemar p per seed (secondary)
     p_holm: float = math.nan
     note: str | None = None
 
     @property
+    def p(self) -> float:
+        return self.result.get("p", math.nan) if self.result else math.nan
+
+    @property
     def diff_pt(self) -> float:
-        return 100.0 * (self.acc_best - self.acc_other)
+        return 100.0 * self.result["estimate"] if self.result else math.nan
 
 
-def paired_counts(best_runs: Sequence[Run], other_runs: Sequence[Run], which: str = "best"):
-    """Pool per-example correctness over the seeds both ran, matched by (seed, index).
-
-    Returns (seeds, n, acc_best, acc_other, b, c, note); note says why no test is possible.
-    """
-    import pandas as pd
-
-    by_seed_b = {r.seed: r for r in best_runs}
-    by_seed_o = {r.seed: r for r in other_runs}
-    seeds = sorted(set(by_seed_b) & set(by_seed_o), key=_sort_value)
-    if not seeds:
-        return [], 0, math.nan, math.nan, 0, 0, "no seed in common"
-    parts = []
-    used = []
+def paired_seeds(best_runs: Sequence[Run], other_runs: Sequence[Run], metric: str = "acc"):
+    """(seeds, per-seed differences best - other of the test metric at the best checkpoint)."""
+    by_b = {r.seed: r for r in best_runs}
+    by_o = {r.seed: r for r in other_runs}
+    seeds = sorted(set(by_b) & set(by_o), key=_sort_value)
+    used, diffs = [], []
     for s in seeds:
-        pb, po = by_seed_b[s].load_predictions(which), by_seed_o[s].load_predictions(which)
+        d = by_b[s].test("best", metric) - by_o[s].test("best", metric)
+        if not math.isnan(d):
+            used.append(s)
+            diffs.append(d)
+    return used, diffs
+
+
+def within_seed_counts(best_runs: Sequence[Run], other_runs: Sequence[Run], seeds: Sequence) -> tuple:
+    """Secondary evidence: per seed, examples only one of the two got right (b, c), and McNemar per seed."""
+    by_b = {r.seed: r for r in best_runs}
+    by_o = {r.seed: r for r in other_runs}
+    b = c = n = 0
+    per_seed = []
+    for s in seeds:
+        pb, po = by_b[s].load_predictions(), by_o[s].load_predictions()
         if pb is None or po is None:
             continue
-        m = pd.merge(pb, po, on="index", suffixes=("_b", "_o"))
-        if len(m) == 0:
+        m = pb.merge(po, on="index", suffixes=("_b", "_o"))
+        if len(m) == 0 or (m["label_b"] != m["label_o"]).any():
             continue
-        if (m["label_b"] != m["label_o"]).any():
-            return seeds, 0, math.nan, math.nan, 0, 0, "test labels differ at the same index (not the same test split)"
-        parts.append(m)
-        used.append(s)
-    if not parts:
-        return seeds, 0, math.nan, math.nan, 0, 0, f"no predictions/test_{which}.parquet to pair"
-    m = pd.concat(parts, ignore_index=True)
-    cb = (m["pred_b"] == m["label_b"]).to_numpy()
-    co = (m["pred_o"] == m["label_o"]).to_numpy()
-    b = int((cb & ~co).sum())
-    c = int((~cb & co).sum())
-    return used, len(m), float(cb.mean()), float(co.mean()), b, c, None
+        cb = (m["pred_b"] == m["label_b"]).to_numpy()
+        co = (m["pred_o"] == m["label_o"]).to_numpy()
+        bs, cs = int((cb & ~co).sum()), int((~cb & co).sum())
+        b, c, n = b + bs, c + cs, n + len(m)
+        per_seed.append(seed_stats.mcnemar_p(bs, cs))
+    return b, c, n, per_seed
 
 
-def compare_to_best(groups: Sequence[Group]) -> tuple[Group | None, list[Comparison]]:
-    scored = [g for g in groups if g.ok_runs and not math.isnan(g.stats("best")[0])]
+def compare_to_best(groups: Sequence[Group], metric: str = "acc") -> tuple[Group | None, list[Comparison]]:
+    """Reference = highest mean VALIDATION metric (best checkpoint); test is never used to choose."""
+    scored = [g for g in groups if g.ok_runs and not math.isnan(g.val_mean(metric))]
     if not scored:
         return None, []
-    best = max(scored, key=lambda g: g.stats("best")[0])
+    best = max(scored, key=lambda g: g.val_mean(metric))
     comps: list[Comparison] = []
     for g in scored:
         if g is best:
             continue
-        seeds, n, ab, ao, b, c, note = paired_counts(best.ok_runs, g.ok_runs)
-        p = mcnemar_p(b, c) if note is None else math.nan
-        comps.append(Comparison(other=g, best=best, seeds=seeds, n=n, acc_best=ab, acc_other=ao, b=b, c=c, p=p,
-                                note=note))
-    for comp, adj in zip(comps, holm([c.p for c in comps])):
+        seeds, diffs = paired_seeds(best.ok_runs, g.ok_runs, metric)
+        if not seeds:
+            comps.append(Comparison(other=g, best=best, seeds=[], diffs=[], result={}, note="no seed in common"))
+            continue
+        result = seed_stats.seed_comparison(diffs, alpha=ALPHA, rng=np.random.default_rng(20211), bounds=(-1.0, 1.0))
+        b, c, n, per_seed = within_seed_counts(best.ok_runs, g.ok_runs, seeds)
+        comps.append(Comparison(other=g, best=best, seeds=seeds, diffs=diffs, result=result, b=b, c=c, n=n,
+                                mcnemar=per_seed))
+    for comp, adj in zip(comps, seed_stats.holm([c.p for c in comps])):
         comp.p_holm = adj
     return best, comps
 
@@ -471,15 +500,40 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}"  # two significant digits: 0.047 must not print as 0.05 next to "significant at 0.05"
 
 
+def _pt(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f} pt"
+
+
 def comparison_sentence(comp: Comparison) -> str:
     fb, fo = pair_label(comp.best, comp.other)
     if comp.note:
-        return f"{fb} vs {fo}: no paired test ({comp.note})."
-    verdict = "significant" if comp.p_holm < ALPHA else "not significant"
+        return f"{fb} vs {fo}: no paired comparison ({comp.note})."
+    r = comp.result
     seeds = ", ".join(_fmt_value(s) for s in comp.seeds)
-    return (f"{fb} vs {fo}: {comp.diff_pt:+.1f} pt, p = {_fmt_p(comp.p_holm)} (Holm; raw {_fmt_p(comp.p)}), "
-            f"{verdict} at {ALPHA:g} — {comp.n} paired test predictions over seed(s) {seeds}, "
-            f"{comp.b} right only with the first, {comp.c} only with the second.")
+    if r["n_seeds"] < 2:
+        return (f"{fb} vs {fo}: {comp.diff_pt:+.1f} pt test acc on seed {seeds} only. One seed cannot separate two "
+                "configurations: no p-value, no interval; at least 2 seeds (and, with the usual seed-to-seed "
+                "spread, more) are needed.")
+    verdict = "significant" if comp.p_holm < ALPHA else "not significant"
+    ci = (f"[{100 * r['t_low']:+.1f}, {100 * r['t_high']:+.1f}] pt" if r["t_note"] is None else r["t_note"])
+    text = (f"{fb} vs {fo}: {comp.diff_pt:+.1f} pt test acc (mean over seeds {seeds}), 95% paired t-interval {ci}, "
+            f"P(first better) = {r['p_better']:.2f} [{r['p_better_low']:.2f}, {r['p_better_high']:.2f}], "
+            f"paired t over {r['n_seeds']} seeds p = {_fmt_p(comp.p_holm)} (Holm; raw {_fmt_p(comp.p)}): "
+            f"{verdict} at {ALPHA:g}.")
+    text += (f" With {r['n_seeds']} seeds and a seed-to-seed sd of {_pt(r['sd'])} in the difference, the smallest "
+             f"difference detectable at 80% power is {_pt(r['mdd'])}.")
+    if comp.p_holm >= ALPHA:
+        need = r["seeds_needed"]
+        if math.isnan(need):  # zero observed difference or zero spread: no number of seeds answers it
+            text += " The seeds show no difference to detect."
+        else:
+            text += (" Detecting the observed difference would need " +
+                     ("more seeds than any sweep runs." if math.isinf(need) else f"about {int(need)} seeds."))
+    if comp.n:
+        text += (f" Secondary, within seeds: {comp.b} test examples right only with the first, {comp.c} only with "
+                 f"the second over {comp.n} paired predictions (McNemar per seed: "
+                 + ", ".join(_fmt_p(p) for p in comp.mcnemar) + ").")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,20 +612,26 @@ def runs_table(runs: Sequence[Run], keys: Sequence[str]) -> str:
 
 
 def groups_table(groups: Sequence[Group]) -> tuple[str, list[list[str]]]:
-    header = ["configuration", "n", "left out", "test acc (best) mean ± std", "95% CI",
-              "test acc (last) mean ± std", "95% CI (last)"]
+    header = ["configuration", "started", "completed", "collapsed", "diverged", "failed", "collapse rate",
+              "val acc (mean)", "test acc (best) mean ± std", "95% CI", "test acc (last) mean ± std", "95% CI (last)"]
     rows = []
-    for g in groups:
-        row = [g.label, str(len(g.ok_runs)), str(len(g.runs) - len(g.ok_runs))]
+    vals = [g.val_mean("acc") for g in groups]
+    val_texts = bold_best(vals, [_fmt_num(v) for v in vals], True)
+    for g, vt in zip(groups, val_texts):
+        started = len(g.runs)
+        row = [g.label, str(started), str(g.count("completed")), str(g.count("collapsed")), str(g.count("diverged")),
+               str(started - g.count("completed") - g.count("collapsed") - g.count("diverged")),
+               f"{g.count('collapsed') / started:.0%}" if started else "", vt]
         for which in ("best", "last"):
-            m, s, lo, hi = g.stats(which)
+            m, s, _lo, _hi = g.stats(which)
             if math.isnan(m):
                 row += ["", ""]
                 continue
+            lo, hi, why = seed_stats.t_interval([r.test(which, "acc") for r in g.ok_runs], 0.95, (0.0, 1.0))
             row.append(f"{m:.4f} ± {s:.4f}" if not math.isnan(s) else f"{m:.4f}")
-            row.append(f"[{lo:.4f}, {hi:.4f}]" if not math.isnan(lo) else "n < 2")
+            row.append(f"[{lo:.4f}, {hi:.4f}]" if why is None else why)
         rows.append(row)
-    return md_table(header, rows, ["l", "r", "r", "r", "l", "r", "l"]), rows
+    return md_table(header, rows, ["l"] + ["r"] * 8 + ["l", "r", "l"]), rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,7 +736,8 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
 # The report
 
 
-def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None) -> Path:
+def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None,
+                 exclude_collapsed: bool = False) -> Path:
     """Read the run folders (or folders holding them), write out_dir/report.md and PNG plots; return report.md."""
     dirs = find_run_dirs(run_dirs)
     names = _run_names(dirs)
@@ -685,11 +746,13 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
 
     groups = group_runs(runs)
+    for g in groups:
+        g.exclude_collapsed = exclude_collapsed
     order = {id(r): i for i, r in enumerate(r for g in groups for r in g.runs)}
     runs_sorted = sorted(runs, key=lambda r: order[id(r)])
     keys = varying_keys([r.flat for r in runs])
     best, comps = compare_to_best(groups)
-    left_out = [r for r in runs_sorted if not r.ok]
+    left_out = [r for r in runs_sorted if r not in [x for g in groups for x in g.ok_runs]]
 
     plots = [
         plot_curves(groups, "val/acc", out_dir / "val_acc.png", "Validation accuracy per epoch (mean ± std over seeds)"),
@@ -710,23 +773,30 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
            runs_table(runs_sorted, keys), ""]
 
     md += ["## Configurations (grouped over seeds)", "",
-           "A configuration is every config value except `train.seed`, `out.*` and `derived.*`. "
-           "n = completed runs; mean ± sample std; 95% CI from the t-distribution (n − 1 degrees of freedom).", ""]
+           "A configuration is every config value except `train.seed`, `out.*`, `derived.*` and the keys that do "
+           "not change what is trained (" + ", ".join(f"`{k}`" for k in NOT_TRAINING_KEYS) + ", `checkpoint.*`). "
+           "Every run counts: collapsed runs enter the means with the accuracy they scored"
+           + (" — EXCLUDED here (`--exclude-collapsed`: the old view, which flatters settings that collapse)"
+              if exclude_collapsed else "")
+           + "; diverged and failed runs have no test metric and appear as counts. Mean ± sample std; 95% "
+           "t-interval, or a note when n is too small for one inside [0, 1].", ""]
     gtable, _ = groups_table(groups)
     md += [gtable, ""]
 
-    md += ["## Significance against the best configuration", ""]
+    md += ["## Comparisons with the reference configuration", ""]
     if best is None:
-        md.append("No completed run with a test accuracy: nothing to compare.")
+        md.append("No run with a validation accuracy: nothing to compare.")
     elif not comps:
-        md.append(f"Best configuration: {best.label}. No other configuration with completed runs to compare.")
+        md.append(f"Reference configuration: {best.label}. No other configuration to compare.")
     else:
-        md.append(f"Best configuration (highest mean test acc, best checkpoint): **{best.label}**.")
+        md.append(f"Reference configuration (highest mean validation acc at the best checkpoint): **{best.label}**. "
+                  "The reference, the bold marks and any ranking use validation only; test numbers are reported, "
+                  "never used to choose.")
         md.append("")
-        md.append("McNemar's exact test (two-sided, binomial on the discordant pairs) on per-example correctness "
-                  "from `predictions/test_best.parquet`, pooled over the seeds both configurations ran and matched "
-                  f"by (seed, test index); p-values Holm-corrected over the {len(comps)} comparison(s). "
-                  "The difference is in accuracy points on the paired examples (best minus other).")
+        md.append("The seed is the unit of replication: each difference is the mean over shared seeds of the per-seed "
+                  "difference in test acc (best checkpoint); p-values from a paired t-test over seeds, "
+                  f"Holm-corrected over the {len(comps)} comparison(s). One seed gives no p-value. McNemar within "
+                  "seeds is secondary evidence only.")
         md.append("")
         for comp in comps:
             md.append(f"- {comparison_sentence(comp)}")
@@ -739,10 +809,6 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
 
     ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
     md += ebs_md
-    if ebs_json is not None:
-        from ebslab.checkpoint import atomic_write_json  # here: the report needs no torch otherwise
-
-        atomic_write_json(out_dir / "report.json", {"ebs_study": ebs_json})
 
     md += ["## Runs left out", ""]
     if not left_out:
@@ -763,11 +829,55 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                                                      for w in r.warnings))
     md.append("")
 
+    from ebslab.checkpoint import atomic_write_json, atomic_write_text
+
     report = out_dir / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    tmp.replace(report)
+    data = report_data(groups, best, comps, exclude_collapsed)
+    if ebs_json is not None:
+        data["ebs_study"] = ebs_json
+    atomic_write_json(out_dir / "report.json", _clean(data))
+    atomic_write_text(report, "\n".join(md))
     return report
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN and inf become null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) or math.isinf(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def report_data(groups: Sequence[Group], best: Group | None, comps: Sequence[Comparison],
+                exclude_collapsed: bool) -> dict:
+    """Every number of report.md's configuration and comparison sections."""
+    out_groups = []
+    for g in groups:
+        m, sd, _, _ = g.stats("best")
+        lo, hi, why = seed_stats.t_interval([r.test("best", "acc") for r in g.ok_runs], 0.95, (0.0, 1.0))
+        out_groups.append({
+            "label": g.label, "config": {k: _fmt_value(v) for k, v in g.key},
+            "started": len(g.runs), "completed": g.count("completed"), "collapsed": g.count("collapsed"),
+            "diverged": g.count("diverged"),
+            "failed": len(g.runs) - g.count("completed") - g.count("collapsed") - g.count("diverged"),
+            "collapse_rate": g.count("collapsed") / len(g.runs) if g.runs else math.nan,
+            "val_acc_mean": g.val_mean("acc"), "test_best_acc_mean": m, "test_best_acc_sd": sd,
+            "test_best_acc_ci": [lo, hi], "test_best_acc_ci_note": why, "test_last_acc_mean": g.stats("last")[0]})
+    out_comps = []
+    for c in comps:
+        out_comps.append({"a": c.best.label, "b": c.other.label, "seeds": [_fmt_value(s) for s in c.seeds],
+                          "per_seed_diff": c.diffs, **(c.result or {}), "p_holm": c.p_holm,
+                          "significant": bool(c.p_holm < ALPHA) if not math.isnan(c.p_holm) else None,
+                          "within_seed": {"b": c.b, "c": c.c, "n": c.n, "mcnemar_p": c.mcnemar},
+                          "note": c.note, "sentence": comparison_sentence(c)})
+    return {"metric": "acc", "alpha": ALPHA, "test": "paired t over seeds", "selection": "validation",
+            "exclude_collapsed": exclude_collapsed, "reference": best.label if best else None,
+            "groups": out_groups, "comparisons": out_comps}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -778,18 +888,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy the effective-batch-size section measures steps to (default: the "
                              "highest value every run reached)")
+    parser.add_argument("--exclude-collapsed", action="store_true",
+                        help="leave collapsed runs out of means and tests (the old view; labelled in the report)")
 
 
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
-    report = build_report(dirs, Path(out), getattr(args, "target", None))
+    excl = bool(getattr(args, "exclude_collapsed", False))
+    report = build_report(dirs, Path(out), getattr(args, "target", None), exclude_collapsed=excl)
     runs = [load_run(d) for d in find_run_dirs(dirs)]
     groups = group_runs(runs)
+    for g in groups:
+        g.exclude_collapsed = excl
     print(report)
     _, rows = groups_table(groups)
     width = max([len("configuration")] + [len(r[0]) for r in rows])
-    print(f"{'configuration':<{width}}  {'n':>3}  {'test acc (best)':>17}  95% CI")
+    print(f"{'configuration':<{width}}  {'runs':>4}  {'test acc (best)':>17}  95% CI")
     for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>3}  {r[3]:>17}  {r[4]}")
+        print(f"{r[0]:<{width}}  {r[1]:>4}  {r[8]:>17}  {r[9]}")
     return 0

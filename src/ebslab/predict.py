@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from ebslab.config import Config, UserError, load_config
 from ebslab.data import DATA_SUFFIXES, TokenizedSplit, _read_file, _read_path, collate, tokenize
+from ebslab.files import atomic_write_with
 
 # only these may differ from the run's config at prediction time: they move the work, never its numbers
 PREDICT_OVERRIDES = ("train.device", "train.precision", "eval.batch_size")
@@ -201,22 +201,16 @@ def write_table(table: pd.DataFrame, out: str | None) -> None:
         return
     path = Path(out)
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix == ".parquet":
             table.to_parquet(tmp, index=False)
         elif suffix == ".jsonl":
             table.to_json(tmp, orient="records", lines=True, force_ascii=False)
         else:
             table.to_csv(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        from ebslab.checkpoint import storage_error
 
-        raise storage_error(path, e) from None
+    atomic_write_with(path, write)
 
 
 def predict_texts(run: LoadedRun, texts: list[str], progress: bool | None = None) -> np.ndarray:

@@ -20,13 +20,14 @@ from ebslab.config import UserError
 def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling: str = "none",
              model: str = "minilm", status: str = "completed", test_acc: float = 0.9, test_last: float | None = None,
              val_acc: float = 0.9, duration: float = 100.0, evals: list[tuple[float, float]] | None = None,
-             correct: np.ndarray | None = None, torn: bool = False, summary: bool = True, message=None) -> Path:
+             correct: np.ndarray | None = None, torn: bool = False, summary: bool = True, message=None,
+             micro: int = 16) -> Path:
     """A run folder as docs/run-folder.md describes it. evals: (val/acc, val/loss) per epoch."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {
         "model": {"name": model, "pooling": "cls", "dropout": 0.1},
-        "batch": {"effective": ebs, "micro": 16},
+        "batch": {"effective": ebs, "micro": micro},
         "optim": {"name": "adamw", "lr": 5e-5, "lr_scaling": lr_scaling, "betas": [0.9, 0.999]},
         "train": {"epochs": 2, "seed": seed},
         "out": {"dir": str(root), "name": name},
@@ -55,7 +56,9 @@ def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling:
         n = len(correct)
         labels = np.arange(n) % 2
         preds = np.where(correct, labels, 1 - labels)
-        pd.DataFrame({"index": np.arange(n), "label": labels, "pred": preds, "prob": 0.9}).to_parquet(
+        prob1 = np.where(preds == 1, 0.9, 0.1)
+        pd.DataFrame({"index": np.arange(n), "label": labels, "pred": preds, "prob": 0.9, "prob_0": 1 - prob1,
+                      "prob_1": prob1}).to_parquet(
             d / "predictions" / "test_best.parquet")
     return d
 
@@ -85,8 +88,6 @@ def test_mcnemar_exact_known_counts():
     assert report.mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096)
     assert report.mcnemar_p(10, 2) == pytest.approx(0.0386, abs=5e-5)
     assert report.mcnemar_p(2, 10) == report.mcnemar_p(10, 2)
-    # mid-p subtracts P(X = 2) = 66/4096
-    assert report.mcnemar_p(10, 2, mid_p=True) == pytest.approx((2 * 79 - 66) / 4096)
     assert report.mcnemar_p(5, 5) == 1.0
     assert report.mcnemar_p(0, 0) == 1.0
 
@@ -201,44 +202,37 @@ def test_report_end_to_end(tmp_path, capsys):
     # collapsed 0.5 is not bold in test loss although ties exist: only completed rows compete
     assert "batch.effective" in header and "train.seed" in header
 
-    # grouped: every run counts; EBS 1024's collapsed run enters the mean with its score: (0.5 + 0.8) / 2
+    # grouped: EBS 1024 started 2, 1 completed, 1 collapsed; the collapsed 0.5 enters its mean: (0.5 + 0.8) / 2
     g_rows = _table_rows(md, "## Configurations")
     gh, gb = g_rows[0], g_rows[1:4]
-    by_label = {r[0]: r for r in gb}
+    by_label = {r[0].replace(" (reference)", ""): r for r in gb}
     assert set(by_label) == {"batch.effective=64", "batch.effective=256", "batch.effective=1024"}
     r1024 = by_label["batch.effective=1024"]
-    assert [r1024[gh.index(h)] for h in ("started", "completed", "collapsed", "diverged", "failed")] == \
-        ["2", "1", "1", "0", "0"]
-    assert r1024[gh.index("collapse rate")] == "50%"
-    assert r1024[gh.index("test acc (best) mean ± std")].startswith("0.6500 ± ")
+    assert [r1024[gh.index(h)] for h in ("started", "completed", "collapsed", "collapse rate")] == ["2", "1", "1", "50%"]
+    assert r1024[gh.index("test acc (best) mean ± std")] == f"0.6500 ± {np.std([0.5, 0.8], ddof=1):.4f}"
     r64 = by_label["batch.effective=64"]
     assert r64[gh.index("test acc (best) mean ± std")] == "0.9200 ± 0.0200"
     half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)
-    assert r64[gh.index("95% CI")] == f"[{0.92 - half:.4f}, {0.92 + half:.4f}]"
-    # two seeds of 0.5 and 0.8: the t-interval would leave [0, 1], so n is too small for one
-    assert r1024[gh.index("95% CI")] == "n = 2 is too small for an interval inside [0, 1]"
+    assert r64[gh.index("95% t-interval")] == f"[{0.92 - half:.4f}, {0.92 + half:.4f}]"
 
-    # comparisons: paired t over seeds; 64 vs 256 per-seed differences 0.05, 0.06, 0.07
-    sig = md.split("## Comparisons", 1)[1].split("## Plots", 1)[0]
-    assert "Reference configuration (highest mean validation acc at the best checkpoint): " \
-           "**batch.effective=64**" in sig and "never used to choose" in sig
-    data = json.loads((out / "report.json").read_text())
-    c256 = [c for c in data["comparisons"] if c["b"] == "batch.effective=256"][0]
-    assert c256["per_seed_diff"] == pytest.approx([0.05, 0.06, 0.07])
-    assert c256["p"] == pytest.approx(stats.ttest_1samp([0.05, 0.06, 0.07], 0).pvalue)
-    c1024 = [c for c in data["comparisons"] if c["b"] == "batch.effective=1024"][0]
-    assert c1024["seeds"] == ["1", "2"] and c1024["per_seed_diff"] == pytest.approx([0.40, 0.12])
-    assert c256["p_holm"] == pytest.approx(min(1, 2 * min(c256["p"], c1024["p"])) if c256["p"] < c1024["p"]
-                                           else max(c256["p"], 2 * c1024["p"]))
-    line256 = [ln for ln in sig.splitlines() if "vs batch.effective=256" in ln][0]
-    assert "+6.0 pt test acc (mean over seeds 1, 2, 3)" in line256
-    assert "12 test examples right only with the first, 0 only with the second over 300" in line256
-    assert data["groups"][2]["collapsed"] == 1 and data["reference"] == "batch.effective=64"
+    # comparisons against the reference (EBS 64: best mean val acc 0.93), paired by seed
+    sig = md.split("## Each configuration against the reference", 1)[1].split("## Plots", 1)[0]
+    assert "Reference (best mean validation `acc`): **batch.effective=64**" in sig
+    line256 = [ln for ln in sig.splitlines() if ln.startswith("- batch.effective=256 vs")][0]
+    d = np.array([0.85, 0.86, 0.87]) - np.array([0.90, 0.92, 0.94])  # summaries' test acc, per seed
+    p_raw = stats.ttest_1samp(d, 0.0).pvalue
+    assert f"{100 * d.mean():+.2f} pt (mean of 3 per-seed differences)" in line256
+    assert f"raw {p_raw:.2g})" in line256
+    assert "McNemar" not in line256  # never the headline
+    assert "they disagree on 4 of 100 test examples per seed" in sig
+    # vs 1024: seeds 1 (collapsed, 0.5) and 2 (0.8) pair with 64's seeds 1 and 2
+    line1024 = [ln for ln in sig.splitlines() if ln.startswith("- batch.effective=1024 vs")][0]
+    assert f"{100 * np.mean([0.5 - 0.90, 0.80 - 0.92]):+.2f} pt (mean of 2 per-seed" in line1024
+    assert "Nothing is selected on test" in md
 
-    # left-out list
-    left = md.split("## Runs left out", 1)[1]
-    assert "`ebs1024-s1`" not in left  # collapsed runs are scored, not left out
-    assert "ebs256" not in left
+    # left-out list: the collapsed run has a score, so none is left out
+    left = md.split("## Runs without a test metric", 1)[1]
+    assert "None: every run has a test metric." in left
 
     # plots
     for name in ("val_acc.png", "val_loss.png", "test_acc_vs_ebs.png"):
@@ -315,19 +309,58 @@ def test_report_has_the_effective_batch_size_section_when_ebs_varies(tmp_path):
     assert "ebs_study" not in json.loads((tmp_path / "out1" / "report.json").read_text())
 
 
+# ---------------------------------------------------------------------------------------------- issue 13
+
+
+def _report(tmp_path, runs, **kw) -> tuple[str, dict]:
+    out = tmp_path / "out"
+    report.build_report([runs], out, n_boot=kw.pop("n_boot", 500), **kw)
+    return (out / "report.md").read_text(), json.loads((out / "report.json").read_text())
+
+
 def test_reference_is_chosen_by_validation_not_test(tmp_path):
-    # A: best on test (0.95) but worse on validation (0.80); B: best on validation (0.90)
+    runs = tmp_path / "sw"
+    # EBS 64: best on val (0.95) but worse on test (0.80); EBS 256 the reverse
     for seed in (1, 2, 3):
-        make_run(tmp_path, f"a{seed}", seed=seed, lr_scaling="none", test_acc=0.95, val_acc=0.80 + seed / 1000)
-        make_run(tmp_path, f"b{seed}", seed=seed, lr_scaling="sqrt", test_acc=0.85, val_acc=0.90 + seed / 1000)
-    out = tmp_path / "rep"
-    report.build_report([tmp_path], out)
-    data = json.loads((out / "report.json").read_text())
-    assert data["reference"] == "optim.lr_scaling=sqrt" and data["selection"] == "validation"
-    assert data["comparisons"][0]["estimate"] == pytest.approx(-0.10)  # reference minus other, on test
+        make_run(runs, f"a{seed}", ebs=64, seed=seed, val_acc=0.95, test_acc=0.80 + seed / 100)
+        make_run(runs, f"b{seed}", ebs=256, seed=seed, val_acc=0.85, test_acc=0.90 + seed / 100)
+    md, rep = _report(tmp_path, runs)
+    assert rep["reference"] == "batch.effective=64"
+    assert "Reference (best mean validation `acc`): **batch.effective=64**" in md
+    [c] = rep["comparisons"]
+    assert (c["a"], c["b"]) == ("batch.effective=256", "batch.effective=64")
+    assert c["estimate"] == pytest.approx(0.10)
+    # main effect: 256 against the best-on-val level 64
+    [e] = rep["main_effects"]
+    assert (e["key"], e["level"], e["vs"]) == ("batch.effective", "256", "64")
+    assert e["estimate"] == pytest.approx(0.10)
 
 
-def test_grouping_ignores_batch_micro_and_counts_collapsed(tmp_path):
+def test_collapsed_counted_included_and_excluded_with_flag(tmp_path):
+    runs = tmp_path / "sw"
+    for seed, acc in zip((1, 2, 3), (0.90, 0.91, 0.92)):
+        make_run(runs, f"a{seed}", ebs=64, seed=seed, test_acc=acc, val_acc=0.9)
+    make_run(runs, "b1", ebs=1024, seed=1, status="collapsed", test_acc=0.5, val_acc=0.5)
+    make_run(runs, "b2", ebs=1024, seed=2, test_acc=0.88, val_acc=0.88)
+    make_run(runs, "b3", ebs=1024, seed=3, status="diverged", summary=True, test_acc=float("nan"))
+    md, rep = _report(tmp_path, runs)
+    g = {x["label"]: x for x in rep["groups"]}["batch.effective=1024"]
+    assert (g["started"], g["completed"], g["collapsed"], g["diverged"], g["failed"]) == (3, 1, 1, 1, 0)
+    assert g["collapse_rate"] == pytest.approx(0.5)
+    assert g["test_mean"] == pytest.approx((0.5 + 0.88) / 2) and g["n_scored"] == 2
+    [c] = rep["comparisons"]
+    assert c["seeds"] == [1, 2] and c["estimate"] == pytest.approx(np.mean([0.5 - 0.90, 0.88 - 0.91]))
+    assert "`b3` (diverged)" in md.split("## Runs without a test metric", 1)[1]
+    assert "Old view" not in md
+
+    md_old, old = _report(tmp_path / "old", runs, exclude_collapsed=True)
+    g = {x["label"]: x for x in old["groups"]}["batch.effective=1024"]
+    assert g["test_mean"] == pytest.approx(0.88) and g["n_scored"] == 1 and g["collapsed"] == 1
+    assert "Old view (--exclude-collapsed)" in md_old and old["exclude_collapsed"] is True
+    assert "`b1` (collapsed)" in md_old.split("## Runs without a test metric", 1)[1]
+
+
+def test_grouping_ignores_batch_micro_and_track_and_counts_collapsed(tmp_path):
     runs = []
     for seed, micro in ((1, 8), (2, 16), (3, 32)):
         d = make_run(tmp_path, f"r{seed}", seed=seed, status="collapsed" if seed == 3 else "completed",
@@ -340,5 +373,145 @@ def test_grouping_ignores_batch_micro_and_counts_collapsed(tmp_path):
     groups = report.group_runs(runs)
     assert len(groups) == 1 and len(groups[0].runs) == 3
     assert groups[0].stats("best")[0] == pytest.approx((0.9 + 0.9 + 0.5) / 3)  # collapsed run included
-    groups[0].exclude_collapsed = True
-    assert groups[0].stats("best")[0] == pytest.approx(0.9)  # --exclude-collapsed: the old view
+    assert groups[0].stats("best", exclude_collapsed=True)[0] == pytest.approx(0.9)  # the old view
+
+
+def test_a_comparison_with_no_spread_and_no_difference_says_so(tmp_path):
+    runs = tmp_path / "sw"
+    for seed in (1, 2, 3):
+        make_run(runs, f"a{seed}", ebs=64, seed=seed, val_acc=0.9, test_acc=0.9)
+        make_run(runs, f"b{seed}", ebs=256, seed=seed, val_acc=0.8, test_acc=0.9)
+    md, rep = _report(tmp_path, runs)
+    [c] = rep["comparisons"]
+    assert c["estimate"] == 0.0 and c["p"] == 1.0 and c["seeds_needed"] is None
+    assert "the seeds show no difference to detect" in md
+
+
+def test_grouping_ignores_batch_micro_and_says_identical(tmp_path):
+    runs = tmp_path / "sw"
+    for seed in (1, 2):
+        for micro in (8, 16):
+            make_run(runs, f"m{micro}-s{seed}", ebs=64, seed=seed, micro=micro, test_acc=0.9 + seed / 100)
+    md, rep = _report(tmp_path, runs)
+    assert [g["label"] for g in rep["groups"]] == ["all runs"] and rep["groups"][0]["started"] == 4
+    assert rep["ignored_keys"] == [{"key": "batch.micro", "pairs": 2, "max_abs_difference": 0.0, "identical": True}]
+    assert "`batch.micro` varies but does not change what is trained" in md and "identical test acc" in md
+    # a micro-batch that changed the result is reported as not identical
+    runs2 = tmp_path / "sw2"
+    make_run(runs2, "m8", micro=8, test_acc=0.90)
+    make_run(runs2, "m16", micro=16, test_acc=0.93)
+    md2, rep2 = _report(tmp_path / "o2", runs2)
+    assert rep2["ignored_keys"][0]["max_abs_difference"] == pytest.approx(0.03)
+    assert "not identical" in md2
+
+
+def test_one_seed_gives_no_p_value(tmp_path):
+    runs = tmp_path / "sw"
+    n = 24
+    make_run(runs, "a", ebs=64, seed=1, test_acc=1.0, val_acc=0.9, correct=np.ones(n, bool))
+    c = np.ones(n, bool)
+    c[:11] = False
+    make_run(runs, "b", ebs=256, seed=1, test_acc=13 / 24, val_acc=0.8, correct=c)
+    md, rep = _report(tmp_path, runs)
+    [comp] = rep["comparisons"]
+    assert comp["n_seeds"] == 1 and comp["p"] is None and comp["p_holm"] is None and comp["t_ci"] == [None, None]
+    line = [ln for ln in md.splitlines() if ln.startswith("- batch.effective=256 vs")][0]
+    assert "One seed cannot separate the configurations: no p-value." in line
+    assert "p = " not in line and "significant" not in line
+    assert "Run at least 3 seeds" in line  # no spread anywhere in this report to size it
+    [e] = rep["main_effects"]
+    assert e["p_holm"] is None
+    assert "n/a (one seed)" in md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
+    # a second seed of the reference alone gives a spread: the sentence says how many seeds would be needed
+    from ebslab import stats as st
+
+    make_run(runs, "a2", ebs=64, seed=2, test_acc=0.96, val_acc=0.9)
+    md, rep = _report(tmp_path / "o2", runs)
+    sd = math.sqrt(2 * np.var([1.0, 0.96], ddof=1))
+    need = int(st.seeds_needed(13 / 24 - 1.0, sd))
+    assert rep["comparisons"][0]["p"] is None and need >= 2
+    assert f"would need {need} seeds" in [ln for ln in md.splitlines() if ln.startswith("- batch.effective=256")][0]
+
+
+def test_report_json_numbers_equal_the_stats_functions(tmp_path):
+    from ebslab import stats as st
+
+    runs = tmp_path / "sw"
+    n, rng = 60, np.random.default_rng(3)
+    ref_acc, oth_acc, diffs = {}, {}, []
+    for seed in (1, 2, 3, 4):
+        ca = rng.random(n) < 0.85
+        cb = ca.copy()
+        flip = rng.choice(n, 6, replace=False)
+        cb[flip] = ~cb[flip]
+        make_run(runs, f"a{seed}", ebs=64, seed=seed, val_acc=0.9, test_acc=ca.mean(), correct=ca)
+        make_run(runs, f"b{seed}", ebs=256, seed=seed, val_acc=0.8, test_acc=cb.mean(), correct=cb)
+        diffs.append(cb.astype(float) - ca)
+    md, rep = _report(tmp_path, runs, n_boot=2000)
+    [c] = rep["comparisons"]
+    d = np.array([x.mean() for x in diffs])
+    assert c["differences"] == pytest.approx(list(d))
+    expect = st.seed_comparison(d, bounds=(-1.0, 1.0), n_boot=2000)
+    assert c["estimate"] == pytest.approx(d.mean())
+    assert c["p"] == pytest.approx(st.paired_t_test(d)) and c["p_holm"] == pytest.approx(c["p"])  # family of 1
+    assert c["t_ci"] == pytest.approx([expect["t_low"], expect["t_high"]])
+    assert c["mde"] == pytest.approx(st.minimal_detectable_difference(d.std(ddof=1), 4))
+    assert c["prob_improvement"][0] == pytest.approx(np.mean(d > 0) + 0.5 * np.mean(d == 0))
+    # the bootstrap interval: the stats function on the same per-example arrays brackets the same estimate
+    lo, hi = st.percentile_interval(st.two_level_bootstrap_mean(diffs, 2000, np.random.default_rng(7)))
+    assert c["ci"][0] == pytest.approx(lo, abs=0.02) and c["ci"][1] == pytest.approx(hi, abs=0.02)
+    assert c["ci"][0] < d.mean() < c["ci"][1]
+    assert c["disagreements"] == [6, 6, 6, 6] and c["examples"] == [60] * 4
+    # the markdown shows the json's numbers
+    assert f"{100 * c['estimate']:+.2f} pt" in md and f"raw {c['p']:.2g})" in md
+
+
+def test_metric_flag_uses_prob_columns_and_rejects_unknown(tmp_path):
+    runs = tmp_path / "sw"
+    for seed in (1, 2):
+        make_run(runs, f"a{seed}", ebs=64, seed=seed, correct=np.ones(20, bool))
+        c = np.ones(20, bool)
+        c[: 2 * seed] = False
+        make_run(runs, f"b{seed}", ebs=256, seed=seed, correct=c)
+    with pytest.raises(UserError, match="unknown metric"):
+        report.build_report([runs], tmp_path / "bad", metric="accuracy")
+    assert not (tmp_path / "bad").exists()
+    md, rep = _report(tmp_path, runs, metric="loss", n_boot=200)
+    assert rep["metric"] == "loss" and rep["higher_is_better"] is False
+    [c] = rep["comparisons"]
+    # summaries carry loss 0.3 for every run: the estimate is 0, the bootstrap recomputes loss from prob_k
+    assert c["estimate"] == pytest.approx(0.0)
+    assert c["ci_note"] is None and c["ci"][1] > 0  # b's wrong predictions cost log-loss in every resample
+
+
+def test_main_effect_pairs_by_seed_and_other_keys_and_ranks_by_size(tmp_path):
+    from ebslab import stats as st
+
+    runs = tmp_path / "sw"
+    n, rng = 40, np.random.default_rng(5)
+    acc = {}
+    vectors = {}
+    for seed in (1, 2, 3):
+        for scaling in ("none", "sqrt"):
+            for ebs in (64, 256):
+                c = rng.random(n) < (0.9 if ebs == 64 else 0.7) - (0.02 if scaling == "sqrt" else 0.0)
+                vectors[(seed, scaling, ebs)] = c
+                acc[(seed, scaling, ebs)] = c.mean()
+                make_run(runs, f"e{ebs}-{scaling}-s{seed}", ebs=ebs, seed=seed, lr_scaling=scaling,
+                         val_acc=0.9 if ebs == 64 else 0.7, test_acc=c.mean(), correct=c)
+    md, rep = _report(tmp_path, runs, n_boot=2000)
+    effects = {e["key"]: e for e in rep["main_effects"]}
+    e = effects["batch.effective"]
+    assert (e["level"], e["vs"], e["combinations"]) == ("256", "64", [2, 2, 2])
+    d = [np.mean([acc[(s, sc, 256)] - acc[(s, sc, 64)] for sc in ("none", "sqrt")]) for s in (1, 2, 3)]
+    assert e["differences"] == pytest.approx(d)
+    assert e["p"] == pytest.approx(st.paired_t_test(d))
+    diffs = [np.mean([vectors[(s, sc, 256)].astype(float) - vectors[(s, sc, 64)] for sc in ("none", "sqrt")], axis=0)
+             for s in (1, 2, 3)]
+    lo, hi = st.percentile_interval(st.two_level_bootstrap_mean(diffs, 2000, np.random.default_rng(1)))
+    assert e["ci"][0] == pytest.approx(lo, abs=0.03) and e["ci"][1] == pytest.approx(hi, abs=0.03)
+    assert {x["p_holm"] for x in rep["main_effects"]} == set(st.holm([x["p"] for x in rep["main_effects"]]))
+    # ranked by size: the EBS effect (about -20 pt) comes before lr scaling
+    assert [x["key"] for x in rep["main_effects"]] == sorted(effects, key=lambda k: -abs(effects[k]["estimate"]))
+    table = md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
+    assert table.index("| batch.effective |") < table.index("| optim.lr_scaling |")

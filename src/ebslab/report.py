@@ -1,24 +1,21 @@
 """`ebslab report`: tables, plots and statistics from run folders only (docs/run-folder.md).
 
 What it writes into the output folder:
-- `report.md`: one row per run (best value of each column in bold, runs that did not complete marked),
-  the runs grouped over seeds into configurations (n, mean ± std, 95% t-interval of test accuracy on the best
-  and last checkpoint), significance of each configuration against the best one, and the runs left out.
-- `val_acc.png`, `val_loss.png`: val accuracy / loss per epoch, one mean line per configuration, band = ± 1 std
-  over seeds.
-- `test_acc_vs_ebs.png`: mean test accuracy (best checkpoint) against batch.effective, one line per combination
-  of the other varying keys (model.name, optim.lr_scaling, ...), error bars = 95% t-interval.
+- `report.md`: "what mattered" (main effect of each varying key, paired by seed and the other keys), one row
+  per run, the configurations over seeds (runs started / completed / collapsed / diverged / failed, validation
+  and test means), each configuration against the reference, and the runs without a test metric.
+- `report.json`: every number the markdown shows (groups, comparisons, main effects, ignored keys).
+- `val_acc.png`, `val_loss.png`, `test_acc_vs_ebs.png`.
 
-Statistics:
-- A configuration is every config value except `train.seed`, `out.*` and `derived.*` (derived values follow
-  from the config; micro=auto or the world size may differ between seeds without changing what was trained).
-- Only runs with status "completed" enter means, intervals and tests; collapsed / diverged / failed /
-  interrupted runs and folders without summary.json are listed in the per-run table (marked) and in
-  "Runs left out".
-- Significance: McNemar's exact test (two-sided binomial on the discordant pairs) on pooled per-example
-  correctness. For each seed that both configurations ran, predictions/test_best.parquet rows are matched by
-  test-set index, so pairs are (seed, index). b = examples the best configuration got right and the other wrong,
-  c = the reverse. p-values are Holm-corrected over all comparisons with the best configuration.
+Statistics (numbers from ebslab.stats; issue 13):
+- A configuration is what is trained: keys that provably do not change it (`train.seed`, `batch.micro`,
+  `train.backend`, `track`, `eval.batch_size`, `train.log_every_steps`, `train.device`, `out.*`, `checkpoint.*`,
+  `derived.*`) never split one; when a sweep varies one, the report says whether the results were identical.
+- Nothing is selected on test: the reference is the configuration with the best mean validation metric.
+- Every run counts: collapsed runs enter the means with their score (`--exclude-collapsed` gives the old view).
+- The seed is the unit of replication: A vs B pairs runs by seed; estimate = mean per-seed difference, two-level
+  bootstrap interval next to the paired t-interval, P(A better), paired t-test p Holm-corrected over the
+  report's comparisons; McNemar only within a seed, as secondary evidence; one seed gives no p-value.
 """
 
 from __future__ import annotations
@@ -33,20 +30,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import yaml
-from scipy import stats
+from scipy import stats as sps
 
-from ebslab import ebs_study
-from ebslab import stats as seed_stats
+from ebslab import ebs_study, stats
 from ebslab.config import UserError, flatten as config_flatten
+from ebslab.metrics import METRICS, higher_is_better, metric_value
 
 OK_STATUS = "completed"
-GROUP_EXCLUDED_PREFIXES = ("out.", "derived.")
-GROUP_EXCLUDED_KEYS = ("train.seed",)
-# keys that provably do not change what is trained (accumulation is exact by the loss rule): never split a group
-NOT_TRAINING_KEYS = ("batch.micro", "batch.auto_cap", "batch.auto_cpu_tokens", "train.backend", "train.device",
-                     "track", "eval.batch_size", "train.log_every_steps")
-NOT_TRAINING_PREFIXES = ("checkpoint.",)
-SCORED_STATUSES = ("completed", "collapsed")
+# A configuration is what is trained: keys that provably do not change it never split one (issue 13 item 6).
+GROUP_EXCLUDED_PREFIXES = ("out.", "derived.", "checkpoint.")
+GROUP_EXCLUDED_KEYS = ("train.seed", "batch.micro", "batch.auto_cap", "batch.auto_cpu_tokens", "train.backend",
+                       "track", "eval.batch_size", "train.log_every_steps", "train.device")
 ALPHA = 0.05
 
 
@@ -64,35 +58,12 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     if n == 1:
         return mean, math.nan, math.nan, math.nan
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
 
-def mcnemar_p(b: int, c: int, mid_p: bool = False) -> float:
-    """McNemar's exact two-sided p-value for b and c discordant pairs (binomial, p = 1/2).
-
-    mid_p=True gives the mid-p variant (exact p minus the probability of the observed count).
-    """
-    n = int(b) + int(c)
-    if n == 0:
-        return 1.0
-    k = min(int(b), int(c))
-    p = 2.0 * float(stats.binom.cdf(k, n, 0.5))
-    if mid_p:
-        p -= float(stats.binom.pmf(k, n, 0.5))
-    return min(1.0, p)
-
-
-def holm(pvals: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order. NaN stays NaN and is not counted."""
-    idx = [i for i, p in enumerate(pvals) if p is not None and not math.isnan(p)]
-    out = [math.nan] * len(pvals)
-    m = len(idx)
-    running = 0.0
-    for rank, i in enumerate(sorted(idx, key=lambda i: pvals[i])):
-        running = max(running, min(1.0, (m - rank) * pvals[i]))
-        out[i] = running
-    return out
+mcnemar_p = stats.mcnemar_p
+holm = stats.holm
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -257,15 +228,14 @@ class Run:
 
             path = self.path / "predictions" / f"test_{which}.parquet"
             try:
-                self.predictions[which] = pd.read_parquet(path, columns=["index", "label", "pred"])
+                self.predictions[which] = pd.read_parquet(path)
             except Exception:  # missing or unreadable file: no paired test for this run
                 self.predictions[which] = None
         return self.predictions[which]
 
 
 def _in_group(key: str) -> bool:
-    return (key not in GROUP_EXCLUDED_KEYS and key not in NOT_TRAINING_KEYS
-            and not key.startswith(GROUP_EXCLUDED_PREFIXES + NOT_TRAINING_PREFIXES))
+    return key not in GROUP_EXCLUDED_KEYS and not key.startswith(GROUP_EXCLUDED_PREFIXES)
 
 
 def _num(v: Any, default: float = math.nan) -> float:
@@ -361,28 +331,22 @@ class Group:
     runs: list[Run]
     label: str = ""
 
-    exclude_collapsed: bool = False
-
     @property
     def ok_runs(self) -> list[Run]:
-        """Runs that enter means and tests: completed, and collapsed with their score (unless excluded)."""
-        allowed = ("completed",) if self.exclude_collapsed else SCORED_STATUSES
-        return [r for r in self.runs if r.status in allowed]
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.runs)
-
-    def val_mean(self, metric: str = "acc") -> float:
-        vals = [r.val(metric) for r in self.ok_runs]
-        vals = [v for v in vals if not math.isnan(v)]
-        return float(np.mean(vals)) if vals else math.nan
+        return [r for r in self.runs if r.ok]
 
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.key)
 
-    def stats(self, which: str = "best") -> tuple[float, float, float, float]:
-        return mean_ci([r.test(which, "acc") for r in self.ok_runs])
+    def scored_runs(self, exclude_collapsed: bool = False) -> list[Run]:
+        """Runs with a test metric: completed and collapsed (with the score they got) unless excluded."""
+        keep = (OK_STATUS,) if exclude_collapsed else SCORED_STATUS
+        return [r for r in self.runs if r.status in keep]
+
+    def stats(self, which: str = "best", metric: str = "acc",
+              exclude_collapsed: bool = False) -> tuple[float, float, float, float]:
+        return mean_ci([r.test(which, metric) for r in self.scored_runs(exclude_collapsed)])
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -410,88 +374,6 @@ def pair_label(a: Group, b: Group) -> tuple[str, str]:
     return fa, fb
 
 
-@dataclass
-class Comparison:
-    """The reference configuration against another, paired by seed (ebslab.seed_stats.seed_comparison)."""
-    other: Group
-    best: Group
-    seeds: list
-    diffs: list[float]  # per-seed test acc (best checkpoint): reference minus other
-    result: dict
-    b: int = 0  # pooled over seeds: reference right, other wrong (secondary, within-seed evidence)
-    c: int = 0
-    n: int = 0
-    mcnemar: list[float] = field(default_factory=list)  # within-seed McNemar p per seed (secondary)
-    p_holm: float = math.nan
-    note: str | None = None
-
-    @property
-    def p(self) -> float:
-        return self.result.get("p", math.nan) if self.result else math.nan
-
-    @property
-    def diff_pt(self) -> float:
-        return 100.0 * self.result["estimate"] if self.result else math.nan
-
-
-def paired_seeds(best_runs: Sequence[Run], other_runs: Sequence[Run], metric: str = "acc"):
-    """(seeds, per-seed differences best - other of the test metric at the best checkpoint)."""
-    by_b = {r.seed: r for r in best_runs}
-    by_o = {r.seed: r for r in other_runs}
-    seeds = sorted(set(by_b) & set(by_o), key=_sort_value)
-    used, diffs = [], []
-    for s in seeds:
-        d = by_b[s].test("best", metric) - by_o[s].test("best", metric)
-        if not math.isnan(d):
-            used.append(s)
-            diffs.append(d)
-    return used, diffs
-
-
-def within_seed_counts(best_runs: Sequence[Run], other_runs: Sequence[Run], seeds: Sequence) -> tuple:
-    """Secondary evidence: per seed, examples only one of the two got right (b, c), and McNemar per seed."""
-    by_b = {r.seed: r for r in best_runs}
-    by_o = {r.seed: r for r in other_runs}
-    b = c = n = 0
-    per_seed = []
-    for s in seeds:
-        pb, po = by_b[s].load_predictions(), by_o[s].load_predictions()
-        if pb is None or po is None:
-            continue
-        m = pb.merge(po, on="index", suffixes=("_b", "_o"))
-        if len(m) == 0 or (m["label_b"] != m["label_o"]).any():
-            continue
-        cb = (m["pred_b"] == m["label_b"]).to_numpy()
-        co = (m["pred_o"] == m["label_o"]).to_numpy()
-        bs, cs = int((cb & ~co).sum()), int((~cb & co).sum())
-        b, c, n = b + bs, c + cs, n + len(m)
-        per_seed.append(seed_stats.mcnemar_p(bs, cs))
-    return b, c, n, per_seed
-
-
-def compare_to_best(groups: Sequence[Group], metric: str = "acc") -> tuple[Group | None, list[Comparison]]:
-    """Reference = highest mean VALIDATION metric (best checkpoint); test is never used to choose."""
-    scored = [g for g in groups if g.ok_runs and not math.isnan(g.val_mean(metric))]
-    if not scored:
-        return None, []
-    best = max(scored, key=lambda g: g.val_mean(metric))
-    comps: list[Comparison] = []
-    for g in scored:
-        if g is best:
-            continue
-        seeds, diffs = paired_seeds(best.ok_runs, g.ok_runs, metric)
-        if not seeds:
-            comps.append(Comparison(other=g, best=best, seeds=[], diffs=[], result={}, note="no seed in common"))
-            continue
-        result = seed_stats.seed_comparison(diffs, alpha=ALPHA, rng=np.random.default_rng(20211), bounds=(-1.0, 1.0))
-        b, c, n, per_seed = within_seed_counts(best.ok_runs, g.ok_runs, seeds)
-        comps.append(Comparison(other=g, best=best, seeds=seeds, diffs=diffs, result=result, b=b, c=c, n=n,
-                                mcnemar=per_seed))
-    for comp, adj in zip(comps, seed_stats.holm([c.p for c in comps])):
-        comp.p_holm = adj
-    return best, comps
-
-
 def _fmt_p(p: float) -> str:
     if math.isnan(p):
         return "n/a"
@@ -500,40 +382,349 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}"  # two significant digits: 0.047 must not print as 0.05 next to "significant at 0.05"
 
 
-def _pt(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f} pt"
+
+# ----------------------------------------------------------------------------------------------------------
+# Seed-level statistics of a report (numbers from ebslab.stats; this section only pairs runs and arrays)
+
+SCORED_STATUS = ("completed", "collapsed")  # runs with a test metric; collapsed ones count with their score
+COUNTED_STATUS = ("completed", "collapsed", "diverged", "failed")
 
 
-def comparison_sentence(comp: Comparison) -> str:
-    fb, fo = pair_label(comp.best, comp.other)
-    if comp.note:
-        return f"{fb} vs {fo}: no paired comparison ({comp.note})."
-    r = comp.result
-    seeds = ", ".join(_fmt_value(s) for s in comp.seeds)
-    if r["n_seeds"] < 2:
-        return (f"{fb} vs {fo}: {comp.diff_pt:+.1f} pt test acc on seed {seeds} only. One seed cannot separate two "
-                "configurations: no p-value, no interval; at least 2 seeds (and, with the usual seed-to-seed "
-                "spread, more) are needed.")
-    verdict = "significant" if comp.p_holm < ALPHA else "not significant"
-    ci = (f"[{100 * r['t_low']:+.1f}, {100 * r['t_high']:+.1f}] pt" if r["t_note"] is None else r["t_note"])
-    text = (f"{fb} vs {fo}: {comp.diff_pt:+.1f} pt test acc (mean over seeds {seeds}), 95% paired t-interval {ci}, "
-            f"P(first better) = {r['p_better']:.2f} [{r['p_better_low']:.2f}, {r['p_better_high']:.2f}], "
-            f"paired t over {r['n_seeds']} seeds p = {_fmt_p(comp.p_holm)} (Holm; raw {_fmt_p(comp.p)}): "
-            f"{verdict} at {ALPHA:g}.")
-    text += (f" With {r['n_seeds']} seeds and a seed-to-seed sd of {_pt(r['sd'])} in the difference, the smallest "
-             f"difference detectable at 80% power is {_pt(r['mdd'])}.")
-    if comp.p_holm >= ALPHA:
-        need = r["seeds_needed"]
-        if math.isnan(need):  # zero observed difference or zero spread: no number of seeds answers it
-            text += " The seeds show no difference to detect."
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """Range of a metric (MCC in [-1, 1], loss unbounded above, the rest in [0, 1])."""
+    if metric == "loss":
+        return 0.0, math.inf
+    if metric == "mcc":
+        return -1.0, 1.0
+    return 0.0, 1.0
+
+
+def difference_bounds(metric: str) -> tuple[float, float]:
+    lo, hi = metric_bounds(metric)
+    return lo - hi, hi - lo
+
+
+def _direction(metric: str) -> float:
+    return 1.0 if higher_is_better(metric) else -1.0
+
+
+@dataclass
+class SeedArrays:
+    """One run's test predictions at the best checkpoint: label and class probabilities, rows sorted by index."""
+    index: np.ndarray
+    label: np.ndarray
+    probs: np.ndarray | None  # (n, K) when prob_k columns exist
+    pred: np.ndarray
+
+
+def seed_arrays(run: Run, which: str = "best") -> SeedArrays | None:
+    df = run.load_predictions(which)
+    if df is None or not len(df):
+        return None
+    df = df.sort_values("index")
+    prob_cols = sorted((c for c in df.columns if c.startswith("prob_") and c[5:].isdigit()), key=lambda c: int(c[5:]))
+    probs = df[prob_cols].to_numpy(float) if prob_cols else None
+    return SeedArrays(index=df["index"].to_numpy(), label=df["label"].to_numpy(int), probs=probs,
+                      pred=df["pred"].to_numpy(int))
+
+
+def _matched(a: SeedArrays, b: SeedArrays) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row positions in a and b of the test indices both have; None when labels disagree (not one test split)."""
+    common, ia, ib = np.intersect1d(a.index, b.index, return_indices=True)
+    if not len(common) or (a.label[ia] != b.label[ib]).any():
+        return None
+    return ia, ib
+
+
+@dataclass
+class PairedSeed:
+    """One seed of a comparison: both runs' test metric (summary) and, when predictions pair, the arrays."""
+    seed: Any
+    value_a: float
+    value_b: float
+    a: SeedArrays | None = None
+    b: SeedArrays | None = None
+    rows: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def n_examples(self) -> int:
+        return 0 if self.rows is None else len(self.rows[0])
+
+    def disagreements(self) -> tuple[int, int]:
+        """(examples only A gets right, examples only B gets right)."""
+        ia, ib = self.rows
+        ca = self.a.pred[ia] == self.a.label[ia]
+        cb = self.b.pred[ib] == self.b.label[ib]
+        return int((ca & ~cb).sum()), int((~ca & cb).sum())
+
+
+def pair_by_seed(runs_a: Sequence[Run], runs_b: Sequence[Run], metric: str) -> list[PairedSeed]:
+    by_a = {r.seed: r for r in runs_a}
+    by_b = {r.seed: r for r in runs_b}
+    out = []
+    for s in sorted(set(by_a) & set(by_b), key=_sort_value):
+        va, vb = by_a[s].test("best", metric), by_b[s].test("best", metric)
+        if math.isnan(va) or math.isnan(vb):
+            continue
+        p = PairedSeed(seed=s, value_a=va, value_b=vb, a=seed_arrays(by_a[s]), b=seed_arrays(by_b[s]))
+        if p.a is not None and p.b is not None:
+            p.rows = _matched(p.a, p.b)
+        out.append(p)
+    return out
+
+
+def bootstrap_interval(pairs: Sequence[PairedSeed], metric: str, n_boot: int, rng: np.random.Generator,
+                       confidence: float = 1 - ALPHA) -> tuple[float, float, str | None]:
+    """Two-level bootstrap interval of mean(A - B) over seeds (seeds, then test examples with one index set for
+    A and B). Accuracy takes the fast per-example path; other metrics are recomputed on every resample."""
+    return bootstrap_interval_cells([[p] for p in pairs], metric, n_boot, rng, confidence)
+
+
+def bootstrap_interval_cells(per_seed: Sequence[Sequence[PairedSeed]], metric: str, n_boot: int,
+                             rng: np.random.Generator, confidence: float = 1 - ALPHA) -> tuple[float, float, str | None]:
+    """The same for a main effect: per_seed[s] holds seed s's pairs (one per combination of the other keys);
+    the seed's difference is their mean, resampled on one set of test examples shared by all of them."""
+    if not per_seed:
+        return math.nan, math.nan, "no paired seed"
+    if any(p.rows is None for cell in per_seed for p in cell):
+        return math.nan, math.nan, "no paired test predictions for every seed"
+    if metric != "acc" and any(p.a.probs is None or p.b.probs is None for cell in per_seed for p in cell):
+        return math.nan, math.nan, "predictions lack prob_k columns"
+    seeds = []  # per seed: (label, [(rows of A, rows of B, pair)]) on the test indices every pair has
+    for cell in per_seed:
+        common = cell[0].a.index[cell[0].rows[0]]
+        for p in cell[1:]:
+            common = np.intersect1d(common, p.a.index[p.rows[0]])
+        if not len(common):
+            return math.nan, math.nan, "no test example shared by every pair of a seed"
+        parts = [(np.searchsorted(p.a.index, common), np.searchsorted(p.b.index, common), p) for p in cell]
+        seeds.append((cell[0].a.label[parts[0][0]], parts))
+    if metric == "acc":
+        diffs = [np.mean([(p.a.pred[ia] == label).astype(float) - (p.b.pred[ib] == label) for ia, ib, p in parts],
+                         axis=0) for label, parts in seeds]
+        return (*stats.percentile_interval(stats.two_level_bootstrap_mean(diffs, n_boot, rng), confidence), None)
+
+    def seed_difference(label, parts):
+        arrays = [(p.a.probs[ia], p.b.probs[ib]) for ia, ib, p in parts]
+        return lambda idx: float(np.mean([metric_value(metric, label[idx], pa[idx])
+                                          - metric_value(metric, label[idx], pb[idx]) for pa, pb in arrays]))
+
+    boot = stats.two_level_bootstrap([seed_difference(*x) for x in seeds], [len(x[0]) for x in seeds], n_boot, rng)
+    return (*stats.percentile_interval(boot, confidence), None)
+
+
+def compare(d: Sequence[float], metric: str, n_boot: int, rng: np.random.Generator) -> dict:
+    """stats.seed_comparison of raw differences A - B; P(A better) in the metric's direction."""
+    d = np.asarray(d, dtype=float)
+    out = stats.seed_comparison(d, ALPHA, stats.POWER, n_boot, rng, difference_bounds(metric))
+    out["p_better"], out["p_better_low"], out["p_better_high"] = stats.prob_of_improvement(
+        _direction(metric) * d, n_boot, rng, 1 - ALPHA)
+    return out
+
+
+def _json_num(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _json_num(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_num(x) for x in v]
+    return v
+
+
+
+def _fmt_diff(v: float, metric: str) -> str:
+    if v is None or math.isnan(v):
+        return "n/a"
+    return f"{100 * v:+.2f} pt" if metric == "acc" else f"{v:+.4f}"
+
+
+def _fmt_ci(lo: float, hi: float, metric: str) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "n/a"
+    if metric == "acc":
+        return f"[{100 * lo:+.2f}, {100 * hi:+.2f}] pt"
+    return f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def group_summary(g: Group, metric: str, exclude_collapsed: bool) -> dict:
+    counts = {s: sum(r.status == s for r in g.runs) for s in COUNTED_STATUS}
+    counts["other"] = len(g.runs) - sum(counts.values())
+    scored = g.scored_runs(exclude_collapsed)
+    test = [r.test("best", metric) for r in scored]
+    test = [v for v in test if not math.isnan(v)]
+    val = [v for v in (r.val(metric) for r in scored) if not math.isnan(v)]
+    last = [v for v in (r.test("last", metric) for r in scored) if not math.isnan(v)]
+    lo, hi, note = stats.t_interval(test, 1 - ALPHA, metric_bounds(metric))
+    scored_all = counts["completed"] + counts["collapsed"]
+    return {
+        "label": g.label, "config": {k: _fmt_value(v) for k, v in g.config.items()},
+        "started": len(g.runs), **counts,
+        "collapse_rate": counts["collapsed"] / scored_all if scored_all else math.nan,
+        "n_scored": len(test), "seeds": [r.seed for r in scored],
+        "val_mean": float(np.mean(val)) if val else math.nan,
+        "test_mean": float(np.mean(test)) if test else math.nan,
+        "test_sd": float(np.std(test, ddof=1)) if len(test) > 1 else math.nan,
+        "test_ci": [lo, hi], "test_ci_note": note, "test_values": test,
+        "test_last_mean": float(np.mean(last)) if last else math.nan,
+    }
+
+
+def choose_reference(summaries: Sequence[dict], metric: str) -> int | None:
+    """Index of the configuration with the best mean VALIDATION metric (test never chooses)."""
+    cand = [i for i, s in enumerate(summaries) if not math.isnan(s["val_mean"])]
+    if not cand:
+        return None
+    return max(cand, key=lambda i: _direction(metric) * summaries[i]["val_mean"])
+
+
+def comparison(a: Group, b: Group, metric: str, exclude_collapsed: bool, n_boot: int,
+               rng: np.random.Generator) -> dict:
+    """A vs B paired by seed: every number of issue 13 item 1 and the power of item 4."""
+    pairs = pair_by_seed(a.scored_runs(exclude_collapsed), b.scored_runs(exclude_collapsed), metric)
+    d = [p.value_a - p.value_b for p in pairs]
+    res = compare(d, metric, n_boot, rng)
+    lo, hi, why = bootstrap_interval(pairs, metric, n_boot, rng) if pairs else (math.nan, math.nan, "no paired seed")
+    disagree = [p.disagreements() for p in pairs if p.rows is not None]
+    la, lb = pair_label(a, b)
+    return {
+        "a": la, "b": lb, "seeds": [p.seed for p in pairs], "differences": d,
+        "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
+        "ci": [lo, hi], "ci_note": why, "t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"],
+        "p": res["p"], "p_holm": math.nan,
+        "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]],
+        "mde": res["mdd"], "seeds_needed": res["seeds_needed"],
+        "disagreements": [b_ + c_ for b_, c_ in disagree],
+        "examples": [p.n_examples for p in pairs if p.rows is not None],
+        "mcnemar_p": [stats.mcnemar_p(b_, c_) for b_, c_ in disagree],
+    }
+
+
+def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
+                 n_boot: int, rng: np.random.Generator) -> list[dict]:
+    """Per varying key: each level vs the level best on validation, paired by seed AND by the other keys; the
+    per-seed difference averages over the other keys' combinations both levels ran with that seed."""
+    configs = [g.config for g in groups]
+    effects = []
+    for key in varying_keys(configs):
+        levels = sorted({_hashable(c.get(key, _MISSING)) for c in configs}, key=_sort_value)
+        val_by_level = {}
+        for lv in levels:
+            vals = [v for g in groups if _hashable(g.config.get(key, _MISSING)) == lv
+                    for v in (r.val(metric) for r in g.scored_runs(exclude_collapsed)) if not math.isnan(v)]
+            val_by_level[lv] = float(np.mean(vals)) if vals else math.nan
+        ranked = [lv for lv in levels if not math.isnan(val_by_level[lv])]
+        if len(ranked) < 2:
+            continue
+        best = max(ranked, key=lambda lv: _direction(metric) * val_by_level[lv])
+
+        def units(level) -> dict:
+            out = {}
+            for g in groups:
+                if _hashable(g.config.get(key, _MISSING)) != level:
+                    continue
+                rest = tuple((k, _hashable(v)) for k, v in sorted(g.config.items()) if k != key)
+                for r in g.scored_runs(exclude_collapsed):
+                    out[(rest, r.seed)] = r
+            return out
+
+        base = units(best)
+        for lv in levels:
+            if lv == best:
+                continue
+            other = units(lv)
+            per_seed: dict[Any, list[PairedSeed]] = {}
+            for unit in sorted(set(base) & set(other), key=lambda u: (_sort_value(u[1]), str(u[0]))):
+                for pair in pair_by_seed([other[unit]], [base[unit]], metric):
+                    per_seed.setdefault(unit[1], []).append(pair)
+            seeds = sorted(per_seed, key=_sort_value)
+            d = [float(np.mean([p.value_a - p.value_b for p in per_seed[s]])) for s in seeds]
+            res = compare(d, metric, n_boot, rng)
+            lo, hi, why = bootstrap_interval_cells([per_seed[s] for s in seeds], metric, n_boot, rng)
+            effects.append({
+                "key": key, "level": _fmt_value(lv), "vs": _fmt_value(best), "seeds": seeds, "differences": d,
+                "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
+                "ci": [lo, hi], "ci_note": why, "combinations": [len(per_seed[s]) for s in seeds],
+                "t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"], "p": res["p"],
+                "p_holm": math.nan, "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]],
+                "mde": res["mdd"], "seeds_needed": res["seeds_needed"],
+                "val_mean": val_by_level[lv], "vs_val_mean": val_by_level[best],
+            })
+    for e, adj in zip(effects, stats.holm([e["p"] for e in effects])):
+        e["p_holm"] = adj
+    effects.sort(key=lambda e: -abs(e["estimate"]) if not math.isnan(e["estimate"]) else math.inf)
+    return effects
+
+
+def ignored_key_checks(runs: Sequence[Run], metric: str) -> list[dict]:
+    """For each non-training key the runs vary: were runs of the same configuration and seed identical?"""
+    keys = sorted({k for r in runs for k in r.flat
+                   if not _in_group(k) and k != "train.seed" and not k.startswith(("out.", "derived."))})
+    keys = [k for k in keys if len({_hashable(r.flat.get(k, _MISSING)) for r in runs}) > 1]
+    checks = []
+    for key in keys:
+        cells: dict[tuple, dict] = {}
+        for r in runs:
+            if r.status not in SCORED_STATUS:
+                continue
+            cell = cells.setdefault((r.group_key(), _hashable(r.seed)), {})
+            cell[_hashable(r.flat.get(key, _MISSING))] = r.test("best", metric)
+        spreads = [max(v.values()) - min(v.values()) for v in cells.values() if len(v) > 1]
+        checks.append({"key": key, "pairs": len(spreads),
+                       "max_abs_difference": max(spreads) if spreads else math.nan,
+                       "identical": bool(spreads) and max(spreads) == 0.0})
+    return checks
+
+
+def pooled_seed_sd(summaries: Sequence[dict]) -> float:
+    """sd of a per-seed difference from the within-configuration spreads, assuming independent seeds
+    (used only to size a one-seed comparison)."""
+    var = [s["test_sd"] ** 2 for s in summaries if not math.isnan(s["test_sd"])]
+    return math.sqrt(2 * float(np.mean(var))) if var else math.nan
+
+
+def comparison_sentences(c: dict, metric: str, spread_sd: float) -> list[str]:
+    head = f"{c['a']} vs {c['b']}"
+    if c["n_seeds"] == 0:
+        return [f"{head}: no seed with a test {metric} in both: no comparison."]
+    est = _fmt_diff(c["estimate"], metric)
+    if c["n_seeds"] == 1:
+        need = stats.seeds_needed(c["estimate"], spread_sd)
+        how = (f"with the seed-to-seed spread seen in this report (sd of a difference ≈ {_fmt_diff(spread_sd, metric).lstrip('+')}), "
+               f"detecting {est} at 80% power would need {_fmt_seeds(need)} seeds"
+               if not math.isnan(need) else "run at least 3 seeds per configuration to measure the spread")
+        return [f"{head}: {est} on one seed (seed {_fmt_value(c['seeds'][0])}). One seed cannot separate the "
+                f"configurations: no p-value. {how[0].upper() + how[1:]}."]
+    sig = c["p_holm"] < ALPHA
+    boot = _fmt_ci(*c["ci"], metric) if c["ci_note"] is None else f"n/a ({c['ci_note']})"
+    tci = _fmt_ci(*c["t_ci"], metric) if c["t_ci_note"] is None else f"n/a ({c['t_ci_note']})"
+    pb = c["prob_improvement"]
+    lines = [f"{head}: {est} (mean of {c['n_seeds']} per-seed differences), 95% two-level bootstrap {boot}, "
+             f"paired t {tci}; P({c['a']} better) = {pb[0]:.2f} [{pb[1]:.2f}, {pb[2]:.2f}]; "
+             f"paired t-test over seeds p = {_fmt_p(c['p_holm'])} (Holm; raw {_fmt_p(c['p'])}), "
+             f"{'significant' if sig else 'not significant'} at {ALPHA:g}."]
+    power = (f"With {c['n_seeds']} seeds and this spread (sd {_fmt_diff(c['sd'], metric).lstrip('+')}), the smallest "
+             f"difference detectable at 80% power is {_fmt_diff(c['mde'], metric).lstrip('+')}")
+    if not sig:
+        if math.isnan(c["seeds_needed"]):  # zero observed difference or zero spread: no number of seeds answers it
+            power += "; the seeds show no difference to detect"
         else:
-            text += (" Detecting the observed difference would need " +
-                     ("more seeds than any sweep runs." if math.isinf(need) else f"about {int(need)} seeds."))
-    if comp.n:
-        text += (f" Secondary, within seeds: {comp.b} test examples right only with the first, {comp.c} only with "
-                 f"the second over {comp.n} paired predictions (McNemar per seed: "
-                 + ", ".join(_fmt_p(p) for p in comp.mcnemar) + ").")
-    return text
+            power += f"; detecting {est} would need {_fmt_seeds(c['seeds_needed'])} seeds"
+    lines.append(power + ".")
+    if c["examples"]:
+        lines.append(f"Secondary (within seed): they disagree on {np.mean(c['disagreements']):.0f} of "
+                     f"{np.mean(c['examples']):.0f} test examples per seed; McNemar p per seed "
+                     + ", ".join(_fmt_p(p) for p in c["mcnemar_p"]) + ".")
+    return lines
+
+
+def _fmt_seeds(n: float) -> str:
+    if math.isnan(n):
+        return "an unknown number of"
+    return "more than 100,000" if math.isinf(n) else f"{int(n)}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,27 +802,36 @@ def runs_table(runs: Sequence[Run], keys: Sequence[str]) -> str:
     return md_table(header, rows, align)
 
 
-def groups_table(groups: Sequence[Group]) -> tuple[str, list[list[str]]]:
-    header = ["configuration", "started", "completed", "collapsed", "diverged", "failed", "collapse rate",
-              "val acc (mean)", "test acc (best) mean ± std", "95% CI", "test acc (last) mean ± std", "95% CI (last)"]
+def groups_table(summaries: Sequence[dict], metric: str, reference: int | None) -> tuple[str, list[list[str]]]:
+    header = ["configuration", "started", "completed", "collapsed", "diverged", "failed / other", "collapse rate",
+              f"val {metric} (mean)", f"test {metric} (best) mean ± std", "95% t-interval", f"test {metric} (last)"]
     rows = []
-    vals = [g.val_mean("acc") for g in groups]
-    val_texts = bold_best(vals, [_fmt_num(v) for v in vals], True)
-    for g, vt in zip(groups, val_texts):
-        started = len(g.runs)
-        row = [g.label, str(started), str(g.count("completed")), str(g.count("collapsed")), str(g.count("diverged")),
-               str(started - g.count("completed") - g.count("collapsed") - g.count("diverged")),
-               f"{g.count('collapsed') / started:.0%}" if started else "", vt]
-        for which in ("best", "last"):
-            m, s, _lo, _hi = g.stats(which)
-            if math.isnan(m):
-                row += ["", ""]
-                continue
-            lo, hi, why = seed_stats.t_interval([r.test(which, "acc") for r in g.ok_runs], 0.95, (0.0, 1.0))
-            row.append(f"{m:.4f} ± {s:.4f}" if not math.isnan(s) else f"{m:.4f}")
-            row.append(f"[{lo:.4f}, {hi:.4f}]" if why is None else why)
-        rows.append(row)
-    return md_table(header, rows, ["l"] + ["r"] * 8 + ["l", "r", "l"]), rows
+    for i, s in enumerate(summaries):
+        m, sd = s["test_mean"], s["test_sd"]
+        test = "" if math.isnan(m) else (f"{m:.4f} ± {sd:.4f}" if not math.isnan(sd) else f"{m:.4f}")
+        ci = s["test_ci"]
+        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if not math.isnan(ci[0]) else (s["test_ci_note"] or "")
+        val = _fmt_num(s["val_mean"])
+        rate = "" if math.isnan(s["collapse_rate"]) else f"{s['collapse_rate']:.0%}"
+        rows.append([s["label"] + (" (reference)" if i == reference else ""), str(s["started"]),
+                     str(s["completed"]), str(s["collapsed"]), str(s["diverged"]), str(s["failed"] + s["other"]),
+                     rate, f"**{val}**" if i == reference and val else val, test, ci_text,
+                     _fmt_num(s["test_last_mean"])])
+    return md_table(header, rows, ["l"] + ["r"] * 6 + ["r", "r", "l", "r"]), rows
+
+
+def main_effects_table(effects: Sequence[dict], metric: str) -> str:
+    header = ["key", "level vs best-on-val level", f"test {metric} difference", "95% bootstrap", "95% t-interval",
+              "p (Holm)", "P(better)", "seeds"]
+    rows = []
+    for e in effects:
+        boot = _fmt_ci(*e["ci"], metric) if e["ci_note"] is None else f"n/a ({e['ci_note']})"
+        tci = _fmt_ci(*e["t_ci"], metric) if e["t_ci_note"] is None else f"n/a ({e['t_ci_note']})"
+        p = "n/a (one seed)" if e["n_seeds"] < 2 else _fmt_p(e["p_holm"])
+        pb = e["prob_improvement"][0]
+        rows.append([e["key"], f"{e['level']} vs {e['vs']}", _fmt_diff(e["estimate"], metric), boot, tci, p,
+                     "" if math.isnan(pb) else f"{pb:.2f}", str(e["n_seeds"])])
+    return md_table(header, rows, ["l", "l", "r", "l", "l", "r", "r", "r"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -700,7 +900,7 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
     """Mean test acc (best checkpoint) against batch.effective; one line per value of the other varying keys."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    scored = [g for g in groups if g.ok_runs]
+    scored = [g for g in groups if g.scored_runs()]
     keys = [k for k in varying_keys([g.config for g in scored]) if k != "batch.effective"]
     lines: dict[str, list[tuple[float, float, float]]] = {}
     for g in scored:
@@ -736,9 +936,35 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
 # The report
 
 
-def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None,
-                 exclude_collapsed: bool = False) -> Path:
-    """Read the run folders (or folders holding them), write out_dir/report.md and PNG plots; return report.md."""
+def analyse(runs: Sequence[Run], groups: Sequence[Group], metric: str = "acc", exclude_collapsed: bool = False,
+            n_boot: int = stats.N_BOOT, seed: int = 0) -> dict:
+    """Every number of the report (report.json): groups, reference, comparisons, main effects, ignored keys."""
+    rng = np.random.default_rng(seed)  # seeded: the same run folders give the same report
+    summaries = [group_summary(g, metric, exclude_collapsed) for g in groups]
+    ref = choose_reference(summaries, metric)
+    comps = []
+    if ref is not None:
+        for i, g in enumerate(groups):
+            if i != ref and summaries[i]["n_scored"]:
+                comps.append(comparison(g, groups[ref], metric, exclude_collapsed, n_boot, rng))
+    for c, adj in zip(comps, stats.holm([c["p"] for c in comps])):
+        c["p_holm"] = adj
+    return {
+        "metric": metric, "higher_is_better": higher_is_better(metric), "alpha": ALPHA, "n_boot": n_boot,
+        "exclude_collapsed": exclude_collapsed, "test": "paired t-test over seeds, Holm-corrected",
+        "groups": summaries, "reference": None if ref is None else summaries[ref]["label"], "reference_index": ref,
+        "comparisons": comps, "spread_sd": pooled_seed_sd(summaries),
+        "main_effects": main_effects(groups, metric, exclude_collapsed, n_boot, rng),
+        "ignored_keys": ignored_key_checks(runs, metric),
+    }
+
+
+def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None, metric: str = "acc",
+                 exclude_collapsed: bool = False, n_boot: int = stats.N_BOOT) -> Path:
+    """Read the run folders (or folders holding them), write out_dir/report.md, report.json and PNG plots;
+    return report.md."""
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric}: unknown metric; valid: {', '.join(METRICS)}")
     dirs = find_run_dirs(run_dirs)
     names = _run_names(dirs)
     runs = [load_run(d, n) for d, n in zip(dirs, names)]
@@ -746,13 +972,12 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
 
     groups = group_runs(runs)
-    for g in groups:
-        g.exclude_collapsed = exclude_collapsed
     order = {id(r): i for i, r in enumerate(r for g in groups for r in g.runs)}
     runs_sorted = sorted(runs, key=lambda r: order[id(r)])
     keys = varying_keys([r.flat for r in runs])
-    best, comps = compare_to_best(groups)
-    left_out = [r for r in runs_sorted if r not in [x for g in groups for x in g.ok_runs]]
+    result = analyse(runs, groups, metric, exclude_collapsed, n_boot)
+    scored_status = (OK_STATUS,) if exclude_collapsed else SCORED_STATUS
+    left_out = [r for r in runs_sorted if r.status not in scored_status]
 
     plots = [
         plot_curves(groups, "val/acc", out_dir / "val_acc.png", "Validation accuracy per epoch (mean ± std over seeds)"),
@@ -761,45 +986,77 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     ]
 
     md: list[str] = ["# ebslab report", ""]
-    md.append(f"{len(runs)} run(s) in {len(groups)} configuration(s); "
-              f"{len(runs) - len(left_out)} completed, {len(left_out)} left out of means and tests.")
+    md.append(f"{len(runs)} run(s) in {len(groups)} configuration(s); headline metric: test `{metric}` at the "
+              f"best checkpoint ({'higher' if higher_is_better(metric) else 'lower'} is better).")
     if keys:
         md.append("Varying keys: " + ", ".join(f"`{k}`" for k in keys) + ".")
-    md += ["", "## Runs", "",
+    md.append("")
+    md.append(f"Nothing is selected on test: the reference configuration, the bold marks and every ranking use the "
+              f"validation `{metric}` (best checkpoint, mean over seeds); test numbers are only reported.")
+    if exclude_collapsed:
+        md += ["", "**Old view (--exclude-collapsed): collapsed runs are left out of means and tests, which "
+               "flatters the settings that collapse.**"]
+    else:
+        md += ["", "Every run counts: collapsed runs enter the means and tests with the score they got; diverged "
+               "and failed runs have no test metric and appear as counts."]
+    md.append("")
+
+    md += ["## What mattered", "",
+           "Main effect of each varying key: each level against the level best on validation, paired by seed and "
+           "by the other keys (the per-seed difference averages over the other keys' combinations); 95% two-level "
+           f"bootstrap and paired t-interval over seeds; paired t-test p Holm-corrected over the {len(result['main_effects'])} "
+           "effect(s); ranked by size. P(better) = share of seeds where the level beats the best-on-val level.", ""]
+    if result["main_effects"]:
+        md += [main_effects_table(result["main_effects"], metric), ""]
+    else:
+        md += ["No key varies between configurations with a validation metric.", ""]
+    for chk in result["ignored_keys"]:
+        if not chk["pairs"]:
+            md.append(f"`{chk['key']}` varies but does not change what is trained; no configuration and seed ran "
+                      "with more than one value, so it could not be checked.")
+        elif chk["identical"]:
+            md.append(f"`{chk['key']}` varies but does not change what is trained: grouped together; the "
+                      f"{chk['pairs']} configuration/seed cell(s) run with several values gave identical test {metric}.")
+        else:
+            md.append(f"`{chk['key']}` varies but should not change what is trained: grouped together, yet "
+                      f"runs differing only in it differ in test {metric} by up to {chk['max_abs_difference']:.4g} "
+                      f"over {chk['pairs']} cell(s): not identical.")
+    if result["ignored_keys"]:
+        md.append("")
+
+    md += ["## Runs", "",
            "One row per run. train acc/loss: the training pass's running means over the epoch of the best "
            "checkpoint; val: best checkpoint; test acc, loss, ECE: best-val checkpoint; test acc (last): last "
            "checkpoint; lr: after scaling. **Bold**: best value of the column among completed runs. "
-           "⚠: run did not complete (left out of means).", "",
+           "⚠: run did not complete.", "",
            runs_table(runs_sorted, keys), ""]
 
     md += ["## Configurations (grouped over seeds)", "",
-           "A configuration is every config value except `train.seed`, `out.*`, `derived.*` and the keys that do "
-           "not change what is trained (" + ", ".join(f"`{k}`" for k in NOT_TRAINING_KEYS) + ", `checkpoint.*`). "
-           "Every run counts: collapsed runs enter the means with the accuracy they scored"
-           + (" — EXCLUDED here (`--exclude-collapsed`: the old view, which flatters settings that collapse)"
-              if exclude_collapsed else "")
-           + "; diverged and failed runs have no test metric and appear as counts. Mean ± sample std; 95% "
-           "t-interval, or a note when n is too small for one inside [0, 1].", ""]
-    gtable, _ = groups_table(groups)
+           "A configuration is every config value that changes what is trained: not `train.seed`, `batch.micro`, "
+           "`train.backend`, `track`, `eval.batch_size`, `train.log_every_steps`, `train.device`, `out.*`, "
+           f"`checkpoint.*`, `derived.*`. Means over {'completed' if exclude_collapsed else 'completed and collapsed'}"
+           " runs; 95% t-interval (n − 1 degrees of freedom), not shown when it would leave the metric's range. "
+           f"**Bold**: best mean validation `{metric}` (the reference).", ""]
+    gtable, _ = groups_table(result["groups"], metric, result["reference_index"])
     md += [gtable, ""]
 
-    md += ["## Comparisons with the reference configuration", ""]
-    if best is None:
-        md.append("No run with a validation accuracy: nothing to compare.")
-    elif not comps:
-        md.append(f"Reference configuration: {best.label}. No other configuration to compare.")
+    md += ["## Each configuration against the reference", ""]
+    if result["reference"] is None:
+        md.append(f"No run with a validation `{metric}`: nothing to compare.")
+    elif not result["comparisons"]:
+        md.append(f"Reference: {result['reference']}. No other configuration with scored runs to compare.")
     else:
-        md.append(f"Reference configuration (highest mean validation acc at the best checkpoint): **{best.label}**. "
-                  "The reference, the bold marks and any ranking use validation only; test numbers are reported, "
-                  "never used to choose.")
+        md.append(f"Reference (best mean validation `{metric}`): **{result['reference']}**. Each comparison pairs "
+                  f"runs by seed (same data order and head initialisation): the estimate is the mean over shared "
+                  f"seeds of the per-seed difference in test `{metric}` (first minus second); the 95% two-level "
+                  f"bootstrap ({n_boot} resamples of seeds, then of test examples within each seed, seeded) sits "
+                  f"next to the paired t-interval; p from a paired t-test over seeds, Holm-corrected over the "
+                  f"{len(result['comparisons'])} comparison(s). Power: 80% at alpha {ALPHA:g}.")
         md.append("")
-        md.append("The seed is the unit of replication: each difference is the mean over shared seeds of the per-seed "
-                  "difference in test acc (best checkpoint); p-values from a paired t-test over seeds, "
-                  f"Holm-corrected over the {len(comps)} comparison(s). One seed gives no p-value. McNemar within "
-                  "seeds is secondary evidence only.")
-        md.append("")
-        for comp in comps:
-            md.append(f"- {comparison_sentence(comp)}")
+        for c in result["comparisons"]:
+            first, *rest = comparison_sentences(c, metric, result["spread_sd"])
+            md.append(f"- {first}")
+            md += [f"  {line}" for line in rest]
     md.append("")
 
     md += ["## Plots", ""]
@@ -809,13 +1066,14 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
 
     ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
     md += ebs_md
+    if ebs_json is not None:
+        result["ebs_study"] = ebs_json
 
-    md += ["## Runs left out", ""]
+    md += ["## Runs without a test metric in the means", ""]
     if not left_out:
-        md.append("None: every run completed.")
+        md.append("None: every run has a test metric.")
     else:
-        md.append("These runs are listed in the table above but left out of means, intervals, tests and "
-                  "the test-accuracy plot.")
+        md.append("These runs are counted in the configurations table but have no score in the means and tests.")
         md.append("")
         for r in left_out:
             why = f": {r.message}" if r.message else ""
@@ -829,55 +1087,12 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                                                      for w in r.warnings))
     md.append("")
 
-    from ebslab.checkpoint import atomic_write_json, atomic_write_text
+    from ebslab.checkpoint import atomic_write_json, atomic_write_text  # here: the report needs no torch otherwise
 
+    atomic_write_json(out_dir / "report.json", _json_num(result))
     report = out_dir / "report.md"
-    data = report_data(groups, best, comps, exclude_collapsed)
-    if ebs_json is not None:
-        data["ebs_study"] = ebs_json
-    atomic_write_json(out_dir / "report.json", _clean(data))
     atomic_write_text(report, "\n".join(md))
     return report
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN and inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) or math.isinf(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def report_data(groups: Sequence[Group], best: Group | None, comps: Sequence[Comparison],
-                exclude_collapsed: bool) -> dict:
-    """Every number of report.md's configuration and comparison sections."""
-    out_groups = []
-    for g in groups:
-        m, sd, _, _ = g.stats("best")
-        lo, hi, why = seed_stats.t_interval([r.test("best", "acc") for r in g.ok_runs], 0.95, (0.0, 1.0))
-        out_groups.append({
-            "label": g.label, "config": {k: _fmt_value(v) for k, v in g.key},
-            "started": len(g.runs), "completed": g.count("completed"), "collapsed": g.count("collapsed"),
-            "diverged": g.count("diverged"),
-            "failed": len(g.runs) - g.count("completed") - g.count("collapsed") - g.count("diverged"),
-            "collapse_rate": g.count("collapsed") / len(g.runs) if g.runs else math.nan,
-            "val_acc_mean": g.val_mean("acc"), "test_best_acc_mean": m, "test_best_acc_sd": sd,
-            "test_best_acc_ci": [lo, hi], "test_best_acc_ci_note": why, "test_last_acc_mean": g.stats("last")[0]})
-    out_comps = []
-    for c in comps:
-        out_comps.append({"a": c.best.label, "b": c.other.label, "seeds": [_fmt_value(s) for s in c.seeds],
-                          "per_seed_diff": c.diffs, **(c.result or {}), "p_holm": c.p_holm,
-                          "significant": bool(c.p_holm < ALPHA) if not math.isnan(c.p_holm) else None,
-                          "within_seed": {"b": c.b, "c": c.c, "n": c.n, "mcnemar_p": c.mcnemar},
-                          "note": c.note, "sentence": comparison_sentence(c)})
-    return {"metric": "acc", "alpha": ALPHA, "test": "paired t over seeds", "selection": "validation",
-            "exclude_collapsed": exclude_collapsed, "reference": best.label if best else None,
-            "groups": out_groups, "comparisons": out_comps}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -888,23 +1103,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy the effective-batch-size section measures steps to (default: the "
                              "highest value every run reached)")
+    parser.add_argument("--metric", default="acc", choices=METRICS,
+                        help="headline test metric for comparisons (selection uses its validation value)")
     parser.add_argument("--exclude-collapsed", action="store_true",
-                        help="leave collapsed runs out of means and tests (the old view; labelled in the report)")
+                        help="old view: leave collapsed runs out of means and tests (labelled in the report)")
 
 
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
-    excl = bool(getattr(args, "exclude_collapsed", False))
-    report = build_report(dirs, Path(out), getattr(args, "target", None), exclude_collapsed=excl)
-    runs = [load_run(d) for d in find_run_dirs(dirs)]
-    groups = group_runs(runs)
-    for g in groups:
-        g.exclude_collapsed = excl
+    metric = getattr(args, "metric", "acc")
+    report = build_report(dirs, Path(out), getattr(args, "target", None), metric=metric,
+                          exclude_collapsed=getattr(args, "exclude_collapsed", False))
+    result = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
     print(report)
-    _, rows = groups_table(groups)
-    width = max([len("configuration")] + [len(r[0]) for r in rows])
-    print(f"{'configuration':<{width}}  {'runs':>4}  {'test acc (best)':>17}  95% CI")
-    for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>4}  {r[8]:>17}  {r[9]}")
+    width = max([len("configuration")] + [len(g["label"]) for g in result["groups"]])
+    print(f"{'configuration':<{width}}  {'n':>3}  {'val ' + metric:>10}  {'test ' + metric:>10}")
+    for g in result["groups"]:
+        val = "" if g["val_mean"] is None else f"{g['val_mean']:.4f}"
+        test = "" if g["test_mean"] is None else f"{g['test_mean']:.4f}"
+        print(f"{g['label']:<{width}}  {g['n_scored']:>3}  {val:>10}  {test:>10}")
     return 0

@@ -14,18 +14,23 @@ def _train(args: argparse.Namespace) -> int:
     from ebslab.config import load_config
     from ebslab.train import load_run_config, train
 
+    extra: dict = {}
+    if os.environ.get("EBSLAB_TUNE_STUDY"):  # a trial of `ebslab tune`: it reports to its Optuna trial
+        from ebslab.tune import trial_callbacks_from_env
+
+        extra["callbacks"] = trial_callbacks_from_env()
     if args.resume:
         if args.items:
             raise UserError("--resume RUN_DIR takes no config file or overrides: the run's config.yaml is used")
         cfg, _ = load_run_config(Path(args.resume))
-        summary = train(cfg, resume_dir=Path(args.resume))
+        summary = train(cfg, resume_dir=Path(args.resume), **extra)
     else:
         items = list(args.items)
         first = items[0] if items else ""
         # a config path may contain "=" (sweep run folders are named key=value,...): decide by suffix
         config = items.pop(0) if first and ("=" not in first or first.endswith((".yaml", ".yml"))) else None
         overrides = items
-        summary = train(load_config(config, overrides), overwrite=args.overwrite)
+        summary = train(load_config(config, overrides), overwrite=args.overwrite, **extra)
     if summary["exit_code"]:
         return summary["exit_code"]
     return 0 if summary["status"] in ("completed", "collapsed", "pruned") else 1
@@ -46,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     ("report", "ebslab.report", "tables, plots and statistics from run folders"),
                                     ("bench", "ebslab.bench", "throughput against HF Trainer and a naive loop"),
                                     ("predict", "ebslab.predict", "labels and class probabilities for new texts"),
-                                    ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card")):
+                                    ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card"),
+                                    ("tune", "ebslab.tune", "an Optuna search ending in a multi-seed verdict")):
         p = sub.add_parser(name, help=help_text)
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])

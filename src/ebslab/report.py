@@ -1112,6 +1112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
+    if len(dirs) == 1 and (dirs[0] / "study.json").is_file():  # an `ebslab tune` study: verdict, search, plots
+        from ebslab.tune import report_study
+
+        print(report_study(dirs[0], Path(out)))
+        return 0
     metric = getattr(args, "metric", "acc")
     report = build_report(dirs, Path(out), getattr(args, "target", None), metric=metric,
                           exclude_collapsed=getattr(args, "exclude_collapsed", False))

@@ -85,3 +85,18 @@ def train_run(tmp_path):
         return tmp_path / name
 
     return run
+
+
+def install_fake_train(tmp_path, monkeypatch, source: str):
+    """Sweeps and studies start `source` (a stand-in for `ebslab train`, given LAST_FILES and hang_after) instead."""
+    import sys
+
+    from ebslab import sweep as sw
+    from ebslab.checkpoint import LAST_FILES
+
+    script = tmp_path / "fake_train.py"
+    script.write_text(f"LAST_FILES = {LAST_FILES!r}\nhang_after = lambda s: s * {TIMEOUT_SCALE!r}\n" + source)
+    real = sw.train_command
+    monkeypatch.setattr(sw, "train_command", lambda *a, **k: [sys.executable, str(script)] + real(*a, **k)[4:])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return script

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT_SCALE, hang_after
+from conftest import hang_after, install_fake_train
 import yaml
 
 from ebslab import sweep as sw
@@ -279,12 +279,7 @@ FAKE_TRAIN = textwrap.dedent('''
 
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
-    script = tmp_path / "fake_train.py"
-    script.write_text(f"LAST_FILES = {LAST_FILES!r}\nhang_after = lambda s: s * {TIMEOUT_SCALE!r}\n" + FAKE_TRAIN)
-    real = sw.train_command
-    monkeypatch.setattr(sw, "train_command", lambda *a, **k: [sys.executable, str(script)] + real(*a, **k)[4:])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return script
+    return install_fake_train(tmp_path, monkeypatch, FAKE_TRAIN)
 
 
 def read_index(folder: Path) -> dict[str, dict]:

@@ -18,11 +18,10 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import TIMEOUT_SCALE, hang_after
+from conftest import hang_after, install_fake_train
 
 from ebslab import sweep as sw
 from ebslab import tune
-from ebslab.checkpoint import LAST_FILES
 from ebslab.cli import main
 from ebslab.config import VALID_KEYS
 
@@ -248,12 +247,7 @@ FAKE_TRAIN = textwrap.dedent('''
 
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
-    script = tmp_path / "fake_train.py"
-    script.write_text(f"LAST_FILES = {LAST_FILES!r}\nhang_after = lambda s: s * {TIMEOUT_SCALE!r}\n" + FAKE_TRAIN)
-    real = sw.train_command
-    monkeypatch.setattr(sw, "train_command", lambda *a, **k: [sys.executable, str(script)] + real(*a, **k)[4:])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return script
+    return install_fake_train(tmp_path, monkeypatch, FAKE_TRAIN)
 
 
 def read_study(root: Path) -> dict:

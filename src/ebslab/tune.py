@@ -1081,10 +1081,6 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str]:
     return study, root, storage, url
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     """`ebslab tune`: 0 when the study and its confirmation finished, 130 when interrupted (--resume goes on)."""
     study, root, storage, url = prepare(args)
@@ -1097,7 +1093,7 @@ def run(args: argparse.Namespace) -> int:
           f"seeds {study.seeds}; storage {mask_url(url)}; into {root}", flush=True)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, sw._raise_interrupt)
     try:
         index = tuner.run()
     except KeyboardInterrupt:

@@ -300,7 +300,7 @@ def paragraph(study: EbsStudy) -> str:
 
 
 def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
-    from ebslab.report import _plt
+    from ebslab.report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -323,14 +323,11 @@ def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
     ax.set_title(f"steps vs examples to val/{study.metric} {study.target:.4g}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_b_simple(runs: Sequence[StudyRun], path: Path) -> Path:
-    from ebslab.report import _plt
+    from ebslab.report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -350,10 +347,7 @@ def plot_b_simple(runs: Sequence[StudyRun], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None, metric: str = "acc",

@@ -863,6 +863,16 @@ def curve(group_runs_: Sequence[Run], metric: str) -> tuple[np.ndarray, np.ndarr
     return xs, means, stds
 
 
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Lay out, write and close a figure (closing keeps a report over many plots from holding them all)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -890,10 +900,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path, title: str) ->
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
@@ -926,10 +933,7 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------------

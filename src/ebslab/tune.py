@@ -39,20 +39,9 @@ from typing import Any, Callable
 import yaml
 
 from ebslab import sweep as sw
+from ebslab.callbacks import Callback
 from ebslab.config import UserError, VALID_KEYS, load_config, read_yaml
-
-try:  # TEMPORARY until branches trainer (C2) and metrics (C1) land on main
-    from ebslab.callbacks import Callback
-except ImportError:  # pragma: no cover
-    class Callback:  # type: ignore[no-redef]
-        pass
-try:
-    from ebslab.metrics import METRICS, higher_is_better
-except ImportError:  # pragma: no cover
-    METRICS = ("acc", "loss", "ece", "f1", "mcc", "auroc", "brier")
-
-    def higher_is_better(name: str) -> bool:
-        return name not in ("loss", "ece", "brier")
+from ebslab.metrics import METRICS, higher_is_better
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "EBSLAB_TUNE_STORAGE", "EBSLAB_TUNE_STUDY", "EBSLAB_TUNE_TRIAL"
 TOP_KEYS = ("name", "base", "space", "objective", "trials", "sampler", "pruner", "confirm", "seed", "heartbeat_s")

@@ -288,6 +288,26 @@ def test_resume_with_a_harmless_edit_is_allowed(capsys, copy_of):
     assert main(["train", "--resume", str(copy_of)]) == 0
 
 
+def _forget_key_in_checkpoint(run: Path, section: str, key: str) -> None:
+    path = run / "checkpoints" / "last" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved[section][key]
+    path.write_text(json.dumps(saved))
+
+
+def test_resume_of_a_checkpoint_from_before_a_key_existed(capsys, copy_of, tmp_path):
+    # ebslab grew `eval.select_by` after this checkpoint was written: at its default it changes nothing
+    _forget_key_in_checkpoint(copy_of, "eval", "select_by")
+    assert main(["train", "--resume", str(copy_of)]) == 0
+
+
+def test_resume_of_an_old_checkpoint_with_a_new_key_set_is_refused(capsys, copy_of, tmp_path):
+    _forget_key_in_checkpoint(copy_of, "eval", "select_by")
+    _edit_config(copy_of, "eval", "select_by", "mcc")
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True,
+            match=r"config\.yaml changed since its checkpoint \(eval\.select_by: None -> 'mcc'\)")
+
+
 @pytest.mark.parametrize("damage,match", [
     ("no checkpoint", r"has no complete checkpoint to resume from; start it again with --overwrite"),
     ("truncated weights", r"checkpoint last/ is damaged"),

@@ -95,6 +95,52 @@ def test_a_non_finite_gradient_marks_the_run_diverged_and_keeps_the_last_finite_
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
 
 
+class PoisonAndWatch(PoisonGradient):
+    """PoisonGradient that keeps the weights and Adam's state from just before the poisoned step, and those the
+    model holds when the run ends."""
+
+    def on_before_clip(self, trainer) -> None:
+        if trainer.state.step + 1 == self.at_step:
+            model = trainer.backend.unwrap(trainer.model)
+            self.before = {k: v.clone() for k, v in model.state_dict().items()}
+            self.adam_before = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+                                for k, v in trainer.optimizer.state_dict()["state"].items()}
+        super().on_before_clip(trainer)
+
+    def on_fit_end(self, trainer, summary) -> None:
+        self.after = {k: v.clone() for k, v in trainer.backend.unwrap(trainer.model).state_dict().items()}
+        self.adam_after = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+                           for k, v in trainer.optimizer.state_dict()["state"].items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "accelerate"])
+@pytest.mark.parametrize("log_every, save_every, ends_at", [(1, 1, 3), (5, 2, 4)])
+def test_a_non_finite_gradient_skips_the_optimizer_step_and_every_one_until_the_host_reads_it(
+        tmp_path, backend, log_every, save_every, ends_at):
+    # (5, 2): the host reads the device at steps 2 and 4 only (a checkpoint); step 4's gradient is finite and its
+    # step is skipped too, so the run ends with the weights it had before step 3, not one update after a bad one
+    cfg = load_config(None, [*TINY, f"train.backend={backend}", "train.device=cpu",
+                             f"train.log_every_steps={log_every}", f"checkpoint.every_steps={save_every}",
+                             f"out.dir={tmp_path}", "out.name=run"])
+    probe = PoisonAndWatch(at_step=3)
+    summary = train(cfg, callbacks=[probe])
+    assert summary["status"] == "diverged"
+    assert summary["message"] == f"non-finite gradient norm by step {ends_at}"
+    assert probe.before.keys() == probe.after.keys()
+    for name, before in probe.before.items():
+        assert torch.equal(probe.after[name], before), name  # bit-equal: the step never ran
+    assert probe.adam_after.keys() == probe.adam_before.keys()
+    for index, state in probe.adam_before.items():
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, before in state.items():
+            assert torch.equal(probe.adam_after[index][key], before), (index, key)
+    assert float(probe.adam_after[0]["step"]) == 2  # bias correction counts the two good steps only
+    checkpoints = list((tmp_path / "run" / "checkpoints").rglob("*.safetensors"))
+    assert checkpoints  # step 2 was saved
+    for path in checkpoints:
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values()), path
+
+
 def _masks(seed: int, rank: int) -> torch.Tensor:
     torch.manual_seed(seed)  # what seed_everything leaves, the same on every process
     seed_dropout(seed, rank)
@@ -108,3 +154,20 @@ def test_every_process_draws_its_own_dropout_masks_and_a_rerun_the_same():
     torch.manual_seed(7)
     alone = torch.stack([F.dropout(torch.ones(256), 0.5) for _ in range(3)]) > 0
     assert torch.equal(ranks[0], alone)  # rank 0 (every 1-process run) keeps the stream it always had
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])  # foreach: the fallback for an optimizer without the flag
+def test_step_or_skip_leaves_weights_and_adam_state_where_the_flag_is_one(kind):
+    from ebslab.backends import step_or_skip
+
+    weight = torch.nn.Parameter(torch.arange(4.0))
+    optimizer = torch.optim.Adam([weight], lr=0.1, **{kind: True})
+    for skip, moves in ((0.0, True), (1.0, False), (None, True)):
+        weight.grad = torch.ones(4)
+        before, state = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+        step_or_skip(optimizer, None if skip is None else torch.tensor(skip))
+        assert torch.equal(weight.detach(), before) is not moves, skip
+        if not moves:
+            assert all(torch.equal(optimizer.state[weight][k], v) for k, v in state.items())
+    assert float(optimizer.state[weight]["step"]) == 2
+    assert not hasattr(optimizer, "found_inf")  # not left behind for a GradScaler or the next step

@@ -360,9 +360,12 @@ class Trainer:
                     self.callbacks.on_micro_backward(self, i, len(micro_batches), weight * len(mb.indices))
                 self.callbacks.on_before_clip(self)
                 grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
+                skip = None
                 if watch_grad:  # on the device: read with the other sums, the run ends before a checkpoint
                     window_sums[4] = (~torch.isfinite(grad_norm)).float()
-                backend.step(optimizer)
+                    # this step and every one until the host reads the flag leave the weights as they were
+                    skip = (unread[4] + window_sums[4] > 0).float()
+                backend.step(optimizer, skip)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 

@@ -33,7 +33,9 @@ class Backend(Protocol):
     def clip(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0 = no clipping); return the pre-clip global norm."""
 
-    def step(self, optimizer: Any) -> None: ...
+    def step(self, optimizer: Any, skip: torch.Tensor | None = None) -> None:
+        """One optimizer step; where `skip` (a 0-d float32 tensor on the device, exactly 0. or 1.) is 1, the
+        weights and the optimizer state stay as they were. With fp16 the loss scaler decides instead."""
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over processes."""
@@ -78,6 +80,24 @@ def ddp_options(model: nn.Module) -> dict[str, Any]:
     unused = getattr(model, "unused_parameter_names", None)
     return {"find_unused_parameters": bool(unused()) if callable(unused) else True,
             "gradient_as_bucket_view": True, "broadcast_buffers": False}
+
+
+def step_or_skip(optimizer: Any, skip: torch.Tensor | None, kernel: Any = None) -> None:
+    """`optimizer.step()`, a no-op where `skip` is 1, decided on the device: no host read per step (the loop reads
+    the device only every log line). Fused Adam/AdamW (`kernel`, the torch optimizer inside a wrapper) take the
+    flag as GradScaler hands them theirs: the kernel returns untouched where it is 1 and the step count is taken
+    back by it, so weights, moments and bias correction are exactly as before the step."""
+    kernel = optimizer if kernel is None else kernel
+    if skip is None:
+        optimizer.step()
+    elif getattr(kernel, "_step_supports_amp_scaling", False):
+        kernel.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del kernel.found_inf
+    elif not skip.item():  # an optimizer without a fused kernel (none that ebslab builds): one host read per step
+        optimizer.step()
 
 
 def make_backend(cfg: TrainConfig) -> Backend:

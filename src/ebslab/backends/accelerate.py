@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.backends import ddp_options, resolve_precision
+from ebslab.backends import ddp_options, resolve_precision, step_or_skip
 from ebslab.backends.torch import pick_device
 from ebslab.config import UserError
 
@@ -76,8 +76,10 @@ class AccelerateBackend:
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
         return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
 
-    def step(self, optimizer: Any) -> None:
-        optimizer.step()
+    def step(self, optimizer: Any, skip: torch.Tensor | None = None) -> None:
+        # the AcceleratedOptimizer steps the torch optimizer inside it (through its scaler with fp16, which skips
+        # an inf step itself: the loop passes no flag then)
+        step_or_skip(optimizer, skip, kernel=optimizer.optimizer)
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision
+from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision, step_or_skip
 from ebslab.config import UserError
 
 
@@ -76,12 +76,12 @@ class TorchBackend:
             self.scaler.unscale_(optimizer)
         return nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
-    def step(self, optimizer: Any) -> None:
-        if self.scaler:
+    def step(self, optimizer: Any, skip: torch.Tensor | None = None) -> None:
+        if self.scaler:  # it skips a step with an inf/NaN gradient itself, and lowers the scale
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            optimizer.step()
+            step_or_skip(optimizer, skip)
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

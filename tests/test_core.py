@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, read_jsonl
 from ebslab.config import Config, OptimConfig, UserError, derive, load_config, scaled_betas_eps, scaled_lr
-from ebslab.data import collate, shard_window, split_indices, windows
+from ebslab.data import collate, epoch_order, shard_window, split_indices, windows
 
 NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0", "train.epochs=2"]
 
@@ -39,9 +39,22 @@ def rel_diff(a, b):
 # ---------------------------------------------------------------- the loss rule
 
 
-def test_accumulation_is_the_large_batch_step_by_step(train_run):
-    runs = {shape: train_run(*NO_DROPOUT, f"batch.micro={shape}") for shape in (32, 8, 4)}
+def test_accumulation_is_the_large_batch_step_by_step(train_run, monkeypatch):
+    import ebslab.train as loop
+
+    fed, real_collate = [], loop.collate  # the examples each training micro-batch really holds, in order
+    monkeypatch.setattr(loop, "collate", lambda split, idx, *a: fed[-1].append(np.array(idx)) or
+                        real_collate(split, idx, *a))
+    runs = {}
+    for shape in (32, 8, 4):
+        fed.append([])
+        runs[shape] = train_run(*NO_DROPOUT, f"batch.micro={shape}")
     cfg = yaml.safe_load((runs[8] / "config.yaml").read_text())["derived"]
+    # example order is a function of (seed, epoch) only: every micro-batch size feeds the epoch orders, in order
+    order = np.concatenate([epoch_order(cfg["num_train"], seed=1, epoch=e) for e in (0, 1)])
+    assert [[len(mb) for mb in per_micro[:6]] for per_micro in fed] == [[32] * 6, [8] * 6, [4] * 6]
+    for per_micro in fed:
+        assert np.array_equal(np.concatenate(per_micro), order)
     assert cfg["num_train"] % 32 != 0, "the train split must leave a short last window"
     assert cfg["accum_steps"] == 4
     ref = steps(runs[32])
@@ -117,13 +130,13 @@ def test_short_window_is_spread_over_micro_batches_and_processes():
     assert [len(mb.indices) for mb in full] == [8, 8, 8, 8]
 
 
-def test_windows_depend_only_on_seed_and_epoch():
-    from ebslab.data import epoch_order
-
-    a = windows(epoch_order(100, seed=3, epoch=1), 32)
-    b = windows(epoch_order(100, seed=3, epoch=1), 32)
-    assert all((x == y).all() for x, y in zip(a, b)) and [len(w) for w in a] == [32, 32, 32, 4]
-    assert not (epoch_order(100, 3, 1) == epoch_order(100, 3, 2)).all()
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    # that the loop feeds it whatever the micro-batch size: test_accumulation_is_the_large_batch_step_by_step;
+    # whatever the world size: test_distributed (losses equal step by step, short last window included)
+    assert np.array_equal(epoch_order(100, seed=3, epoch=1), epoch_order(100, seed=3, epoch=1))
+    assert not np.array_equal(epoch_order(100, 3, 1), epoch_order(100, 3, 2))
+    assert not np.array_equal(epoch_order(100, 3, 1), epoch_order(100, 4, 1))
+    assert [len(w) for w in windows(epoch_order(100, 3, 1), 32)] == [32, 32, 32, 4]
 
 
 # ---------------------------------------------------------------- split

@@ -64,12 +64,13 @@ def single(exact_torch_run) -> tuple[Path, dict[str, int]]:
     return run, dict(zip(("train", "val", "test"), map(int, sizes.groups())))
 
 
-def check_same_as_single(single: tuple[Path, dict[str, int]], run: Path, out: str) -> None:
+def check_same_as_single(single: tuple[Path, dict[str, int]], run: Path, out: str, micro: int = 8) -> None:
     ref_run, sizes = single
     assert sizes == {"train": 225, "val": 27, "test": 27}
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
-    assert (derived["world_size"], derived["micro"], derived["accum_steps"]) == (2, 8, 2)
-    assert "effective_batch 32 = micro 8 x accum_steps 2 x world_size 2" in out
+    accum = 32 // (2 * micro)
+    assert (derived["world_size"], derived["micro"], derived["accum_steps"]) == (2, micro, accum)
+    assert f"effective_batch 32 = micro {micro} x accum_steps {accum} x world_size 2" in out
 
     ref, got = steps(ref_run), steps(run)
     # one line per step: a second process writing metrics.jsonl would double them
@@ -77,8 +78,8 @@ def check_same_as_single(single: tuple[Path, dict[str, int]], run: Path, out: st
     for a, b in zip(ref, got):
         for key in ("train/loss", "train/acc", "grad_norm", "lr"):
             assert rel(a[key], b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
-    # micro_step counts this process's passes: 2 per full window, 1 (a real one or a stand-in) on the short one
-    assert [r["micro_step"] for r in got][7::8] == [7 * 2 + 1, 2 * (7 * 2 + 1)]
+    # micro_step counts this process's passes: accum per full window, 1 (a real one or a stand-in) on the short one
+    assert [r["micro_step"] for r in got][7::8] == [7 * accum + 1, 2 * (7 * accum + 1)]
     assert weight_rel_diff(ref_run, run) <= 1e-5
 
     assert out.count("ebslab run ") == 1  # only rank 0 prints the start-up text...
@@ -98,11 +99,14 @@ def check_same_as_single(single: tuple[Path, dict[str, int]], run: Path, out: st
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_two_processes_match_one(single, tmp_path):
-    run, out = run_cli(tmp_path, "torchrun", launcher=[str(BIN / "torchrun"), "--nproc_per_node", "2",
-                                                       "--master_port", str(free_port()), "-m"])
+# against 1 process x micro 8 x accum 4: world size; then world size and micro together (a third process start)
+@pytest.mark.parametrize("micro", [8, pytest.param(4, marks=pytest.mark.slow)])
+def test_torchrun_two_processes_match_one(single, tmp_path, micro):
+    run, out = run_cli(tmp_path, "torchrun", f"batch.micro={micro}",
+                       launcher=[str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                 "-m"])
     assert "backend torch" in out
-    check_same_as_single(single, run, out)
+    check_same_as_single(single, run, out, micro)
 
 
 @pytest.mark.slow  # the same check as torchrun, through `accelerate launch`

@@ -10,11 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, TINY, read_jsonl
+from ebslab.callbacks import Callback
 from ebslab.config import Config, OptimConfig, UserError, derive, load_config, scaled_betas_eps, scaled_lr
 from ebslab.data import collate, epoch_order, shard_window, split_indices, windows
 
 NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0", "train.epochs=2"]
+TINY_EXACT = [*TINY, "model.dropout=0", "model.encoder_dropout=0"]
 
 
 def steps(run_dir):
@@ -541,16 +543,77 @@ def test_a_config_path_with_equals_signs_is_a_config(tmp_path, train_run):
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["test_last"]["acc"] == a
 
 
-def test_loss_scaler_state_round_trips_through_the_backend():
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """train.precision=fp16 through the real backend and loop (its GradScaler, unscale, skip), computing in fp32:
+    fp16 matmuls on CPU are refused for their speed, and the scaler's arithmetic does not depend on them."""
+    import contextlib
+
+    import ebslab.backends.torch as tb
+
+    monkeypatch.setattr(tb, "resolve_precision", lambda precision, device: precision)
+    monkeypatch.setattr(tb.TorchBackend, "autocast", lambda self: contextlib.nullcontext())
+    return ["train.precision=fp16", "train.device=cpu"]
+
+
+class Fp16Probe(Callback):
+    """Records the loss scale before each step, the weights before `poison_at`, and puts an inf into one (scaled)
+    gradient there."""
+
+    def __init__(self, poison_at: int = 0):
+        self.poison_at, self.scales, self.before = poison_at, [], None
+
+    def on_before_clip(self, trainer) -> None:
+        self.scales.append(trainer.backend.scaler.get_scale())
+        if trainer.state.step + 1 == self.poison_at:
+            model = trainer.backend.unwrap(trainer.model)
+            self.before = {k: v.clone() for k, v in model.state_dict().items()}
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    def on_step(self, trainer, record) -> None:
+        if trainer.state.step == self.poison_at:
+            model = trainer.backend.unwrap(trainer.model)
+            self.after = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_fp16_unscales_before_clipping_and_logs_the_unscaled_grad_norm(tmp_path, fp16_on_cpu):
+    from ebslab.train import train
+
+    base = [*TINY_EXACT, "optim.clip_norm=0.05", f"out.dir={tmp_path}"]  # clipping at every step
+    plain = train(load_config(None, [*base, "train.device=cpu", "out.name=fp32"]))
+    probe = Fp16Probe()
+    scaled = train(load_config(None, [*base, *fp16_on_cpu, "out.name=fp16"]), callbacks=[probe])
+    assert plain["steps"] == scaled["steps"] == 7
+    assert probe.scales == [65536.0] * 7  # the loss really was scaled, by 2^16, at every step
+    ref, got = steps(tmp_path / "fp32"), steps(tmp_path / "fp16")
+    assert min(r["grad_norm"] for r in ref) > 0.05  # the clip was active
+    for a, b in zip(ref, got):
+        # clipping the scaled gradient would log 65536x the norm and step 65536x too short after the unscale
+        for key in ("train/loss", "grad_norm"):
+            assert rel_diff(a[key], b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+    assert weight_rel_diff(weights(tmp_path / "fp32"), weights(tmp_path / "fp16")) <= 1e-5
+
+
+def test_fp16_inf_gradient_skips_the_step_lowers_the_scale_and_the_run_goes_on(tmp_path, fp16_on_cpu):
+    from ebslab.train import train
+
+    probe = Fp16Probe(poison_at=3)
+    summary = train(load_config(None, [*TINY_EXACT, *fp16_on_cpu, "checkpoint.every_steps=1",
+                                       f"out.dir={tmp_path}", "out.name=run"]), callbacks=[probe])
+    assert summary["status"] != "diverged" and summary["steps"] == 7  # the scaler's business, not a divergence
+    assert probe.scales == [65536.0] * 3 + [32768.0] * 4  # halved by the skipped step, kept after
+    for name, before in probe.before.items():
+        assert torch.equal(probe.after[name], before), name  # the step was skipped
+    logged = {r["step"]: r for r in steps(tmp_path / "run")}
+    assert not math.isfinite(float(logged[3]["grad_norm"])) and math.isfinite(logged[4]["grad_norm"])
+    # the scale the resumed run needs is in the checkpoint (JSON numbers), halved
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] == 32768.0
     from ebslab.backends.torch import TorchBackend
 
-    saved = TorchBackend()
-    assert saved.scaler_state() is None  # fp32: nothing to save
-    saved.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    restored = TorchBackend()
-    restored.scaler = torch.amp.GradScaler("cpu")
-    restored.load_scaler_state(json.loads(json.dumps(saved.scaler_state())))  # plain JSON in trainer_state
-    assert restored.scaler.get_scale() == 1024.0
+    resumed = TorchBackend("fp16", "cpu")
+    resumed.load_scaler_state(state["scaler"])
+    assert resumed.scaler.get_scale() == 32768.0
 
 
 def test_resume_keeps_the_auto_micro_batch(tmp_path):

@@ -168,6 +168,10 @@ def test_limit_keeps_a_prefix_of_the_same_shuffle():
 def test_imdb_split_sizes_on_the_shipped_data():
     import pandas as pd
 
+    from ebslab.data import SHIPPED_IMDB
+
+    # the package data an installed ebslab reads, and the checkout's data/imdb that configs and docs name, are one
+    assert (ROOT / "data/imdb").resolve() == SHIPPED_IMDB == ROOT / "src/ebslab/assets/imdb"
     labels = np.concatenate([pd.read_parquet(ROOT / "data/imdb" / f)["label"].to_numpy()
                              for f in ("train.parquet", "test.parquet")])
     tr, va, te = split_indices(labels, [0.8, 0.1, 0.1], seed=42)

@@ -23,8 +23,9 @@ import pandas as pd
 
 from ebslab.config import DataConfig, UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_IMDB = PROJECT_ROOT / "data" / "imdb"
+# package data, so that an installed ebslab (not only a source checkout) has its default dataset offline;
+# the checkout's data/imdb is a link to this folder
+SHIPPED_IMDB = Path(__file__).resolve().parent / "assets" / "imdb"
 DATA_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 

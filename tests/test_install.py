@@ -9,6 +9,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import hang_after
 
@@ -48,6 +50,35 @@ def test_pip_install_alone_runs_a_tiny_model_and_checks_data_before_the_model(tm
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["status"] in ("completed", "collapsed") and summary["steps"] == 3  # 48 train examples / 16
     assert f"ebslab run {tmp_path / 'runs' / 'tiny'}" in run.stdout
+
+    # the default data (IMDB) is package data: the installed copy, not this checkout's, from a folder that is no
+    # checkout, tokenized into the user's cache and read back from it by the next run
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from ebslab.data import SHIPPED_IMDB; "
+                            "print(SHIPPED_IMDB)"], cwd=tmp_path, capture_output=True, text=True, env=env, check=True)
+    shipped = Path(where.stdout.strip())
+    assert shipped.is_relative_to(venv.resolve()) and (shipped / "train.parquet").stat().st_size == \
+        (ROOT / "src/ebslab/assets/imdb/train.parquet").stat().st_size
+    from ebslab.data import SHIPPED_IMDB, split_indices
+
+    labels = np.concatenate([pd.read_parquet(SHIPPED_IMDB / f"{s}.parquet")["label"].to_numpy()
+                             for s in ("train", "test")])
+    train, val, test = split_indices(labels, [0.8, 0.1, 0.1], seed=42, limit=200)
+    counts = np.bincount(labels[np.concatenate([train, val, test])])
+    env["EBSLAB_CACHE"] = str(tmp_path / "cache")
+    imdb_runs = []
+    for name in ("imdb", "imdb-again"):
+        imdb_runs.append(subprocess.run(
+            [str(venv / "bin" / "ebslab"), "train", "model.name=tiny-bert", "data.limit=200", "data.max_length=16",
+             "batch.effective=32", "batch.micro=8", "train.epochs=1", f"out.dir={tmp_path / 'runs'}",
+             f"out.name={name}"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=hang_after(300)))
+        assert imdb_runs[-1].returncode == 0, imdb_runs[-1].stdout[-3000:] + imdb_runs[-1].stderr[-3000:]
+    first, again = (r.stdout for r in imdb_runs)
+    data_line = f"data imdb: train {len(train)} / val {len(val)} / test {len(test)}, 2 classes, max_length 16"
+    assert f"{data_line} (tokenized" in first and f"{data_line} (from cache" in again
+    assert f"classes 0 {counts[0]}, 1 {counts[1]}" in first
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1
+    summary = json.loads((tmp_path / "runs" / "imdb" / "summary.json").read_text())
+    assert summary["samples"] == len(train) and summary["steps"] == -(-len(train) // 32)
 
     # a wrong data.path is reported as such, before the (here unloadable, offline) default model is looked for
     missing = subprocess.run([str(venv / "bin" / "ebslab"), "train", "data.path=nowhere.csv"], cwd=tmp_path,

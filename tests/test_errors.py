@@ -497,3 +497,21 @@ def test_load_data_counts_the_classes_of_the_kept_rows(tmp_path):
     assert bundle.class_counts == [70, 30] and bundle.label_names == ["neg", "pos"]
     bundle = load_data(DataConfig(path=str(path), max_length=8, limit=50), load_tokenizer("tiny-bert"))
     assert sum(bundle.class_counts) == 50
+
+
+def test_a_run_prints_the_class_counts_and_logs_each_data_warning(tmp_path, train_run, capsys):
+    # two rows of '1' among words (2% of the rows, above data.min_class_fraction) and a second 'label' column
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,label\n" + "".join(f"review {i},{v},x\n" for i, v in
+                                                   enumerate(["positive", "negative"] * 49 + ["1", "1"])))
+    run = train_run(f"data.path={path}", "data.limit=null", base=TINY)
+    out, err = capsys.readouterr()
+    assert "\nclasses 1 2, negative 49, positive 49\n" in out
+    expected = [f"data file '{path}' has the column 'label' 2 times (pandas renamed the later ones to NAME.1, "
+                "NAME.2 ...); rename the columns so each is unique",
+                f"data.path '{path}': column 'label' mixes numeric labels ('1') with text labels ('positive', "
+                "'negative'); each distinct value is a class of its own"]
+    data_lines = [ln for ln in err.splitlines() if ln.startswith("WARNING [data] ")]
+    assert [ln.removeprefix("WARNING [data] ") for ln in data_lines] == expected
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in lines if r["event"] == "warning" and r["kind"] == "data"] == expected

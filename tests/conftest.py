@@ -100,3 +100,33 @@ def install_fake_train(tmp_path, monkeypatch, source: str):
     monkeypatch.setattr(sw, "train_command", lambda *a, **k: [sys.executable, str(script)] + real(*a, **k)[4:])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return script
+
+
+@pytest.fixture
+def fsync_log(monkeypatch):
+    """Records every fsync and rename. `fsync_log.durable(path)`: `path` was last written as ebslab.files writes,
+    a temporary file fsynced, renamed onto `path`, then its folder fsynced (else a power cut can leave it empty)."""
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", str(Path(src).resolve()), str(Path(dst).resolve())))
+        return real_replace(src, dst, **kw)
+
+    def durable(path) -> bool:
+        path = Path(path).resolve()
+        renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(path)]
+        if not renames:
+            return False
+        i = renames[-1]
+        return ("fsync", events[i][1]) in events[:i] and ("fsync", str(path.parent)) in events[i + 1:]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    log = type("FsyncLog", (), {})()
+    log.events, log.durable = events, durable
+    return log

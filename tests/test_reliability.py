@@ -521,3 +521,35 @@ def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path)
     with pytest.raises(ckpt.StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
         tracker.log({"event": "step", "step": 2})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_renamed(tmp_path, fsync_log):
+    import numpy as np
+
+    from ebslab import sweep as sw
+    from ebslab.evaluate import EvalResult, save_predictions
+    from ebslab.report import build_report
+    from test_report import make_run
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"event": "step", "step": s}) + "\n" for s in (1, 2, 3)))
+    truncate_metrics(metrics, 2)
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+
+    save_predictions(tmp_path, "test_best", EvalResult(index=np.arange(4), label=np.array([0, 1, 1, 0]),
+                                                       probs=np.full((4, 2), 0.5), label_names=["0", "1"]))
+
+    sweep = sw.parse_sweep({"name": "exp", "base": {"model.name": "tiny-bert"}, "grid": {"train.seed": [1, 2]}})
+    root = sw.sweep_dir(tmp_path / "runs", sweep)
+    sw.SweepRunner(sweep, sw.plan(sweep, tmp_path / "runs"), root, False, "local").write_index()
+
+    for seed in (1, 2):
+        make_run(tmp_path / "done", f"s{seed}", seed=seed)
+    build_report([tmp_path / "done" / "s1", tmp_path / "done" / "s2"], tmp_path / "report")
+
+    written = [metrics, tmp_path / "predictions" / "test_best.parquet", root / "sweep.json",
+               tmp_path / "report" / "report.md", tmp_path / "report" / "report.json"]
+    assert [p for p in written if not fsync_log.durable(p)] == []
+    # the checker has teeth: a file written in place is not durable
+    (tmp_path / "plain.txt").write_text("x")
+    assert not fsync_log.durable(tmp_path / "plain.txt")

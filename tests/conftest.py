@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,33 @@ TIMEOUT_SCALE = float(os.environ.get("EBSLAB_TEST_TIMEOUT_SCALE", "10"))
 
 def hang_after(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
+
+
+# Kill and signal tests draw the step (and delay) at which they strike, so that over many runs they land
+# everywhere; one seed per session, printed, and EBSLAB_TEST_SEED=<it> draws the same again
+CHANCE_SEED = int(os.environ.get("EBSLAB_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+@pytest.fixture
+def chance(request) -> random.Random:
+    """This test's own generator, from (seed, test id): its draws do not depend on which other tests ran before
+    it, so `EBSLAB_TEST_SEED=<printed> pytest -k <the test>` replays a failure of the full suite. Printed in the
+    test's captured output (shown with its failure)."""
+    print(f"[{request.node.nodeid}] EBSLAB_TEST_SEED={CHANCE_SEED}")
+    return random.Random(f"{CHANCE_SEED}:{request.node.nodeid}")
+
+
+def pytest_report_header(config):
+    return f"kill/signal tests: EBSLAB_TEST_SEED={CHANCE_SEED}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # in the failure's report itself: a test that reads capsys consumes what the fixture printed
+    report = (yield).get_result()
+    if report.failed and "chance" in getattr(item, "fixturenames", ()):
+        report.sections.append(("kill/signal draws", f"replay: EBSLAB_TEST_SEED={CHANCE_SEED} python -m pytest "
+                                                     f"'{item.nodeid}'"))
 
 
 def pytest_collection_modifyitems(items):

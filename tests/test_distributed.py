@@ -126,10 +126,13 @@ def torchrun() -> list[str]:
 
 @pytest.mark.slow  # three 2-process runs
 @pytest.mark.timeout(300)
-def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path):
+def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path, chance):
     """Dropout on, so each rank's own RNG stream must come back; SIGTERM must stop both ranks at one step."""
     import signal
     import time
+
+    k = chance.randint(2, 10)  # of 16 steps: torchrun's forwarding has time to land before the run ends
+    print(f"[2-process sigterm] k={k}")
 
     dropout = ["model.dropout=0.1", "model.encoder_dropout=0.1", "checkpoint.every_steps=1"]
     ref, _ = run_cli(tmp_path, "ref", *dropout, launcher=torchrun())
@@ -140,14 +143,14 @@ def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(tmp_path)
                              "out.name=stopped"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + hang_after(200)
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(steps(run)) >= 5:
+        if (run / "metrics.jsonl").exists() and len(steps(run)) >= k:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     out, err = proc.communicate(timeout=hang_after(200))
     assert (run / "summary.json").exists(), err[-4000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and 5 <= summary["steps"] < 16
+    assert summary["status"] == "interrupted" and k <= summary["steps"] < 16
 
     resumed = subprocess.run([*torchrun(), "ebslab", "train", "--resume", str(run)], env=env,
                              capture_output=True, text=True, timeout=hang_after(280))

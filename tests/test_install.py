@@ -1,4 +1,5 @@
-"""A plain `pip install .` gives a working `ebslab`: a fresh venv with torch preinstalled, one tiny run."""
+"""A plain `pip install .` gives a working `ebslab`: a fresh venv with torch preinstalled, tiny runs on a user's
+file and on the default data (IMDB, package data) from a folder that is not the checkout."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import hang_after
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # a package build (pip fetches setuptools into its build environment) and two interpreters
+@pytest.mark.slow  # a package build (pip fetches setuptools into its build environment) and five interpreters
 @pytest.mark.timeout(600)
 def test_pip_install_alone_runs_a_tiny_model_and_checks_data_before_the_model(tmp_path):
     venv = tmp_path / "venv"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import hang_after
+from conftest import CHANCE_SEED, hang_after
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -40,11 +40,6 @@ RUN = ["model.name=tiny-bert", "data.limit=75", "data.max_length=32", "batch.eff
 TOTAL_STEPS = 8
 STEPS_PER_EPOCH = 4
 TOL = 1e-6
-# own generator (a run in this process reseeds the global one), seeded and printed so a failure reproduces:
-# EBSLAB_TEST_SEED=<the printed seed> draws the same kill steps and delays again
-CHANCE_SEED = int(os.environ.get("EBSLAB_TEST_SEED") or random.SystemRandom().randrange(2**32))
-CHANCE = random.Random(CHANCE_SEED)
-print(f"kill/signal tests: EBSLAB_TEST_SEED={CHANCE_SEED}")
 STEP_KEYS = ("step", "epoch", "micro_step", "train/loss", "train/acc", "lr", "grad_norm")
 EVAL_KEYS = ("step", "train/loss", "train/acc", "val/loss", "val/acc", "val/ece", "test/loss", "test/acc")
 SUMMARY_KEYS = ("status", "best_step", "best_epoch", "steps", "micro_steps", "samples")
@@ -181,18 +176,18 @@ def _checkpointed_steps(every: int) -> list[int]:
 # torch every 3 (a rollback past unsaved steps) in every run of the suite; the other two with `make test-slow`
 @pytest.mark.parametrize("backend,every", [pytest.param("torch", 1, marks=pytest.mark.slow),
                                            pytest.param("accelerate", 1, marks=pytest.mark.slow), ("torch", 3)])
-def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every, reference, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(backend, every, reference, tmp_path, chance):
     # wait for step k (its line is logged after the previous step's checkpoint is complete), then kill after a
     # random delay: the kill lands in step k's checkpoint write or anywhere in the steps after it
     first = _checkpointed_steps(every)[0] + 1
-    k = max(first, int(os.environ.get("EBSLAB_TEST_KILL_STEP") or CHANCE.randint(first, TOTAL_STEPS - 3)))
+    k = max(first, int(os.environ.get("EBSLAB_TEST_KILL_STEP") or chance.randint(first, TOTAL_STEPS - 3)))
     run = tmp_path / "killed"
     args = [*RUN, f"train.backend={backend}", f"checkpoint.every_steps={every}", f"out.dir={tmp_path}",
             "out.name=killed"]
     proc = _start(args, tmp_path / "log")
     _wait_for(proc, _step_reached(run, k), tmp_path / "log")
     # into step k's checkpoint write, or into the next step; longer delays let a fast 8-step run finish first
-    delay = CHANCE.uniform(0, 0.05)
+    delay = chance.uniform(0, 0.05)
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
@@ -233,9 +228,9 @@ def _train_signalled_at(sig: signal.Signals, run: Path, k: int, args: list[str])
 
 @pytest.mark.timeout(300)
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(reference, tmp_path, monkeypatch,
-                                                                            capsys):
-    k = CHANCE.randint(2, TOTAL_STEPS - 4)
-    print(f"[sigterm] EBSLAB_TEST_SEED={CHANCE_SEED} k={k}")
+                                                                            capsys, chance):
+    k = chance.randint(2, TOTAL_STEPS - 4)
+    print(f"[sigterm] k={k}")
     run = tmp_path / "term"
     assert _train_signalled_at(signal.SIGTERM, run, k, RUN) == 143
     err = capsys.readouterr().err
@@ -265,28 +260,30 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(refere
 
 
 @pytest.mark.timeout(120)
-def test_sigint_checkpoints_and_exits_130(tmp_path, capsys):
-    run = tmp_path / "int"
-    code = _train_signalled_at(signal.SIGINT, run, 2, [*RUN, "train.epochs=50"])
+def test_sigint_checkpoints_and_exits_130(tmp_path, capsys, chance):
+    run, k = tmp_path / "int", chance.randint(1, 2 * STEPS_PER_EPOCH)
+    print(f"[sigint] k={k}")
+    code = _train_signalled_at(signal.SIGINT, run, k, [*RUN, "train.epochs=50"])
     err = capsys.readouterr().err
     assert code == 130
     assert "Traceback" not in err and "SIGINT: stopping after this step" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["message"]
     state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
-    assert state["step"] == summary["steps"] == max(r["step"] for r in _records(run, "step")) >= 2
+    assert state["step"] == summary["steps"] == max(r["step"] for r in _records(run, "step")) >= k
     assert summary["steps"] < 50 * STEPS_PER_EPOCH
 
 
 @pytest.mark.slow  # a subprocess with long steps; the first Ctrl-C is in every run (test_sigint_...)
 @pytest.mark.timeout(120)
-def test_a_second_ctrl_c_exits_at_once(tmp_path):
+def test_a_second_ctrl_c_exits_at_once(tmp_path, chance):
     # long steps (64 examples of 128 tokens, 8 micro-batches): the second signal lands inside the finishing step
-    run = tmp_path / "int2"
+    run, k = tmp_path / "int2", chance.randint(1, 3)
+    print(f"[second ctrl-c] k={k}")
     args = [*RUN, "data.limit=300", "data.max_length=128", "batch.effective=64", "train.epochs=50",
             f"out.dir={tmp_path}", "out.name=int2"]
     proc = _start(args, tmp_path / "log")
-    _wait_for(proc, _step_reached(run, 2), tmp_path / "log")
+    _wait_for(proc, _step_reached(run, k), tmp_path / "log")
     proc.send_signal(signal.SIGINT)
     _wait_for(proc, lambda: "stopping after this step" in (tmp_path / "log" / "stderr.txt").read_text(),
               tmp_path / "log")

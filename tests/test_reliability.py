@@ -550,3 +550,25 @@ def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_
     # the checker has teeth: a file written in place is not durable
     (tmp_path / "plain.txt").write_text("x")
     assert not fsync_log.durable(tmp_path / "plain.txt")
+
+
+def test_full_disk_while_writing_predictions_keeps_the_old_file_and_names_the_resume(tmp_path, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from ebslab.evaluate import EvalResult, save_predictions
+
+    def result(label):
+        return EvalResult(index=np.arange(2), label=np.array(label), probs=np.full((2, 2), 0.5),
+                          label_names=["0", "1"])
+
+    save_predictions(tmp_path, "test_best", result([0, 1]))
+    monkeypatch.setattr(os, "replace", lambda *_a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(ckpt.StorageError) as e:
+        save_predictions(tmp_path, "test_best", result([1, 0]))
+    monkeypatch.undo()
+    path = tmp_path / "predictions" / "test_best.parquet"
+    assert str(e.value) == (f"could not write '{path}' (No space left [ENOSPC]); the previous checkpoint is intact: "
+                            f"free space, then continue with `ebslab train --resume {tmp_path}`")
+    assert pd.read_parquet(path)["label"].tolist() == [0, 1]
+    assert [p.name for p in path.parent.iterdir()] == ["test_best.parquet"]  # no temp file left

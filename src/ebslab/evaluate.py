@@ -7,7 +7,6 @@ example counts exactly once whatever the world size.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from ebslab.backends import Backend
-from ebslab.checkpoint import _fsync_dir, storage_error
 from ebslab.data import TokenizedSplit, collate
+from ebslab.files import atomic_write_with
 from ebslab.metrics import compute_metrics, higher_is_better
 
 
@@ -87,16 +86,8 @@ def save_predictions(run_dir: Path, name: str, result: EvalResult) -> None:
     folder.mkdir(exist_ok=True)
     columns = {"index": result.index, "label": result.label, "pred": result.pred, "prob": result.prob}
     columns.update({f"prob_{k}": result.probs[:, k] for k in range(result.probs.shape[1])})
-    tmp, path = folder / f".{name}.tmp.parquet", folder / f"{name}.parquet"
-    try:
-        pd.DataFrame(columns).to_parquet(tmp, index=False)
-        with open(tmp, "rb+") as f:  # on disk before the rename: a crash leaves the old file or the new one
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(path, e, run_dir) from None
-    _fsync_dir(folder)  # the rename itself on disk too
+    atomic_write_with(folder / f"{name}.parquet", lambda tmp: pd.DataFrame(columns).to_parquet(tmp, index=False),
+                      run_dir)
 
 
 @torch.inference_mode()

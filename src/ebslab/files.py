@@ -40,8 +40,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` fills a temporary sibling (any writer: text, parquet, numpy), which then replaces `path`."""
+def atomic_write_with(path: Path, write: Callable[[Path], None], run_dir: Path | None = None) -> None:
+    """`write(tmp)` fills a temporary sibling (any writer: text, parquet, numpy), which then replaces `path`.
+    `run_dir`: the run the file belongs to, so that a full disk's error names the way to resume it."""
     path = Path(path)
     # the suffix is kept (pandas and numpy pick a format or append one from it)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
@@ -52,7 +53,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise storage_error(path, e) from None
+        raise storage_error(path, e, run_dir) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

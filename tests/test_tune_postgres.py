@@ -1,6 +1,6 @@
 """`ebslab tune --storage postgresql+psycopg2://...`: several workers share one study through a real PostgreSQL
-server, pgserver's (a self-contained PostgreSQL from PyPI, installed with psycopg2 by the `tune-db` extra that
-`make test` installs). A missing server package fails these tests: skipped, they would never run in CI."""
+server, pgserver's (a self-contained PostgreSQL from PyPI; with psycopg2 in the `tune-db` extra, which `make test`
+and `make test-slow` install). A missing server package fails these tests: skipped, they would never run in CI."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow  # two `ebslab tune` interpreters (each imports torch through the CLI): 30-60 s here
+@pytest.mark.slow  # two `ebslab tune` interpreters, each importing torch through the CLI: 40-60 s here
 @pytest.mark.timeout(120)
 def test_two_workers_share_one_study_through_postgresql(tmp_path, monkeypatch, pg_server):
     fake_train = install_fake_train(tmp_path, monkeypatch, FAKE_TRAIN)

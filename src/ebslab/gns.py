@@ -147,8 +147,21 @@ class GradientNoiseScale(Callback):
     def _hook(self, grad: torch.Tensor) -> None:
         self._parts.append(torch.linalg.vector_norm(grad.detach()))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_windows": self.skipped_windows,
+                "ema": None if self._ema is None else self._ema.tolist(),
+                "half_sums": None if self._half_sums is None else self._half_sums.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_windows = int(state["skipped_windows"])
+        # float64 lists from JSON round-trip exactly; on_fit_start moves them to the gradients' device
+        self._ema, self._half_sums = (None if state[k] is None else torch.tensor(state[k], dtype=torch.float64)
+                                      for k in ("ema", "half_sums"))
+
     def on_fit_start(self, trainer: Any) -> None:
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._ema, self._half_sums = (None if t is None else t.to(device) for t in (self._ema, self._half_sums))
         self.world_size = trainer.backend.world_size
         self.handles = [p.register_hook(self._hook) for p in self.params]
 

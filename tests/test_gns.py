@@ -245,6 +245,9 @@ def test_fp16_gives_the_estimates_of_fp32(tmp_path, fp16_on_cpu):
         for key in ("gns/grad_sq", "gns/trace", "gns/b_simple"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["step"], key, a[key], b[key])
     assert scaled["gns"]["steps"] == plain["gns"]["steps"] == 3
+    import yaml  # config.yaml records the precision a run trained in (the report groups by it)
+
+    assert yaml.safe_load((tmp_path / "fp16" / "config.yaml").read_text())["derived"]["precision"] == "fp16"
     assert scaled["gns"]["b_simple"] == pytest.approx(plain["gns"]["b_simple"], rel=1e-6)
 
 

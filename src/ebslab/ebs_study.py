@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from ebslab.config import flatten
+from ebslab.config import as_trained
 from ebslab.metrics import higher_is_better
 
 
@@ -44,8 +44,10 @@ class StudyRun:
 
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     """One run folder -> StudyRun (config.yaml, metrics.jsonl and summary.json only)."""
+    from ebslab.report import with_logged_precision  # (report imports this module)
+
     path = Path(path)
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    config = with_logged_precision(path, yaml.safe_load((path / "config.yaml").read_text()))
     effective = int(config["batch"]["effective"])
     evals, curve = [], []
     for line in (path / "metrics.jsonl").read_text().splitlines():
@@ -66,7 +68,7 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     return StudyRun(name=path.name, effective_batch=effective, seed=seed,
                     lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
-                    status=str(summary.get("status", "unknown")), config=flatten(config))
+                    status=str(summary.get("status", "unknown")), config=as_trained(config))
 
 
 
@@ -404,8 +406,10 @@ def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None
 def group_by_other_keys(runs: Sequence[StudyRun]) -> dict[str, list[StudyRun]]:
     """Runs by the values of the config keys that vary besides batch.effective and the seed (a fit mixes only
     runs that differ in EBS): {"optim.lr_scaling=sqrt": [...], ...}; one group "" when nothing else varies."""
+    from ebslab.report import _in_group  # the report's keys that do not change training (it imports this module)
+
     def ignored(key: str) -> bool:
-        return key in ("batch.effective", "train.seed") or key.startswith(("out.", "derived."))
+        return key == "batch.effective" or not _in_group(key)
 
     keys = sorted({k for r in runs for k in r.config if not ignored(k)
                    and len({repr(x.config.get(k)) for x in runs}) > 1})

@@ -265,7 +265,7 @@ class Trainer:
         bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
-        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro)
+        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:

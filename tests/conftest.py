@@ -158,3 +158,16 @@ def fsync_log(monkeypatch):
     log = type("FsyncLog", (), {})()
     log.events, log.durable = events, durable
     return log
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """train.precision=fp16 through the real backend and loop (its GradScaler, unscale, skip), computing in fp32:
+    fp16 matmuls on CPU are refused for their speed, and the scaler's arithmetic does not depend on them."""
+    import contextlib
+
+    import ebslab.backends.torch as tb
+
+    monkeypatch.setattr(tb, "resolve_precision", lambda precision, device: precision)
+    monkeypatch.setattr(tb.TorchBackend, "autocast", lambda self: contextlib.nullcontext())
+    return ["train.precision=fp16", "train.device=cpu"]

@@ -66,6 +66,7 @@ def test_accelerate_backend_matches_torch_step_by_step(exact_torch_run, tmp_path
     assert "backend accelerate" in out  # it really went through the Accelerate backend
     derived = yaml.safe_load((acc_run / "config.yaml").read_text())["derived"]
     assert derived["num_train"] % 32 == 1 and derived["accum_steps"] == 4 and derived["world_size"] == 1
+    assert derived["precision"] == "fp32"  # train.precision=auto as resolved on the CPU (the report groups by it)
 
     ref, got = steps(torch_run), steps(acc_run)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 2 * 8 + 1))

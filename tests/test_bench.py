@@ -133,3 +133,65 @@ def test_gns_overhead_from_the_on_and_off_rows():
     s = bench.settings_from_args(_args(contestants="ebslab-torch,ebslab-torch-nogns"))
     assert s.contestants == ["ebslab-torch", "ebslab-torch-nogns"]
     assert "nogns" not in " ".join(bench.CONTESTANTS)  # on request only: the full bench stays as long as it was
+
+
+def test_gns_overhead_is_the_median_of_per_round_ratios():
+    """Per-round pairs (0.9, 1.9, 0.475): median 0.9, overhead 10%; best-of-rounds of each side would say 5%."""
+    rows = [{"scenario": "step", "contestant": "ebslab-torch", "max_length": 64, "samples_per_s": 19.0,
+             "round_samples_per_s": [9.0, 19.0, 9.5]},
+            {"scenario": "step", "contestant": "ebslab-torch-nogns", "max_length": 64, "samples_per_s": 20.0,
+             "round_samples_per_s": [10.0, 10.0, 20.0]}]
+    assert bench.gns_overhead(rows) == {"64": 0.1}
+
+
+def _small_step_settings(small_imdb, **kw):
+    base = dict(model="tiny-bert", data_path=small_imdb, lengths=[16], steps=3, micro=2, effective=4, rounds=2,
+                contestants=["ebslab-torch", "ebslab-torch-nogns"], experiment=False, startup_limit=0,
+                matmul_size=64, warmup=False, profile_steps=0)
+    base.update(kw)
+    return bench.Settings(**base)
+
+
+def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch):
+    from ebslab.tracking import read_metrics
+
+    seen = {}
+    real = bench.run_ebslab
+
+    def recording(s, max_length, out_dir, contestant):
+        ends = real(s, max_length, out_dir, contestant)
+        lines = [r for r in read_metrics(out_dir / f"{contestant}-L{max_length}" / "metrics.jsonl")
+                 if r.get("event") == "step"]
+        seen.setdefault(contestant, []).append((len(ends), sum("gns/b_simple" in r for r in lines)))
+        return ends
+
+    monkeypatch.setattr(bench, "run_ebslab", recording)
+    result = bench.bench(_small_step_settings(small_imdb), tmp_path, say=lambda m: None)
+    # 2 rounds each, 3 steps each; accum 2 puts the noise scale on every step line of ebslab-torch, none of nogns
+    assert seen == {"ebslab-torch": [(3, 3), (3, 3)], "ebslab-torch-nogns": [(3, 0), (3, 0)]}
+    step = {r["contestant"]: r for r in result["rows"] if r["scenario"] == "step"}
+    assert set(step) == {"ebslab-torch", "ebslab-torch-nogns"}
+    on, off = step["ebslab-torch"]["round_samples_per_s"], step["ebslab-torch-nogns"]["round_samples_per_s"]
+    assert len(on) == len(off) == 2 and step["ebslab-torch"]["samples_per_s"] == max(on)
+    assert result["gns_overhead"] == {"16": round(1 - float(np.median([a / b for a, b in zip(on, off)])), 4)}
+    assert "gradient noise scale overhead" in bench.table(result)
+
+
+def test_a_signal_during_a_contestant_stops_the_bench(tmp_path, small_imdb, monkeypatch):
+    """A SIGTERM meant for the bench is caught by the run's own stop handler, which ends that run after one step and
+    returns: the bench must stop, not go on to fail with 'ran 1 steps, expected 3'."""
+    import signal
+
+    from ebslab.callbacks import ProgressBar
+
+    real = ProgressBar.on_step
+
+    def signalling(self, trainer, record):
+        real(self, trainer, record)
+        if trainer.state.step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressBar, "on_step", signalling)
+    with pytest.raises(KeyboardInterrupt, match="ebslab-torch.*SIGTERM"):
+        bench.bench(_small_step_settings(small_imdb, rounds=1, contestants=["ebslab-torch-nogns", "ebslab-torch"]),
+                    tmp_path, say=lambda m: None)

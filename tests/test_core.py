@@ -547,19 +547,6 @@ def test_a_config_path_with_equals_signs_is_a_config(tmp_path, train_run):
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["test_last"]["acc"] == a
 
 
-@pytest.fixture
-def fp16_on_cpu(monkeypatch):
-    """train.precision=fp16 through the real backend and loop (its GradScaler, unscale, skip), computing in fp32:
-    fp16 matmuls on CPU are refused for their speed, and the scaler's arithmetic does not depend on them."""
-    import contextlib
-
-    import ebslab.backends.torch as tb
-
-    monkeypatch.setattr(tb, "resolve_precision", lambda precision, device: precision)
-    monkeypatch.setattr(tb.TorchBackend, "autocast", lambda self: contextlib.nullcontext())
-    return ["train.precision=fp16", "train.device=cpu"]
-
-
 class Fp16Probe(Callback):
     """Records the loss scale before each step, the weights before `poison_at`, and puts an inf into one (scaled)
     gradient there."""

@@ -124,6 +124,9 @@ def test_load_study_run_reads_a_run_folder(tmp_path):
     assert (run.effective_batch, run.seed, run.lr_scaling, run.lr) == (16, 2, "sqrt", 7e-5)
     assert run.evals == [(2, 32, 0.6), (4, 64, 0.7)] and run.b_simple_curve == [(32, 30.0)] and run.b_simple == 33.0
     assert steps_table([run], 0.65)[0].steps == [4]
+    assert run.gns and steps_table([run], 0.65)[0].gns == [True]
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))  # train.gns off: no `gns`
+    assert not load_study_run(tmp_path).gns
 
 
 def test_an_upper_bound_far_past_the_runs_is_reported_as_unbounded(tmp_path):
@@ -173,3 +176,25 @@ def test_the_paragraph_compares_only_fitted_ebs():
     runs = [r for r in known_runs() if not (r.effective_batch == 256 and r.seed > 1)]
     text = section(runs, Path(tempfile.mkdtemp()))[0]
     assert "EBS 128 needed 2.7x the examples of EBS 8 for 0.17x the steps." in text
+
+
+def test_the_paragraph_names_the_ebs_without_a_noise_scale():
+    """EBS 8 with micro 8 runs one micro-batch gradient per step (gns off, no `gns` in the summary); at EBS 16 the
+    gns ran but its |G|^2 average stayed <= 0 (b_simple null). B_simple is the median over the other EBS."""
+    runs = known_runs()
+    for r in runs:
+        if r.effective_batch == 8:
+            r.gns, r.b_simple, r.b_simple_curve = False, None, []
+        elif r.effective_batch == 16:
+            r.b_simple = None
+        elif r.effective_batch == 256:
+            r.b_simple = 80.0
+    md, data = section(runs, Path(tempfile.mkdtemp()))
+    assert data["b_simple"] == 50.0  # median of 50 (EBS 32, 64, 128) x 9 and 80 (EBS 256) x 3
+    assert "B_simple = 50 (median over the runs of EBS 32, 64, 128, 256 of the last half of training)" in md
+    assert "EBS 8 ran one micro-batch gradient per step (accum_steps x world_size = 1), which gives no " \
+           "gradient noise scale." in md
+    assert "At EBS 16 the |G|^2 estimate averaged at or below 0" in md
+    assert "| 8 | 1, 2, 3 | 360, 360, 360 | 2880, 2880, 2880 | 360.0 | 2880 | - |" in md
+    full, _ = section(known_runs(), Path(tempfile.mkdtemp()))
+    assert "(median over runs of the last half of training)" in full and "which gives no" not in full

@@ -94,7 +94,7 @@ def _drive(model, x, y, effective: int, micro: int, epochs: int, seed: int = 3, 
     on_micro_backward per micro-batch, on_before_clip, then on_step. Returns the logged records and the summary."""
     n = len(x)
     steps_per_epoch = -(-n // effective)
-    trainer = SimpleNamespace(model=model, backend=SimpleNamespace(world_size=1),
+    trainer = SimpleNamespace(model=model, backend=SimpleNamespace(world_size=1, loss_scale=lambda: None),
                               cfg=SimpleNamespace(batch=SimpleNamespace(effective=effective)),
                               derived=SimpleNamespace(total_steps=steps_per_epoch * epochs,
                                                       steps_per_epoch=steps_per_epoch, num_train=n),
@@ -221,3 +221,56 @@ def test_train_gns_is_off_with_one_micro_batch_per_step_and_says_why(train_run, 
 def test_eval_every_steps_and_every_examples_are_exclusive(train_run, capsys):
     train_run("eval.every_steps=2", "eval.every_examples=64", expect=2)
     assert "eval.every_steps and eval.every_examples are both set" in capsys.readouterr().err
+
+
+def test_fp16_gives_the_estimates_of_fp32(tmp_path, fp16_on_cpu):
+    """fp16's GradScaler multiplies the loss by 2^16, so the hooks and .grad see every gradient 2^16 times too large
+    (each estimate 2^32 times). Divided by the scale, the fp16 run (real scaler, fp32 compute) gives the fp32 run's
+    estimates: a power-of-two factor is exact in floating point, so only the order of a few float32 sums (the
+    unscale, the fused step's grad_scale) can differ, and the runs agree to 1e-6 relative on every step."""
+    from conftest import TINY, read_jsonl
+
+    from ebslab.config import load_config
+    from ebslab.train import train
+
+    base = [*TINY, "model.dropout=0", "model.encoder_dropout=0", "train.max_steps=6", f"out.dir={tmp_path}"]
+    plain = train(load_config(None, [*base, "train.device=cpu", "out.name=fp32"]))
+    scaled = train(load_config(None, [*base, *fp16_on_cpu, "out.name=fp16"]))
+    assert json.loads((tmp_path / "fp16" / "checkpoints" / "last" / "trainer_state.json").read_text()
+                      )["scaler"]["scale"] == 65536.0  # the loss really was scaled
+    ref, got = ([r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["event"] == "step"]
+                for name in ("fp32", "fp16"))
+    assert len(ref) == len(got) == 6
+    for a, b in zip(ref, got):
+        for key in ("gns/grad_sq", "gns/trace", "gns/b_simple"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["step"], key, a[key], b[key])
+    assert scaled["gns"]["steps"] == plain["gns"]["steps"] == 3
+    import yaml  # config.yaml records the precision a run trained in (the report groups by it)
+
+    assert yaml.safe_load((tmp_path / "fp16" / "config.yaml").read_text())["derived"]["precision"] == "fp16"
+    assert scaled["gns"]["b_simple"] == pytest.approx(plain["gns"]["b_simple"], rel=1e-6)
+
+
+def test_an_overflowing_fp16_window_is_left_out_of_the_averages(tmp_path, fp16_on_cpu):
+    """An inf in step 5's scaled gradient (the scaler skips that step): its line carries null estimates, and the
+    moving averages and the last-half summary (steps 4..6) are those of the other steps, not inf from then on."""
+    from conftest import TINY, read_jsonl
+    from test_core import Fp16Probe
+
+    from ebslab.config import load_config
+    from ebslab.train import train
+
+    summary = train(load_config(None, [*TINY, *fp16_on_cpu, "train.max_steps=6", f"out.dir={tmp_path}",
+                                       "out.name=r"]), callbacks=[Fp16Probe(poison_at=5)])
+    steps = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["event"] == "step"]
+    assert [r["gns/grad_sq"] is None for r in steps] == [False] * 4 + [True, False]
+    assert steps[4]["gns/trace"] is None
+    averages = None
+    for r in steps:
+        if r["gns/grad_sq"] is not None:
+            averages = ema(averages, np.array([r["gns/grad_sq"], r["gns/trace"]]))
+        assert r["gns/b_simple"] == (pytest.approx(b_simple(*averages), rel=1e-9) if averages[0] > 0 else None)
+    kept = [steps[3], steps[5]]
+    assert summary["gns"]["steps"] == 2
+    assert summary["gns"]["grad_sq"] == pytest.approx(np.mean([r["gns/grad_sq"] for r in kept]), rel=1e-9)
+    assert summary["gns"]["trace"] == pytest.approx(np.mean([r["gns/trace"] for r in kept]), rel=1e-9)

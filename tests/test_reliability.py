@@ -28,6 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import ebslab.callbacks
 import ebslab.checkpoint as ckpt
 from ebslab.cli import main
 from ebslab.tracking import JsonlTracker, read_metrics, truncate_metrics
@@ -257,6 +258,43 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes(refere
     _resume(run)
     assert json.loads((run / "summary.json").read_text())["status"] != "interrupted"
     assert_same_run(reference, run, f"SIGTERM after step {last_logged}")
+
+
+@pytest.mark.timeout(300)
+def test_the_noise_scale_averages_survive_a_stop_and_resume(reference, tmp_path, monkeypatch):
+    """RUN is micro 8 x accum 2: the gradient noise scale is on. Stopped in the last half of training (steps 5..8,
+    the summary's), the resumed run logs the uninterrupted run's gns/b_simple (a moving average over every step
+    before) and writes its summary gns (sums over the last half), because the callback's state is in the
+    checkpoint. Without it both would restart at the resume."""
+    run = tmp_path / "gns"
+    assert _train_signalled_at(signal.SIGTERM, run, 6, RUN) == 143
+    stopped_at = max(r["step"] for r in _records(run, "step"))
+    assert 6 <= stopped_at < TOTAL_STEPS
+    saved = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())["callbacks"]
+    assert len(saved["GradientNoiseScale"]["half_sums"]) == 3
+
+    # the test has teeth: the same resume with the callbacks' state dropped gives other numbers
+    blind = tmp_path / "blind"
+    shutil.copytree(run, blind)
+    with monkeypatch.context() as m:
+        m.setattr(ebslab.callbacks.Callbacks, "load_state_dict", lambda self, states: None)
+        _resume(blind)
+    _resume(run)
+    ref_steps, steps = _records(reference, "step"), _records(run, "step")
+    assert [r["step"] for r in steps] == list(range(1, TOTAL_STEPS + 1))
+    for a, b in zip(ref_steps, steps):
+        for key in ("gns/grad_sq", "gns/trace", "gns/b_simple"):
+            assert (a[key] is None) == (b[key] is None), (a["step"], key)
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key, a[key], b[key])
+    ref_gns, gns = (json.loads((r / "summary.json").read_text())["gns"] for r in (reference, run))
+    assert gns["steps"] == ref_gns["steps"] == 4 and gns["skipped_windows"] == ref_gns["skipped_windows"]
+    for key in ("grad_sq", "trace"):
+        assert gns[key] == pytest.approx(ref_gns[key], rel=1e-6), key
+    blind_gns = json.loads((blind / "summary.json").read_text())["gns"]
+    assert blind_gns["steps"] == TOTAL_STEPS - stopped_at < 4
+    blind_b = [r["gns/b_simple"] for r in _records(blind, "step")][stopped_at:]
+    assert blind_b != pytest.approx([r["gns/b_simple"] for r in ref_steps][stopped_at:], rel=1e-3)
 
 
 @pytest.mark.timeout(120)

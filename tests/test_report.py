@@ -515,3 +515,56 @@ def test_main_effect_pairs_by_seed_and_other_keys_and_ranks_by_size(tmp_path):
     assert [x["key"] for x in rep["main_effects"]] == sorted(effects, key=lambda k: -abs(effects[k]["estimate"]))
     table = md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
     assert table.index("| batch.effective |") < table.index("| optim.lr_scaling |")
+
+
+def _edit_config(run_dir: Path, edit) -> Path:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    edit(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
+    """An old run folder (no eval.select_by, explicit train.precision=fp32) and a new one (eval.select_by at its
+    default acc, precision auto that derived.precision records as fp32) trained the same thing: one group, and
+    one effective-batch-size fit; so does an auto run from before derived.precision whose sweep log printed fp32.
+    A new key set to another value, or auto resolved to bf16, still splits."""
+    from ebslab import ebs_study
+    from ebslab.config import default_flat
+
+    assert default_flat()["eval.select_by"] == "acc" and default_flat()["train.precision"] == "auto"
+
+    def old(cfg):
+        cfg["train"]["precision"] = "fp32"
+
+    def new(precision="fp32", select_by="acc"):
+        def edit(cfg):
+            cfg["train"]["precision"] = "auto"
+            cfg["eval"] = {"select_by": select_by}
+            cfg["derived"]["precision"] = precision
+        return edit
+
+    dirs = [_edit_config(make_run(tmp_path / "sw", f"old-ebs{ebs}", ebs=ebs), old) for ebs in (16, 64)]
+    dirs += [_edit_config(make_run(tmp_path / "sw", f"new-ebs{ebs}", ebs=ebs, seed=2), new()) for ebs in (16, 64)]
+    groups = report.group_runs([report.load_run(d) for d in dirs])
+    assert [sorted(r.name for r in g.runs) for g in groups] == [["new-ebs16", "old-ebs16"], ["new-ebs64", "old-ebs64"]]
+    assert [g.label for g in groups] == ["batch.effective=16", "batch.effective=64"]
+    # a run from before derived.precision was recorded: its sweep log says what auto resolved to
+    unrecorded = make_run(tmp_path / "sw", "auto-ebs16", ebs=16, seed=3)
+    _edit_config(unrecorded, lambda cfg: cfg["train"].update(precision="auto"))
+    (tmp_path / "sw" / "auto-ebs16.log").write_text("ebslab run x\nmodel tiny-bert, device cpu, precision fp32 "
+                                                   "(train.precision=auto), backend torch\n")
+    dirs.append(unrecorded)
+    groups = report.group_runs([report.load_run(d) for d in dirs])
+    assert [len(g.runs) for g in groups] == [3, 2]
+    fits = ebs_study.group_by_other_keys([ebs_study.load_study_run(d) for d in dirs])
+    assert list(fits) == [""] and len(fits[""]) == 5
+    (tmp_path / "sw" / "auto-ebs16.log").write_text("no start-up line\n")  # unknown: auto stays auto
+    assert len(report.group_runs([report.load_run(d) for d in dirs])) == 3
+
+    bf16 = _edit_config(make_run(tmp_path / "sw2", "bf16", ebs=16, seed=3), new(precision="bf16"))
+    by_loss = _edit_config(make_run(tmp_path / "sw2", "by-loss", ebs=16, seed=4), new(select_by="loss"))
+    groups = report.group_runs([report.load_run(d) for d in (dirs[0], bf16, by_loss)])
+    assert sorted(g.label for g in groups) == ["eval.select_by=acc, train.precision=bf16",
+                                               "eval.select_by=acc, train.precision=fp32",
+                                               "eval.select_by=loss, train.precision=fp32"]

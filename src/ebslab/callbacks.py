@@ -4,6 +4,10 @@ A `Callback` overrides the hooks it needs; the `Trainer` calls every callback at
 (so a callback that asks to stop must decide from values all processes share, e.g. an eval line). Records passed
 to `on_step` / `on_eval` are the lines about to be logged: a callback adds keys to them, and the tracker logging,
 itself a callback, runs last so those keys reach metrics.jsonl.
+
+A callback that accumulates over steps (moving averages, sums) returns that from `state_dict` and takes it back in
+`load_state_dict`: the trainer saves it with its own state in every checkpoint and restores it on resume, so a
+resumed run logs what the uninterrupted one would have. It is keyed by class name and saved from the main process.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class Callback:
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         """Add keys to the summary before summary.json is written."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resumed run needs of this callback, as plain JSON values; None = nothing (the default)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (called before `on_fit_start` of a resumed run)."""
+
 
 class Callbacks(list):
     """The trainer's callbacks, called in order: one call in the loop reaches all of them."""
@@ -68,6 +79,19 @@ class Callbacks(list):
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         for cb in self:
             cb.on_fit_end(trainer, summary)
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {}
+        for cb in self:
+            state = cb.state_dict()
+            if state is not None:
+                states[type(cb).__name__] = state
+        return states
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for cb in self:
+            if type(cb).__name__ in states:
+                cb.load_state_dict(states[type(cb).__name__])
 
 
 class TrackerLogging(Callback):

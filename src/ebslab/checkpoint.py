@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ebslab.config import Config, UserError, flatten
+from ebslab.config import UserError, default_flat, flatten
 # the atomic writers live in a module without torch (the sweep uses them); re-exported for callers here
 from ebslab.files import StorageError, _fsync_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, storage_error  # noqa: F401
 
@@ -218,7 +218,7 @@ def check_config(folder: Path, config: dict[str, Any], run_dir: Path) -> None:
     saved, now = flatten(saved), flatten(config)  # without `derived`: it follows from the config and the data
     # a key added to ebslab after the checkpoint was written is no change while it keeps its default (the
     # behaviour the run had); set to anything else, it is
-    defaults = flatten(Config().to_dict())
+    defaults = default_flat()
     changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_SAFE_KEYS and saved.get(k) != now.get(k)
                and not (k not in saved and k in defaults and now.get(k) == defaults[k])]
     if changed:

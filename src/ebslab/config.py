@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -184,6 +185,8 @@ class Derived:
     total_steps: int
     warmup_steps: int
     epochs: int
+    precision: str | None = None
+    """train.precision as the backend resolved it on this device (`auto` -> bf16 or fp32)."""
 
     def describe(self, cfg: Config) -> str:
         last = self.num_train % cfg.batch.effective
@@ -216,7 +219,8 @@ def scaled_betas_eps(optim: OptimConfig, effective_batch: int) -> tuple[tuple[fl
     return (max(0.0, 1 - kappa * (1 - b1)), max(0.0, 1 - kappa * (1 - b2))), optim.eps / math.sqrt(kappa)
 
 
-def derive(cfg: Config, num_train: int, world_size: int, micro: int | None = None) -> Derived:
+def derive(cfg: Config, num_train: int, world_size: int, micro: int | None = None,
+           precision: str | None = None) -> Derived:
     micro = micro if micro is not None else cfg.batch.micro
     assert isinstance(micro, int), "micro=auto must be resolved before derive()"
     per_step = micro * world_size
@@ -238,7 +242,7 @@ def derive(cfg: Config, num_train: int, world_size: int, micro: int | None = Non
         world_size=world_size, micro=micro, accum_steps=cfg.batch.effective // per_step,
         lr=scaled_lr(cfg.optim, cfg.batch.effective), betas=betas, eps=eps, num_train=num_train,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        warmup_steps=round(cfg.sched.warmup_ratio * total_steps), epochs=epochs)
+        warmup_steps=round(cfg.sched.warmup_ratio * total_steps), epochs=epochs, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,6 +351,24 @@ def flatten(mapping: dict, prefix: str = "", skip: Collection[str] = ("derived",
         else:
             flat[key] = v
     return flat
+
+
+@functools.cache
+def default_flat() -> dict[str, Any]:
+    """{dotted key: default} of every config key, built once. Read it, never change it: a key that a run's config
+    lacks (ebslab added it later) had this value for that run (resume checks, report grouping)."""
+    return flatten(Config().to_dict())
+
+
+def as_trained(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's resolved config (config.yaml) -> {dotted key: value} as it trained, `derived` left out: a key it
+    lacks (ebslab added it later) at its default, and train.precision as the backend resolved it where
+    derived.precision records that (`auto` on a CPU trained in fp32, as an explicit fp32 does)."""
+    trained = {**default_flat(), **flatten(config)}
+    precision = (config.get("derived") or {}).get("precision")
+    if precision:
+        trained["train.precision"] = precision
+    return trained
 
 
 def parse_override(text: str) -> tuple[str, Any]:

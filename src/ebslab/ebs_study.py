@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from ebslab.config import flatten
+from ebslab.config import as_trained
 from ebslab.metrics import higher_is_better
 
 
@@ -38,14 +38,17 @@ class StudyRun:
     evals: list[tuple[int, int, float]]  # (step, training examples seen, validation metric)
     b_simple_curve: list[tuple[int, float]] = field(default_factory=list)  # (examples seen, B_simple)
     b_simple: float | None = None  # summary.json: over the last half of training
+    gns: bool = True  # measured at all: off with one micro-batch gradient per step (summary.json has no `gns`)
     status: str = "completed"
     config: dict[str, Any] = field(default_factory=dict)  # dotted keys, as in a sweep's grid
 
 
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     """One run folder -> StudyRun (config.yaml, metrics.jsonl and summary.json only)."""
+    from ebslab.report import with_logged_precision  # (report imports this module)
+
     path = Path(path)
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    config = with_logged_precision(path, yaml.safe_load((path / "config.yaml").read_text()))
     effective = int(config["batch"]["effective"])
     evals, curve = [], []
     for line in (path / "metrics.jsonl").read_text().splitlines():
@@ -66,7 +69,8 @@ def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     return StudyRun(name=path.name, effective_batch=effective, seed=seed,
                     lr_scaling=str((config.get("optim") or {}).get("lr_scaling", "none")), lr=(config.get("derived") or {}).get("lr"),
                     evals=evals, b_simple_curve=curve, b_simple=(summary.get("gns") or {}).get("b_simple"),
-                    status=str(summary.get("status", "unknown")), config=flatten(config))
+                    gns="gns" in summary,
+                    status=str(summary.get("status", "unknown")), config=as_trained(config))
 
 
 
@@ -102,6 +106,7 @@ class EbsRow:
     steps: list[int | None]  # per seed, None = never reached
     examples: list[int | None]
     b_simple: list[float | None]
+    gns: list[bool] = field(default_factory=list)  # per seed: the gradient noise scale was on
 
     @property
     def complete(self) -> bool:
@@ -129,7 +134,8 @@ def steps_table(runs: Sequence[StudyRun], target: float, metric: str = "acc") ->
         group = sorted((r for r in runs if r.effective_batch == ebs), key=lambda r: r.seed)
         reached = [to_target(r, target, metric) for r in group]
         rows.append(EbsRow(ebs, [r.seed for r in group], [x[0] if x else None for x in reached],
-                           [x[1] if x else None for x in reached], [r.b_simple for r in group]))
+                           [x[1] if x else None for x in reached], [r.b_simple for r in group],
+                           [r.gns for r in group]))
     return rows
 
 
@@ -277,11 +283,21 @@ def paragraph(study: EbsStudy) -> str:
     else:
         parts.append(f"No critical batch size could be fitted for val/{study.metric} {study.target:.4g} "
                      f"({'; '.join(study.notes)}).")
+    unmeasured = [r.effective_batch for r in study.rows if not any(r.gns)]
+    swamped = [r.effective_batch for r in study.rows if any(r.gns) and r.mean_b_simple is None]
     if study.b_simple is not None:
+        measured = [str(r.effective_batch) for r in study.rows if r.mean_b_simple is not None]
+        over = f"the runs of EBS {', '.join(measured)}" if unmeasured or swamped else "runs"
         parts.append(f"The gradient noise scale measured during training predicted B_simple = "
-                     f"{study.b_simple:.0f} (median over runs of the last half of training); McCandlish et al. "
+                     f"{study.b_simple:.0f} (median over {over} of the last half of training); McCandlish et al. "
                      "use B_simple as an estimate of B_crit, off by how far the Hessian is from a multiple of "
                      "the identity (they find agreement within a factor of a few).")
+    if unmeasured:
+        parts.append(f"EBS {', '.join(map(str, unmeasured))} ran one micro-batch gradient per step "
+                     "(accum_steps x world_size = 1), which gives no gradient noise scale.")
+    if swamped:
+        parts.append(f"At EBS {', '.join(map(str, swamped))} the |G|^2 estimate averaged at or below 0 (the noise "
+                     "swamped the signal): no B_simple.")
     fitted = [r for r in study.rows if r.effective_batch in study.fitted]
     if len(fitted) >= 2:
         small, large = fitted[0], fitted[-1]
@@ -404,8 +420,10 @@ def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None
 def group_by_other_keys(runs: Sequence[StudyRun]) -> dict[str, list[StudyRun]]:
     """Runs by the values of the config keys that vary besides batch.effective and the seed (a fit mixes only
     runs that differ in EBS): {"optim.lr_scaling=sqrt": [...], ...}; one group "" when nothing else varies."""
+    from ebslab.report import _in_group  # the report's keys that do not change training (it imports this module)
+
     def ignored(key: str) -> bool:
-        return key in ("batch.effective", "train.seed") or key.startswith(("out.", "derived."))
+        return key == "batch.effective" or not _in_group(key)
 
     keys = sorted({k for r in runs for k in r.config if not ignored(k)
                    and len({repr(x.config.get(k)) for x in runs}) > 1})

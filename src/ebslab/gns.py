@@ -122,6 +122,10 @@ class GradientNoiseScale(Callback):
     writes a copy of every gradient per micro-batch: 4.7% of a MiniLM micro-step on this CPU against 0.2% for
     the norm alone.) The window gradient is .grad before clipping. Each process's estimate is unbiased on its own
     (its micro-batches against the all-reduced window), so process 0's is logged and no collective is added.
+
+    A window whose estimates are not finite (fp16: the scaler's overflowing step, which it skips) is logged as
+    null and left out of the moving averages and the summary, decided on the device: one inf would otherwise
+    stay in the averages for the rest of the run.
     """
 
     def __init__(self, beta: float = DEFAULT_BETA) -> None:
@@ -133,8 +137,7 @@ class GradientNoiseScale(Callback):
         self._reset_window()
         self._step_estimates: torch.Tensor | None = None
         self._ema: torch.Tensor | None = None
-        self._half_sums: torch.Tensor | None = None
-        self._half_steps = 0
+        self._half_sums: torch.Tensor | None = None  # [sum |G|^2, sum tr(Sigma), finite steps] over the last half
 
     def _reset_window(self) -> None:
         self._weighted_sq: torch.Tensor | float = 0.0  # sum_j |delta_j|^2 / b_j over the micro-batches used
@@ -144,8 +147,21 @@ class GradientNoiseScale(Callback):
     def _hook(self, grad: torch.Tensor) -> None:
         self._parts.append(torch.linalg.vector_norm(grad.detach()))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_windows": self.skipped_windows,
+                "ema": None if self._ema is None else self._ema.tolist(),
+                "half_sums": None if self._half_sums is None else self._half_sums.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_windows = int(state["skipped_windows"])
+        # float64 lists from JSON round-trip exactly; on_fit_start moves them to the gradients' device
+        self._ema, self._half_sums = (None if state[k] is None else torch.tensor(state[k], dtype=torch.float64)
+                                      for k in ("ema", "half_sums"))
+
     def on_fit_start(self, trainer: Any) -> None:
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._ema, self._half_sums = (None if t is None else t.to(device) for t in (self._ema, self._half_sums))
         self.world_size = trainer.backend.world_size
         self.handles = [p.register_hook(self._hook) for p in self.params]
 
@@ -168,33 +184,43 @@ class GradientNoiseScale(Callback):
         scale = window / self.world_size
         small_sq = self._weighted_sq * (scale * scale / self._examples)
         window_sq = _sq_norm([p.grad for p in self.params if p.grad is not None])
+        loss_scale = trainer.backend.loss_scale()
+        if loss_scale is not None:  # fp16: the hooks and .grad saw the gradients times the scaler's scale
+            loss_scale_sq = loss_scale.double().square()
+            small_sq, window_sq = small_sq / loss_scale_sq, window_sq / loss_scale_sq
         grad_sq, trace = unbiased_estimates(small_sq, self._examples / self._used, window_sq, window)
-        self._step_estimates = torch.stack([grad_sq, trace])
-        self._ema = ema(self._ema, self._step_estimates, self.beta)
+        estimates = self._step_estimates = torch.stack([grad_sq, trace])
+        finite = torch.isfinite(estimates).all()
+        if self._ema is None:
+            self._ema = estimates
+        else:  # an average that has no finite value yet starts at this step's
+            started = torch.where(torch.isfinite(self._ema), ema(self._ema, estimates, self.beta), estimates)
+            self._ema = torch.where(finite, started, self._ema)
 
     def on_step(self, trainer: Any, record: dict | None) -> None:
         estimates = self._step_estimates
         if estimates is None:
             return
         if trainer.state.step > trainer.derived.total_steps / 2:
-            self._half_sums = estimates if self._half_sums is None else self._half_sums + estimates
-            self._half_steps += 1
+            finite = torch.isfinite(estimates).all()
+            counted = torch.cat([torch.where(finite, estimates, 0.0), finite.double().reshape(1)])
+            self._half_sums = counted if self._half_sums is None else self._half_sums + counted
         if record is None:
             return
         grad_sq, trace, ema_grad_sq, ema_trace = torch.cat([estimates, self._ema]).tolist()
-        record["gns/grad_sq"] = grad_sq
-        record["gns/trace"] = trace
+        record["gns/grad_sq"] = grad_sq if math.isfinite(grad_sq) else None
+        record["gns/trace"] = trace if math.isfinite(trace) else None
         record["gns/b_simple"] = b_simple(ema_grad_sq, ema_trace)
 
     def on_fit_end(self, trainer: Any, summary: dict) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        if self._half_sums is None:
+        sum_grad_sq, sum_trace, n = (0.0, 0.0, 0) if self._half_sums is None else self._half_sums.tolist()
+        if not n:
             summary["gns"] = {"b_simple": None, "steps": 0, "skipped_windows": self.skipped_windows}
             return
-        sum_grad_sq, sum_trace = self._half_sums.tolist()
-        n = self._half_steps
+        n = int(n)
         summary["gns"] = {"b_simple": b_simple(sum_grad_sq / n, sum_trace / n), "grad_sq": sum_grad_sq / n,
                           "trace": sum_trace / n, "steps": n, "over": "last half of training",
                           "skipped_windows": self.skipped_windows}

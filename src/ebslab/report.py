@@ -33,7 +33,7 @@ import yaml
 from scipy import stats as sps
 
 from ebslab import ebs_study, stats
-from ebslab.config import UserError, flatten as config_flatten
+from ebslab.config import UserError, as_trained, flatten as config_flatten
 from ebslab.metrics import METRICS, higher_is_better, metric_value
 
 OK_STATUS = "completed"
@@ -193,7 +193,9 @@ class Run:
         return [r for r in self.records if r.get("event") == "warning"]
 
     def group_key(self) -> tuple:
-        return tuple(sorted((k, _hashable(v)) for k, v in self.flat.items() if _in_group(k)))
+        # as trained: a run folder from before a key existed groups with one that has it at its default, and
+        # train.precision=auto with one that asked for what auto resolved to
+        return tuple(sorted((k, _hashable(v)) for k, v in as_trained(self.config).items() if _in_group(k)))
 
     def test(self, which: str, metric: str) -> float:
         block = (self.summary or {}).get(f"test_{which}") or {}
@@ -291,13 +293,33 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def with_logged_precision(path: Path, config: dict) -> dict:
+    """A run folder written before config.yaml recorded derived.precision: train.precision=auto resolved as the
+    sweep's log beside the folder (<folder>.log) printed it at start-up ("precision fp32 (train.precision=auto)"),
+    so such a run groups with runs that asked for that precision. Unchanged when that is not known."""
+    derived = config.get("derived")
+    if (config.get("train") or {}).get("precision", "auto") != "auto" or not isinstance(derived, dict) \
+            or derived.get("precision"):
+        return config
+    import re
+
+    try:
+        log = path.parent.joinpath(f"{path.name}.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return config
+    seen = set(re.findall(r"precision (\w+) \(train\.precision=auto\)", log))
+    if len(seen) != 1:  # never printed, or resumed on another kind of device: not one answer
+        return config
+    return {**config, "derived": {**derived, "precision": seen.pop()}}
+
+
 def load_run(path: Path, name: str | None = None) -> Run:
     path = Path(path)
     config: dict = {}
     try:
         loaded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         if isinstance(loaded, dict):
-            config = loaded
+            config = with_logged_precision(path, loaded)
     except (FileNotFoundError, yaml.YAMLError):
         pass
     summary = _read_json(path / "summary.json")

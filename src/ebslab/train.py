@@ -73,6 +73,7 @@ class TrainerState:
     last_eval_step: int = -1
     last_val_acc: float | None = None
     scaler: dict[str, Any] | None = None  # fp16 loss scale (GPU), so a resumed run skips the same steps
+    callbacks: dict[str, Any] = field(default_factory=dict)  # Callbacks.state_dict(): their averages and sums
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
@@ -264,7 +265,7 @@ class Trainer:
         bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
-        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro)
+        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
@@ -285,6 +286,7 @@ class Trainer:
         gns_on, self.gns_reason = gns_decision(cfg.train.gns, derived.accum_steps, backend.world_size)
         if gns_on:
             self.add_callback(GradientNoiseScale())
+        self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
         if backend.is_main:
             ckpt.atomic_write_text(run_dir / "config.yaml",
@@ -569,6 +571,7 @@ class Trainer:
             state.elapsed_s += time.time() - self.clock
             self.clock = time.time()
             state.scaler = backend.scaler_state()
+            state.callbacks = self.callbacks.state_dict()
             # an epoch end that was also the best: last/ shares best/'s weights file instead of writing it again
             same_weights = self.run_dir / "checkpoints" / "best" if self.best_written_at == state.step else None
             ckpt.save_last(self.run_dir / "checkpoints", backend.unwrap(self.model), self.optimizer, self.scheduler,

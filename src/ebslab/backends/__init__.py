@@ -49,6 +49,11 @@ class Backend(Protocol):
 
     def load_scaler_state(self, state: dict[str, Any] | None) -> None: ...
 
+    def loss_scale(self) -> torch.Tensor | None:
+        """The factor this window's backward multiplied the loss by (fp16's GradScaler scale), a 0-d tensor on the
+        device, so gradients read before `clip` unscales them can be divided by it without a host read; None
+        when the loss is not scaled."""
+
     def barrier(self) -> None: ...
 
     def close(self) -> None: ...
@@ -98,6 +103,12 @@ def step_or_skip(optimizer: Any, skip: torch.Tensor | None, kernel: Any = None) 
             del kernel.found_inf
     elif not skip.item():  # an optimizer without a fused kernel (none that ebslab builds): one host read per step
         optimizer.step()
+
+
+def scaler_scale(scaler: Any) -> torch.Tensor | None:
+    """A GradScaler's current scale as the device tensor it keeps (`get_scale()` would read it to the host); None
+    without a scaler or before its first `scale()`."""
+    return getattr(scaler, "_scale", None) if scaler is not None else None
 
 
 def make_backend(cfg: TrainConfig) -> Backend:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.backends import ddp_options, resolve_precision, step_or_skip
+from ebslab.backends import ddp_options, resolve_precision, scaler_scale, step_or_skip
 from ebslab.backends.torch import pick_device
 from ebslab.config import UserError
 
@@ -100,6 +100,9 @@ class AccelerateBackend:
     def load_scaler_state(self, state: dict[str, Any] | None) -> None:
         if self.accelerator.scaler is not None and state:
             self.accelerator.scaler.load_state_dict(state)
+
+    def loss_scale(self) -> torch.Tensor | None:
+        return scaler_scale(self.accelerator.scaler)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)

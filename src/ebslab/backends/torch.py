@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision, step_or_skip
+from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision, scaler_scale, step_or_skip
 from ebslab.config import UserError
 
 
@@ -102,6 +102,9 @@ class TorchBackend:
     def load_scaler_state(self, state: dict[str, Any] | None) -> None:
         if self.scaler and state:
             self.scaler.load_state_dict(state)
+
+    def loss_scale(self) -> torch.Tensor | None:
+        return scaler_scale(self.scaler)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -349,10 +350,51 @@ def make_sampler(study: Study):
             def after_trial(self, *args: Any) -> None:
                 pass  # GridSampler stops optimize() when the grid is used up; here the budget (<= grid) does
 
+        # one instance, seeded once: its seed orders the grid, and it picks unvisited points from the storage
         return AskTellGrid({p.key: p.choices for p in study.space}, seed=study.seed)
     if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=study.seed)
-    return optuna.samplers.TPESampler(seed=study.seed)
+        return per_trial_seed(lambda seed: optuna.samplers.RandomSampler(seed=seed), study.seed)
+    return per_trial_seed(lambda seed: optuna.samplers.TPESampler(seed=seed), study.seed)
+
+
+def per_trial_seed(make: Callable[[int], Any], seed: int):
+    """The study's sampler, made for each trial by `make` with the seed (study seed, trial number).
+
+    One sampler seeded once per process replays the same random stream in every process: a resumed study (or a
+    second worker) drew trial 0's parameters again. Seeding by trial number keeps a study reproducible (a trial's
+    draw depends on the seed, its number and the trials before it) without any worker repeating another's."""
+    import numpy as np
+    import optuna
+
+    class PerTrialSeed(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self.lock, self.samplers = threading.Lock(), {}
+
+        def _for(self, trial):
+            with self.lock:
+                if trial.number not in self.samplers:
+                    state = np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]
+                    self.samplers[trial.number] = make(int(state))
+                return self.samplers[trial.number]
+
+        def infer_relative_search_space(self, study, trial):
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._for(trial).after_trial(study, trial, state, values)
+            with self.lock:
+                self.samplers.pop(trial.number, None)
+
+    return PerTrialSeed()
 
 
 def make_pruner(spec: dict[str, Any]):
@@ -424,15 +466,21 @@ def trial_callbacks_from_env(environ: dict[str, str] | None = None) -> list[Call
 # Workers: ask a trial, run it as `ebslab train`, tell its result.
 
 
+# Tuners running in this process. A worker id carries a token besides host:pid because a pid is not a run:
+# `ebslab tune` called twice in one process (a notebook, the tests) would otherwise take the first call's
+# interrupted trials for live ones and wait for them forever.
+_LIVE_WORKERS: set[str] = set()
+
+
 def _alive(worker: str | None) -> bool:
-    """Whether the worker `host:pid` that holds a trial may still run (unknown hosts: ask the heartbeat)."""
+    """Whether the worker `host:pid:token` that holds a trial may still run (other hosts: ask the heartbeat)."""
     if not worker or ":" not in worker:
         return True
-    host, pid = worker.rsplit(":", 1)
+    host, pid = worker.split(":")[:2]
     if host != socket.gethostname() or not pid.isdigit():
         return True
     if int(pid) == os.getpid():
-        return True
+        return worker in _LIVE_WORKERS
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -595,7 +643,7 @@ class Tuner:
         self.search = optuna.load_study(study_name=study.name, storage=storage, sampler=make_sampler(study),
                                         pruner=make_pruner(study.pruner))
         self.confirm = optuna.load_study(study_name=study.name + CONFIRM_SUFFIX, storage=storage)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.index_lock = threading.Lock()
         self.distributions = {p.key: p.distribution() for p in study.space}
 
@@ -621,9 +669,10 @@ class Tuner:
                 trial.set_user_attr("over_budget", True)
                 self.search.tell(trial, state=TrialState.FAIL)
                 return self.next_search() if waiting else None
-            trial.set_user_attr("folder", f"trial-{trial.number:04d}")
+            # named by slot, not by Optuna number: a retry takes a number too, and the folders stay 0..trials-1
+            trial.set_user_attr("folder", f"trial-{slot:04d}")
         trial.set_user_attr("worker", self.worker)
-        folder = frozen.user_attrs.get("folder") or f"trial-{trial.number:04d}"
+        folder = trial.user_attrs["folder"]  # a retry's is inherited from the trial it retries
         return Task(trial, folder, dict(trial.params), self.search, "search")
 
     def search_finished(self) -> bool:
@@ -738,8 +787,13 @@ class Tuner:
             while t.is_alive():
                 t.join(0.5)
 
-    def wait_for(self, done: Callable[[], bool]) -> None:
-        while not done() and not self.runner.stopping:
+    def drain(self, next_task: Callable[[], Task | None], done: Callable[[], bool]) -> None:
+        """Run tasks until none is left, then wait for the other workers' ones: a trial of theirs (or of a
+        previous run of this study) that goes stale comes back WAITING and is run here, not waited for."""
+        while not self.runner.stopping:
+            self.run_pool(next_task)
+            if self.runner.stopping or done():
+                return
             time.sleep(POLL_S)
 
     def confirm_finished(self) -> bool:
@@ -749,14 +803,16 @@ class Tuner:
         return not self.confirm.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
 
     def run(self) -> dict[str, Any]:
-        self.run_pool(self.next_search)
-        self.wait_for(self.search_finished)  # trials of other workers
-        if self.runner.stopping:
+        _LIVE_WORKERS.add(self.worker)
+        try:
+            self.drain(self.next_search, self.search_finished)
+            if self.runner.stopping:
+                return self.write_index()
+            self.queue_confirmation()
+            self.drain(self.next_confirm, self.confirm_finished)
             return self.write_index()
-        self.queue_confirmation()
-        self.run_pool(self.next_confirm)
-        self.wait_for(self.confirm_finished)
-        return self.write_index()
+        finally:
+            _LIVE_WORKERS.discard(self.worker)
 
     # -- the index ----------------------------------------------------------------------------------------
     def write_index(self) -> dict[str, Any]:

@@ -178,27 +178,38 @@ def test_an_evaluation_between_two_data_points_is_not_reported():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The seed-level verdict (a simulation with a known truth)
+# The verdict is the report's comparison of the confirmation runs (ebslab.report, ebslab.stats)
+
+WINNER_TEST = {11: 0.90, 12: 0.92, 13: 0.91, 14: 0.93}
+CASES = {"clear": {11: 0.85, 12: 0.86, 13: 0.86, 14: 0.87},  # 5-6 pt behind on every seed
+         "noise": {11: 0.91, 12: 0.90, 13: 0.92, 14: 0.92}}  # -1 to +2 pt around the candidate
 
 
-def test_paired_seed_test_holds_alpha_under_the_null_and_detects_a_real_difference():
-    rng = np.random.default_rng(0)
-    sims, seeds = 2000, 5
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_study_verdict_is_the_report_comparison_of_the_confirmation_runs(tmp_path, case):
+    from test_report import make_run
 
-    def rate(effect: float) -> float:
-        hits = 0
-        for _ in range(sims):
-            seed_effect = rng.normal(0, 0.005, seeds)  # shared by both configurations (same data order, init)
-            a = 0.85 + effect + seed_effect + rng.normal(0, 0.005, seeds)
-            b = 0.85 + seed_effect + rng.normal(0, 0.005, seeds)
-            hits += tune.paired_seed_test(dict(enumerate(a)), dict(enumerate(b)))["separated"]
-        return hits / sims
-
-    null = rate(0.0)
-    assert null < 0.035  # one-sided use of a two-sided 5% test: about 2.5% calls a winner by chance
-    assert rate(0.02) > 0.9  # 4 sd of the per-seed difference (0.005 x sqrt 2): found in most studies
-    comp = tune.paired_seed_test({1: 0.30, 2: 0.32}, {1: 0.31, 2: 0.36}, higher=False)  # a loss: lower is better
-    assert comp["diff"] == pytest.approx(0.025) and comp["n"] == 2
+    root = tmp_path / "st"
+    for trial, ebs, val, accs in (("trial-0000", 64, 0.90, WINNER_TEST), ("trial-0001", 256, 0.88, CASES[case])):
+        for seed, acc in accs.items():  # 100 test predictions per run: the bootstrap interval exists
+            make_run(root / "confirm", f"{trial},seed={seed}", ebs=ebs, seed=seed, val_acc=val, test_acc=acc,
+                     correct=np.arange(100) < round(100 * acc))
+    verdict = tune.confirmation_verdict(root, "acc")
+    assert main(["report", str(root / "confirm"), "--out", str(tmp_path / "rep")]) == 0
+    [comp] = json.loads((tmp_path / "rep" / "report.json").read_text())["comparisons"]
+    assert verdict["comparison"] == comp  # every number: estimate, both intervals, p, p_holm, power
+    gap = [WINNER_TEST[s] - CASES[case][s] for s in WINNER_TEST]
+    assert -comp["estimate"] == pytest.approx(np.mean(gap)) and comp["n_seeds"] == 4
+    assert verdict["runner_up"] == "trial-0001" and verdict["metric"] == "test/acc"
+    if case == "clear":
+        assert comp["p_holm"] < 0.05 and verdict["winner"] == "trial-0000"
+        assert verdict["text"].startswith("winner: trial-0000, better than the runner-up trial-0001 by +5.50 pt on "
+                                          "test acc (mean of 4 per-seed differences on fresh seeds, 95% two-level "
+                                          f"bootstrap [{-100 * comp['ci'][1]:+.2f}, {-100 * comp['ci'][0]:+.2f}] pt")
+    else:
+        assert comp["p_holm"] > 0.05 and verdict["winner"] is None
+        assert verdict["text"].startswith("indistinguishable: trial-0000 and trial-0001 differ by +0.25 pt on test acc")
+    assert [r["config"] for r in verdict["table"]] == ["trial-0000", "trial-0001"]  # ranked on validation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,6 +239,8 @@ FAKE_TRAIN = textwrap.dedent('''
     with open(run / "attempts", "a") as f:
         f.write(mode + " " + os.environ.get("EBSLAB_TUNE_TRIAL", "-") + "\\n")
     lr, seed = float(kv["optim.lr"]), int(kv.get("train.seed", 1))
+    if mode == "new":  # what the report groups and pairs by (JSON is YAML)
+        (run / "config.yaml").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed}}))
     if run.name == os.environ.get("FAKE_HANG_AT") and mode == "new":  # stopped by the tune: one SIGINT
         got = []
         signal.signal(signal.SIGINT, lambda *_: got.append(1))
@@ -286,7 +299,9 @@ def test_study_runs_its_trials_then_the_top_k_on_fresh_seeds_and_names_a_winner(
         assert (root / r["folder"] / "attempts").read_text() == "new -\n"
     verdict = index["verdict"]
     assert verdict["winner"] == trials[1e-3]["folder"] and verdict["runner_up"] == trials[1e-4]["folder"]
-    assert verdict["comparison"]["n"] == 3 and verdict["comparison"]["diff"] == pytest.approx(0.1, abs=0.005)
+    # the report's comparison: the runner-up minus the winner, on test acc (0.01 below val acc in the fake)
+    assert verdict["comparison"]["n_seeds"] == 3
+    assert verdict["comparison"]["estimate"] == pytest.approx(-0.1, abs=0.005)
     assert verdict["text"].startswith(f"winner: {trials[1e-3]['folder']}")
     out = capsys.readouterr().out
     assert "winner: " in out
@@ -303,7 +318,7 @@ def test_indistinguishable_top_configurations_get_no_winner(tmp_path, fake_train
     assert main(["tune", str(write_study(tmp_path, data)), "--out", str(tmp_path / "runs")]) == 0
     verdict = read_study(tmp_path / "runs" / "st")["verdict"]
     assert verdict["winner"] is None and verdict["text"].startswith("indistinguishable: ")
-    assert abs(verdict["comparison"]["diff"]) < 0.005
+    assert abs(verdict["comparison"]["estimate"]) < 0.005
 
 
 def test_stopped_after_two_trials_then_resumed_ends_with_exactly_the_asked_trials(tmp_path, fake_train,

@@ -872,7 +872,7 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
     runs = sorted(latest.values(), key=lambda r: (r["config"], r["seed"]))
     configs = sorted({r["config"] for r in runs}, key=lambda c: next(
         (i for i, t in enumerate(_ranked(trials, spec.direction)) if t["folder"] == c), 10**9))
-    verdict = confirmation_verdict(root, runs, configs, spec.metric, higher_is_better(spec.metric)) if runs and \
+    verdict = confirmation_verdict(root, spec.metric) if runs and \
         all(r["status"] not in ("running", "waiting", "interrupted") for r in runs) else None
     ranked = _ranked(trials, spec.direction)
     return {
@@ -896,74 +896,52 @@ def _ranked(trials: list[dict], direction: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The verdict: seed-level comparison of the winner candidate with the runner-up.
+# The verdict: the report's comparison of the winner candidate with the runner-up.
 
 
-def seed_values(root: Path, runs: list[dict], metric: str, split: str = "val_best") -> dict[str, dict[int, float]]:
-    """config -> {seed: the metric at the best checkpoint}, from the confirmation runs' summary.json."""
-    out: dict[str, dict[int, float]] = {}
-    for r in runs:
-        summary = sw.read_summary(root / r["folder"]) or {}
-        value = (summary.get(split) or {}).get(metric)
-        if summary.get("status") in ("completed", "collapsed") and _number(value):
-            out.setdefault(r["config"], {})[int(r["seed"])] = float(value)
-    return out
+def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
+    """The verdict that `ebslab report` of the confirmation runs (STUDY/confirm) gives, from the same numbers.
 
+    The candidate is the configuration best on mean validation `metric` over the fresh seeds (the report's
+    reference; test never chooses), the runner-up the second best; the candidate is the winner when the
+    report's comparison of the two (test `metric` at the best checkpoint, paired by seed, paired t-test over
+    seeds, Holm-corrected as the report corrects it) puts it ahead beyond seed noise."""
+    from ebslab import report as rp
 
-def paired_seed_test(a: dict[int, float], b: dict[int, float], higher: bool = True, alpha: float = 0.05
-                     ) -> dict[str, Any]:
-    """A vs B paired by seed: the mean per-seed difference (signed so that > 0 favours A), its 95% t-interval
-    over seeds and the two-sided paired-t p-value; `separated` when A is better beyond seed noise."""
-    import numpy as np
-    from scipy import stats
-
-    seeds = sorted(set(a) & set(b))
-    d = np.array([a[s] - b[s] for s in seeds]) * (1.0 if higher else -1.0)
-    out: dict[str, Any] = {"seeds": seeds, "n": len(seeds), "diff": float(d.mean()) if len(d) else math.nan,
-                           "ci": [math.nan, math.nan], "p": math.nan, "separated": False, "test": "paired t over seeds"}
-    if len(d) < 2:
-        return out
-    sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        out["p"] = 0.0 if d.mean() != 0 else 1.0
-        out["ci"] = [float(d.mean())] * 2
-    else:
-        half = stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
-        out["ci"] = [float(d.mean() - half), float(d.mean() + half)]
-        out["p"] = float(stats.ttest_rel(d, np.zeros_like(d)).pvalue)
-    out["separated"] = bool(out["p"] < alpha and out["diff"] > 0)
-    return out
-
-
-def confirmation_verdict(root: Path, runs: list[dict], configs: list[str], metric: str, higher: bool
-                         ) -> dict[str, Any]:
-    """Rank the confirmed configurations by their mean validation metric over the fresh seeds (never by test);
-    name a winner only when it beats the runner-up in a seed-level test."""
-    import numpy as np
-
-    values = seed_values(root, runs, metric)
-    tests = seed_values(root, runs, "acc", split="test_best")
-    means = {c: float(np.mean(list(v.values()))) for c, v in values.items() if v}
-    ranked = sorted(means, key=lambda c: (-means[c] if higher else means[c], configs.index(c) if c in configs else 0))
-    table = [{"config": c, "n": len(values[c]), f"val_{metric}": means[c],
-              "val_values": values[c], "test_acc": float(np.mean(list(tests[c].values()))) if tests.get(c) else None}
-             for c in ranked]
+    try:
+        _, _, groups, result = rp.analyse_dirs([root / "confirm"], metric)
+    except UserError:  # no confirmation run folder was written
+        return {"winner": None, "text": "no confirmation run finished: no verdict", "table": []}
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    names = [g.runs[0].path.name.split(",seed=")[0] for g in groups]  # confirm/trial-0003,seed=11 -> trial-0003
+    summaries = result["groups"]
+    ranked = sorted((i for i, g in enumerate(summaries) if _number(g["val_mean"])),
+                    key=lambda i: (-sign * summaries[i]["val_mean"], i))
+    table = [{"config": names[i], "n": summaries[i]["n_scored"], f"val_{metric}": summaries[i]["val_mean"],
+              f"test_{metric}": summaries[i]["test_mean"]} for i in ranked]
     if len(ranked) < 2:
         return {"winner": None, "text": "fewer than two confirmed configurations finished: no verdict",
                 "table": table}
     first, second = ranked[0], ranked[1]
-    comp = paired_seed_test(values[first], values[second], higher)
-    sign = 100.0 if metric in ("acc", "f1", "mcc", "auroc") else 1.0
-    unit = " pt" if sign == 100.0 else ""
-    diff = f"{sign * comp['diff']:+.2f}{unit} (95% CI {sign * comp['ci'][0]:+.2f} to {sign * comp['ci'][1]:+.2f})"
-    if comp["separated"]:
-        text = (f"winner: {first}, better than the runner-up {second} on val/{metric} by {diff} over "
-                f"{comp['n']} fresh seeds, {comp['test']} p = {comp['p']:.3g}")
+    assert first == result["reference_index"]  # the report's reference: the same rule, the same tie-break
+    label = rp.pair_label(groups[second], groups[first])[0]
+    comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
+    lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
+    kind = "paired t-interval" if comp["ci_note"] is not None else "two-level bootstrap"
+    numbers = (f"{rp._fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
+               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; paired t-test over seeds "
+               f"p = {rp._fmt_p(comp['p_holm'])})")
+    significant = comp["p_holm"] < rp.ALPHA
+    a, b = names[first], names[second]
+    if significant and sign * comp["estimate"] < 0:
+        text = f"winner: {a}, better than the runner-up {b} by {numbers}"
+    elif significant:
+        text = (f"no winner: {a} is best on val/{metric} but {b} is better on test by "
+                f"{rp._fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
     else:
-        text = (f"indistinguishable: {first} and {second} differ on val/{metric} by {diff} over {comp['n']} fresh "
-                f"seeds ({comp['test']} p = {comp['p']:.3g}): within seed noise, no winner")
-    return {"winner": first if comp["separated"] else None, "runner_up": second, "comparison": comp,
-            "metric": f"val/{metric}", "text": text, "table": table}
+        text = f"indistinguishable: {a} and {b} differ by {numbers}: within seed noise, no winner"
+    return rp._json_num({"winner": a if significant and sign * comp["estimate"] < 0 else None, "runner_up": b,
+                         "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -976,9 +954,12 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     from ebslab.report import build_report
 
     index = json.loads((study_dir / "study.json").read_text())
+    metric = index["objective"].split("/", 1)[1]
     out_dir.mkdir(parents=True, exist_ok=True)
     confirm_dir = study_dir / "confirm"
-    report = build_report([confirm_dir], out_dir) if confirm_dir.is_dir() and any(confirm_dir.iterdir()) else None
+    # on the study's metric: the verdict in study.json is this report's comparison
+    report = build_report([confirm_dir], out_dir, metric=metric) \
+        if confirm_dir.is_dir() and any(confirm_dir.iterdir()) else None
     md = [f"# ebslab tune: {index['name']}", "",
           f"Objective {index['objective']} ({index['direction']}), sampler {index['sampler']}, pruner "
           f"{index['pruner']['name']}" + (f" at every {index['every_examples']} examples seen"
@@ -988,17 +969,16 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     verdict = index.get("verdict")
     md += ["## Verdict", "", (verdict or {}).get("text", "confirmation not finished"), ""]
     if verdict and verdict.get("table"):
-        md.append("Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); test "
-                  "accuracy is shown, never used to choose.")
+        md.append(f"Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); the "
+                  f"verdict compares the first two on test {metric} as the seed-aware report below does.")
         md.append("")
-        key = next(k for k in verdict["table"][0] if k.startswith("val_") and k != "val_values")
-        md.append(f"| configuration | params | seeds | {key} (mean) | test acc (mean) |")
+        md.append(f"| configuration | params | seeds | val {metric} (mean) | test {metric} (mean) |")
         md.append("|---|---|---:|---:|---:|")
         params = {t["folder"]: t["params"] for t in index["trials"]}
         for row in verdict["table"]:
-            ta = "-" if row["test_acc"] is None else f"{row['test_acc']:.4f}"
+            val, test = (("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))
             md.append(f"| {row['config']} | {_fmt_params(params.get(row['config'], {}))} | {row['n']} | "
-                      f"{row[key]:.4f} | {ta} |")
+                      f"{val} | {test} |")
         md.append("")
     md += ["## Search trials", "", "| trial | status | " + f"{index['objective']} | params |", "|---|---|---:|---|"]
     for t in index["trials"]:

@@ -371,6 +371,46 @@ def test_stopped_after_two_trials_then_resumed_ends_with_exactly_the_asked_trial
     assert "add --resume to continue it" in capsys.readouterr().err
 
 
+SMALL = study_with(space={"optim.lr": {"choice": [1.0e-4, 1.0e-3]}}, sampler="grid", trials=2,
+                   confirm={"top_k": 2, "seeds": [11, 12]})
+
+
+def test_a_study_folder_in_use_by_a_live_tuner_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, fake_train,
+                                                                                             capsys):
+    from ebslab.locks import LOCK_NAME, FolderLock
+
+    path, root = write_study(tmp_path, SMALL), tmp_path / "runs" / "st"
+    assert main(["tune", str(path), "--out", str(tmp_path / "runs")]) == 0
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in (root / "study.json", root / "study.db")}
+    with FolderLock(root, "study"):  # a live tuner of this folder (this process)
+        held = (root / LOCK_NAME).read_bytes()
+        for extra in (["--resume"], []):
+            assert main(["tune", str(path), "--out", str(tmp_path / "runs"), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"study folder '{root}' is in use by pid {os.getpid()} (" in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+        assert {p: p.read_bytes() for p in files} == files and (root / LOCK_NAME).read_bytes() == held
+    # a tuner killed while holding the folder: its lock (naming its pid) is taken over by the next --resume
+    code = f"from ebslab.locks import FolderLock; import os; FolderLock({str(root)!r}, 'study').acquire(); os._exit(9)"
+    dead = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert dead.returncode == 9 and json.loads((root / LOCK_NAME).read_text())["pid"] != os.getpid()
+    assert main(["tune", str(path), "--out", str(tmp_path / "runs"), "--resume"]) == 0
+    assert read_study(root)["verdict"] is not None and (root / LOCK_NAME).read_text() == ""  # released at the end
+
+
+def test_workers_on_a_shared_storage_share_the_study_folder_without_a_lock(tmp_path, fake_train):
+    from ebslab.locks import FolderLock
+
+    path, root = write_study(tmp_path, SMALL), tmp_path / "runs" / "st"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"  # stands for a database all the workers reach
+    with FolderLock(root, "study"):  # held by another worker, or by anything else: not checked with --storage
+        assert main(["tune", str(path), "--out", str(tmp_path / "runs"), "--storage", url]) == 0
+    index = read_study(root)
+    assert [t["status"] for t in index["trials"]] == ["completed", "completed"] and index["verdict"] is not None
+    assert not (root / "study.db").exists()
+
+
 def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     storage = tune.open_storage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_s=1)
     study = optuna.create_study(study_name="h", storage=storage)

@@ -42,6 +42,7 @@ import yaml
 from ebslab import sweep as sw
 from ebslab.callbacks import Callback
 from ebslab.config import UserError, VALID_KEYS, load_config, read_yaml
+from ebslab.locks import FolderLock
 from ebslab.metrics import METRICS, higher_is_better
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "EBSLAB_TUNE_STORAGE", "EBSLAB_TUNE_STUDY", "EBSLAB_TUNE_TRIAL"
@@ -1058,12 +1059,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
     parser.add_argument("--parallel", type=int, default=1, help="trials at once in this worker (default 1)")
     parser.add_argument("--storage", default=None,
-                        help="an Optuna database URL (postgresql://..., mysql://...) shared by several workers; "
-                             "default: a SQLite file OUT/NAME/study.db")
+                        help="an Optuna database URL (postgresql://..., mysql://...) shared by several workers, "
+                             "each started with the same command; they share OUT/NAME too, so no folder lock is "
+                             "taken (the database hands each trial to one worker). Default: a SQLite file "
+                             "OUT/NAME/study.db, and OUT/NAME is locked to this tuner (a second one is refused, "
+                             "naming the first; a lock left by a dead process is taken over)")
 
 
-def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str]:
-    """Everything checked, then the study folder and storage created: a UserError leaves nothing behind."""
+def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock | None]:
+    """Everything checked, then the study folder and storage created: a UserError leaves nothing behind.
+
+    With the default SQLite storage the study folder is this tuner's (the FolderLock returned, held until the
+    tuner ends): a second tuner would resume the trials the first one is running. With --storage the workers
+    share the study, and its folder, on purpose: the database hands each trial to one of them, so no lock."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -1076,6 +1084,21 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str]:
     root = (Path(args.out) / study.name).resolve()
     default_db = root / "study.db"
     url = args.storage or f"sqlite:///{default_db}"
+    lock = FolderLock(root, "study") if args.storage is None else None
+    if lock is not None and root.is_dir():
+        lock.acquire()  # a live tuner of this folder is named first, whatever else this command got wrong
+    try:
+        return _prepare(args, study, root, default_db, url, lock) + (lock,)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _prepare(args: argparse.Namespace, study: Study, root: Path, default_db: Path, url: str,
+             lock: FolderLock | None) -> tuple[Study, Path, Any, str]:
+    import optuna
+
     if args.storage is None:
         if root.exists() and (default_db.exists() or (root / "study.json").exists()) and not args.resume:
             raise UserError(f"study folder '{root}' already holds a study; add --resume to continue it, or "
@@ -1099,6 +1122,8 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str]:
                                 + "): restore the file, or start a new study under another name")
         elif args.resume:
             raise UserError(f"nothing to resume: storage '{mask_url(url)}' has no study '{study.name}'")
+    if lock is not None and lock.fd is None:
+        lock.acquire()  # creates the folder
     root.mkdir(parents=True, exist_ok=True)
     if storage is None:
         storage = open_storage(url, study.heartbeat_s)
@@ -1111,7 +1136,15 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str]:
 
 def run(args: argparse.Namespace) -> int:
     """`ebslab tune`: 0 when the study and its confirmation finished, 130 when interrupted (--resume goes on)."""
-    study, root, storage, url = prepare(args)
+    study, root, storage, url, lock = prepare(args)
+    try:
+        return _run(args, study, root, storage, url)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) -> int:
     runner = Runner(args.executor, args.parallel)
     runner.start()
     tuner = Tuner(study, root, storage, url, runner)

@@ -87,6 +87,23 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path, capsys, url):
     assert not (tmp_path / "runs").exists()
 
 
+def test_tune_and_sweep_share_their_run_options_with_their_own_help():
+    import argparse
+
+    parsed, helps = [], []
+    for mod, first in ((sw, "grid.yaml"), (tune, "study.yaml")):
+        parser = argparse.ArgumentParser()
+        mod.add_arguments(parser)
+        parsed.append(vars(parser.parse_args([first, "--out", "o", "--resume", "--executor", "ray",
+                                              "--parallel", "3"])))
+        helps.append({a.dest: a.help for a in parser._actions})
+    common = ("out", "resume", "executor", "parallel")
+    assert [{k: p[k] for k in common} for p in parsed] == [{"out": "o", "resume": True, "executor": "ray",
+                                                           "parallel": 3}] * 2
+    assert helps[0]["executor"] == helps[1]["executor"]
+    assert helps[1]["parallel"] == "trials at once in this worker (default 1)" != helps[0]["parallel"]
+
+
 def test_fingerprint_changes_name_the_key():
     old = {"space": {"optim.lr": {"float": [1e-4, 1e-2]}}, "trials": 3}
     new = {"space": {"optim.lr": {"float": [1e-4, 1e-3]}}, "trials": 3}

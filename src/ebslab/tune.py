@@ -1005,14 +1005,13 @@ def _fmt_params(params: dict) -> str:
 
 def _study_plots(index: dict, out_dir: Path) -> list[Path]:
     """Optuna's matplotlib plots on an in-memory copy of the search rebuilt from study.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
     from optuna.distributions import json_to_distribution
     from optuna.trial import TrialState
 
+    from ebslab.report import _plt, save_figure
+
+    plt = _plt()  # the Agg backend before Optuna draws: no display needed
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     dists = {k: json_to_distribution(v) for k, v in index["space"].items()}
     study = optuna.create_study(direction=index["direction"])
@@ -1039,10 +1038,7 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
             except Exception:  # e.g. importances need two completed trials and a parameter that varies
                 continue
             fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
-            path = out_dir / f"{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            out.append(path)
+            out.append(save_figure(fig, out_dir / f"{name}.png", dpi=100))
     return out
 
 
@@ -1052,12 +1048,9 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_file", help="the study YAML (name, base, space, objective, trials, ...)")
-    parser.add_argument("--out", default="runs", help="the study goes to OUT/NAME/ (default: runs)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the study: finished trials kept, interrupted ones continued")
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at once in this worker (default 1)")
+    sw.add_run_arguments(parser, out_help="the study goes to OUT/NAME/ (default: runs)",
+                         resume_help="continue the study: finished trials kept, interrupted ones continued",
+                         parallel_help="trials at once in this worker (default 1)")
     parser.add_argument("--storage", default=None,
                         help="an Optuna database URL (postgresql://..., mysql://...) shared by several workers, "
                              "each started with the same command; they share OUT/NAME too, so no folder lock is "

@@ -257,7 +257,8 @@ FAKE_TRAIN = textwrap.dedent('''
         f.write(mode + " " + os.environ.get("EBSLAB_TUNE_TRIAL", "-") + "\\n")
     lr, seed = float(kv["optim.lr"]), int(kv.get("train.seed", 1))
     if mode == "new":  # what the report groups and pairs by (JSON is YAML)
-        (run / "config.yaml").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed}}))
+        (run / "config.yaml").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed}, "batch": {
+            "effective": int(kv["batch.effective"]), "micro": int(kv["batch.micro"])}}))
     if run.name == os.environ.get("FAKE_HANG_AT") and mode == "new":  # stopped by the tune: one SIGINT
         got = []
         signal.signal(signal.SIGINT, lambda *_: got.append(1))
@@ -326,6 +327,23 @@ def test_study_runs_its_trials_then_the_top_k_on_fresh_seeds_and_names_a_winner(
     study = optuna.load_study(study_name="st", storage=f"sqlite:///{root / 'study.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
+
+
+def test_report_on_a_study_folder_shows_the_verdict_and_the_search_plots(tmp_path, fake_train, capsys):
+    path, root = write_study(tmp_path, STUDY), tmp_path / "runs" / "st"
+    assert main(["tune", str(path), "--out", str(tmp_path / "runs")]) == 0
+    verdict = read_study(root)["verdict"]
+    capsys.readouterr()
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "rep" / "report.md")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for name in ("search_history", "param_importances"):
+        png = (tmp_path / "rep" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+        assert f"![{name}]({name}.png)" in md
+    assert f"## Verdict\n\n{verdict['text']}\n" in md
+    assert verdict["text"].startswith(("winner: ", "indistinguishable: "))
+    assert "# Confirmation runs (seed-aware report)" in md  # followed by the report of the 6 confirmation runs
 
 
 def test_indistinguishable_top_configurations_get_no_winner(tmp_path, fake_train):

@@ -9,7 +9,8 @@ is named only when it beats the runner-up beyond seed noise.
     OUT/NAME/
       study.db                      the Optuna storage (SQLite) unless --storage URL
       study.json                    index: trials, parameters, objective, status; confirmation and verdict
-      trial-0003/, trial-0003.log   one run folder (and its process output) per search trial
+      trial-0003/, trial-0003.log   one run folder (and its process output) per search slot, 0 to trials - 1 (a
+                                    retried trial keeps its folder; study.json maps folders to Optuna numbers)
       confirm/trial-0003,seed=11/   the confirmation runs: top_k configurations x confirm.seeds
 
 Workers: each `ebslab tune` process (any machine, same command, same --storage) asks the shared study for

@@ -104,6 +104,27 @@ def test_tune_and_sweep_share_their_run_options_with_their_own_help():
     assert helps[1]["parallel"] == "trials at once in this worker (default 1)" != helps[0]["parallel"]
 
 
+def test_a_worker_that_loses_the_race_to_create_optunas_tables_opens_them_once_they_exist(tmp_path, monkeypatch):
+    from sqlalchemy.exc import IntegrityError
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class Racing(real):  # as PostgreSQL answers the second of two workers creating the tables at once
+        def __init__(self, url, **kw):
+            calls.append(url)
+            if len(calls) == 1:
+                raise IntegrityError("CREATE TABLE studies", {}, Exception("duplicate key value violates unique "
+                                                                          "constraint pg_type_typname_nsp_index"))
+            super().__init__(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    storage = tune.open_storage(url, heartbeat_s=1)
+    assert len(calls) == 2 and storage.get_heartbeat_interval() == 1
+    assert optuna.create_study(storage=storage, study_name="r").study_name == "r"
+
+
 def test_fingerprint_changes_name_the_key():
     old = {"space": {"optim.lr": {"float": [1e-4, 1e-2]}}, "trials": 3}
     new = {"space": {"optim.lr": {"float": [1e-4, 1e-3]}}, "trials": 3}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ from ebslab.config import UserError
 from ebslab.tune.studyfile import Study, _number
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "EBSLAB_TUNE_STORAGE", "EBSLAB_TUNE_STUDY", "EBSLAB_TUNE_TRIAL"
+SCHEMA_RACE_TRIES = 5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,11 +43,22 @@ def open_storage(url: str, heartbeat_s: int | None = None):
             hb = {"heartbeat_interval": heartbeat_s, "grace_period": 4 * heartbeat_s - 1,
                   "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                       inherit_intermediate_values=True)}
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **hb)
-        except Exception as e:  # sqlalchemy errors, a missing driver (ModuleNotFoundError), a malformed URL
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"storage '{mask_url(url)}' cannot be reached: {msg[:200]}") from None
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(SCHEMA_RACE_TRIES):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **hb)
+            except IntegrityError:
+                # workers started together on an empty database both create Optuna's tables; the loser's
+                # CREATE hits the winner's rows (PostgreSQL: pg_type_typname_nsp_index). The tables exist
+                # once the winner commits: open again
+                if attempt == SCHEMA_RACE_TRIES - 1:
+                    raise UserError(f"storage '{mask_url(url)}': Optuna's tables could not be created (another "
+                                    f"process kept creating them); start the workers again") from None
+                time.sleep(0.5 * (attempt + 1))
+            except Exception as e:  # sqlalchemy errors, a missing driver (ModuleNotFoundError), a malformed URL
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"storage '{mask_url(url)}' cannot be reached: {msg[:200]}") from None
 
 
 def mask_url(url: str) -> str:

@@ -985,23 +985,29 @@ def analyse(runs: Sequence[Run], groups: Sequence[Group], metric: str = "acc", e
     }
 
 
+def analyse_dirs(run_dirs: Sequence[Path], metric: str = "acc", exclude_collapsed: bool = False,
+                 n_boot: int = stats.N_BOOT) -> tuple[list[Path], list[Run], list[Group], dict]:
+    """The run folders found in run_dirs, their runs, configurations and `analyse` result: what a report of
+    those folders shows (`ebslab tune` takes its verdict from here, so the two always agree)."""
+    dirs = find_run_dirs(run_dirs)
+    runs = [load_run(d, n) for d, n in zip(dirs, _run_names(dirs))]
+    groups = group_runs(runs)
+    return dirs, runs, groups, analyse(runs, groups, metric, exclude_collapsed, n_boot)
+
+
 def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = None, metric: str = "acc",
                  exclude_collapsed: bool = False, n_boot: int = stats.N_BOOT) -> Path:
     """Read the run folders (or folders holding them), write out_dir/report.md, report.json and PNG plots;
     return report.md."""
     if metric not in METRICS:
         raise UserError(f"--metric {metric}: unknown metric; valid: {', '.join(METRICS)}")
-    dirs = find_run_dirs(run_dirs)
-    names = _run_names(dirs)
-    runs = [load_run(d, n) for d, n in zip(dirs, names)]
+    dirs, runs, groups, result = analyse_dirs(run_dirs, metric, exclude_collapsed, n_boot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    groups = group_runs(runs)
     order = {id(r): i for i, r in enumerate(r for g in groups for r in g.runs)}
     runs_sorted = sorted(runs, key=lambda r: order[id(r)])
     keys = varying_keys([r.flat for r in runs])
-    result = analyse(runs, groups, metric, exclude_collapsed, n_boot)
     scored_status = (OK_STATUS,) if exclude_collapsed else SCORED_STATUS
     left_out = [r for r in runs_sorted if r.status not in scored_status]
 

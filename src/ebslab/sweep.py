@@ -634,16 +634,23 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_file", help="the sweep YAML (name, base, grid)")
-    parser.add_argument("--out", default="runs", help="runs go to OUT/NAME/<folder> (default: runs)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a sweep: skip completed runs, resume interrupted ones, retry failed ones")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
+def add_run_arguments(parser: argparse.ArgumentParser, out_help: str, resume_help: str, parallel_help: str) -> None:
+    """--out, --resume, --executor, --parallel: the options of every command that starts runs as a sweep does
+    (`ebslab sweep`, `ebslab tune`), with each command's own words for what they mean there."""
+    parser.add_argument("--out", default="runs", help=out_help)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
-    parser.add_argument("--parallel", type=int, default=1, help="local executor: runs at once (default 1)")
+    parser.add_argument("--parallel", type=int, default=1, help=parallel_help)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", help="the sweep YAML (name, base, grid)")
+    add_run_arguments(parser, out_help="runs go to OUT/NAME/<folder> (default: runs)",
+                      resume_help="continue a sweep: skip completed runs, resume interrupted ones, retry failed ones",
+                      parallel_help="local executor: runs at once (default 1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
     parser.add_argument("--gpus-per-run", type=float, default=0, help="ray executor: GPUs per run (default 0)")
     parser.add_argument("--cpus-per-run", type=float, default=1, help="ray executor: CPUs per run (default 1)")
 

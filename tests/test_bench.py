@@ -152,7 +152,7 @@ def _small_step_settings(small_imdb, **kw):
     return bench.Settings(**base)
 
 
-def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch):
+def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch, fsync_log):
     from ebslab.tracking import read_metrics
 
     seen = {}
@@ -175,6 +175,8 @@ def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small
     assert len(on) == len(off) == 2 and step["ebslab-torch"]["samples_per_s"] == max(on)
     assert result["gns_overhead"] == {"16": round(1 - float(np.median([a / b for a, b in zip(on, off)])), 4)}
     assert "gradient noise scale overhead" in bench.table(result)
+    assert json.loads((tmp_path / "bench.json").read_text())["gns_overhead"] == result["gns_overhead"]
+    assert fsync_log.durable(tmp_path / "bench.json")
 
 
 def test_a_signal_during_a_contestant_stops_the_bench(tmp_path, small_imdb, monkeypatch):

@@ -582,8 +582,18 @@ def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_
         make_run(tmp_path / "done", f"s{seed}", seed=seed)
     build_report([tmp_path / "done" / "s1", tmp_path / "done" / "s2"], tmp_path / "report")
 
+    figures = sorted((tmp_path / "report").glob("*.png"))
+    assert figures  # the report's plots are among the files checked
+
+    from ebslab.report import _plt, save_figure
+
+    fig, _ = _plt().subplots()
+    save_figure(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
+    assert (tmp_path / "alone.pdf").read_bytes().startswith(b"%PDF")
+
     written = [metrics, tmp_path / "predictions" / "test_best.parquet", root / "sweep.json",
-               tmp_path / "report" / "report.md", tmp_path / "report" / "report.json"]
+               tmp_path / "report" / "report.md", tmp_path / "report" / "report.json", *figures,
+               tmp_path / "alone.pdf"]
     assert [p for p in written if not fsync_log.durable(p)] == []
     # the checker has teeth: a file written in place is not durable
     (tmp_path / "plain.txt").write_text("x")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -35,6 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from ebslab.files import atomic_write_json
 
 CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "ebslab-torch-grouped", "hf-trainer",
                "naive")
@@ -714,7 +715,7 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
     _fill_vs_trainer(rows)
     result["gns_overhead"] = gns_overhead(rows)
     result["total_s"] = round(time.perf_counter() - started, 1)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "bench.json", result)
     shutil.rmtree(work, ignore_errors=True)
     return result
 

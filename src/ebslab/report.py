@@ -886,12 +886,18 @@ def curve(group_runs_: Sequence[Run], metric: str) -> tuple[np.ndarray, np.ndarr
 
 
 def save_figure(fig, path: Path, dpi: int) -> Path:
-    """Lay out, write and close a figure (closing keeps a report over many plots from holding them all)."""
+    """Lay out, write (durably, as every report file) and close a figure (closing keeps a report over many plots
+    from holding them all)."""
     import matplotlib.pyplot as plt
 
+    from ebslab.files import atomic_write_with
+
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        # the temporary sibling keeps the suffix, from which matplotlib picks the format
+        atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -194,15 +194,19 @@ def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
     return Sweep(name=name.strip(), grid=grid, base_file=base_file, base_values=base_values, path=path)
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def read_yaml_file(path: str | Path, kind: str) -> tuple[Any, Path]:
+    """A sweep or study file's data and resolved path; a missing file or bad YAML is one line naming `kind`."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"sweep file '{path}' does not exist")
+        raise UserError(f"{kind} file '{path}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text()), p.resolve()
     except yaml.YAMLError as e:
-        raise UserError(f"sweep file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_sweep(data, p.resolve())
+        raise UserError(f"{kind} file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    return parse_sweep(*read_yaml_file(path, "sweep"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,6 +447,15 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = Tru
         proc.wait()
 
 
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Every live one gets its SIGINT first (they checkpoint in parallel), then each is waited for as above."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        stop_process(proc, send=False)
+
+
 RAY_AUTH_HINT = ("if the cluster uses token authentication (on by default since Ray 2.52), give this process "
                  "its token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<`ray get-auth-token` on the head> (or copy the "
                  "head's ~/.ray/auth_token here); or start the cluster with RAY_AUTH_MODE=disabled on every node")
@@ -563,11 +576,7 @@ class SweepRunner:
         with self.proc_lock:
             self.stopping = True
             procs = list(self.procs.values())
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            stop_process(proc, send=False)
+        stop_processes(procs)
 
     def run_ray(self, gpus: float, cpus: float) -> None:
         try:

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ebslab import sweep as sw
 from ebslab.config import UserError, VALID_KEYS, load_config, read_yaml
@@ -243,14 +242,7 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
 
 
 def load_study_file(path: str | Path) -> Study:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"study file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"study file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_study(data, p.resolve())
+    return parse_study(*sw.read_yaml_file(path, "study"))
 
 
 def fingerprint_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

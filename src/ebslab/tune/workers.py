@@ -188,11 +188,7 @@ class Runner:
         with self.lock:
             self.stopping = True
             procs = list(self.procs.values())
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            sw.stop_process(proc, send=False)
+        sw.stop_processes(procs)
         if self.ray_refs:
             import ray
 

@@ -505,3 +505,28 @@ def test_shipped_study_files_are_valid():
         assert st.search_seed not in st.seeds
     gpu = tune.load_study_file(ROOT / "configs" / "tune" / "exp2-ebs-gpu.yaml")
     assert {p.key for p in gpu.space} == {"batch.effective", "optim.lr", "optim.lr_scaling"}
+
+
+@pytest.mark.slow  # a local Ray cluster and 6 real tiny-bert runs; `make test-slow` installs ray
+@pytest.mark.timeout(300)
+def test_a_study_runs_its_trials_and_confirmation_as_ray_tasks(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_study(tmp_path, study_with(trials=2, confirm={"top_k": 2, "seeds": [11, 12]}))
+    # what the Ray tasks return to the tuner: (exit code, start, end) of each run they ran
+    results, real_get = [], ray.get
+    monkeypatch.setattr(ray, "get", lambda ref, **kw: results.append(real_get(ref, **kw)) or results[-1])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rc = main(["tune", str(path), "--out", str(tmp_path / "runs"), "--executor", "ray"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    index = read_study(tmp_path / "runs" / "st")
+    assert [t["folder"] for t in index["trials"]] == ["trial-0000", "trial-0001"]
+    assert all(t["status"] != "failed" for t in index["trials"]), index["trials"]
+    assert sorted(r["folder"] for r in index["confirm"]["runs"]) == [
+        f"confirm/trial-{t:04d},seed={s}" for t in (0, 1) for s in (11, 12)]
+    for folder in ["trial-0000", "trial-0001"] + [r["folder"] for r in index["confirm"]["runs"]]:
+        assert (tmp_path / "runs" / "st" / folder / "summary.json").is_file(), folder
+    assert [r[0] for r in results] == [0] * 6  # every run was a Ray task, and none ran locally besides

@@ -49,15 +49,16 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
                f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; paired t-test over seeds "
                f"p = {rp._fmt_p(comp['p_holm'])})")
     significant = comp["p_holm"] < rp.ALPHA
+    won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate
     a, b = names[first], names[second]
-    if significant and sign * comp["estimate"] < 0:
+    if won:
         text = f"winner: {a}, better than the runner-up {b} by {numbers}"
     elif significant:
         text = (f"no winner: {a} is best on val/{metric} but {b} is better on test by "
                 f"{rp._fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
     else:
         text = f"indistinguishable: {a} and {b} differ by {numbers}: within seed noise, no winner"
-    return rp._json_num({"winner": a if significant and sign * comp["estimate"] < 0 else None, "runner_up": b,
+    return rp._json_num({"winner": a if won else None, "runner_up": b,
                          "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
 
 

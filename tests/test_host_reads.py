@@ -260,3 +260,35 @@ def test_the_slow_device_wait_is_in_the_training_time(train_run, slow_device):
     training_waits = sum(slow_device.step_reads().values())
     assert training_waits == 4  # steps 4, 8, 12, 16 (8 and 16 are the epoch ends)
     assert summary["train_time_s"] >= training_waits * 0.2
+
+
+def test_batches_are_pinned_before_their_non_blocking_copy_to_a_gpu(monkeypatch):
+    from ebslab.backends import to_device
+
+    calls, real_to = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            calls.append(("to", str(args[0]), kwargs))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    to_device(torch.ones(2), torch.device("cuda", 0))
+    assert calls == ["pin", ("to", "cuda:0", {"non_blocking": True})]
+    calls.clear()
+    to_device(torch.ones(2), torch.device("cpu"))
+    assert calls == []  # nothing to pin for a CPU run
+
+
+def test_evaluation_batches_go_through_the_pinned_copy(train_run, monkeypatch):
+    import ebslab.evaluate as ev
+    from ebslab.backends import to_device
+
+    copied = []
+    monkeypatch.setattr(ev, "to_device", lambda t, device: copied.append(t.shape[0]) or to_device(t, device))
+    run = train_run(*BASE, "train.max_steps=1")
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+    # one evaluation of val and test (32 each, eval.batch_size 64): each of BERT's 3 inputs of each
+    assert len(evals) == 1 and copied == [32] * 6

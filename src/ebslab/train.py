@@ -649,7 +649,8 @@ def _startup_text(trainer: Trainer) -> str:
     if cfg.data.group_by_length:
         head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
                     "the default)")
-    return "\n".join(head + [derived.describe(cfg), _host_read_text(trainer), f"gradient noise scale {trainer.gns_reason}"])
+    return "\n".join(head + [derived.describe(cfg), _host_read_text(trainer),
+                             f"gradient noise scale {trainer.gns_reason}"])
 
 
 def _host_read_text(trainer: Trainer) -> str:

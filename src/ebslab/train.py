@@ -660,7 +660,7 @@ def _host_read_text(trainer: Trainer) -> str:
     why = f" (train.log_every_steps=auto on {device.type})" if cfg.train.log_every_steps == "auto" else ""
     text = (f"host reads the device every {every} step{'s' if every != 1 else ''}{why}: step lines, stop signals "
             "and non-finite checks at those steps, evaluations and checkpoints")
-    if cfg.train.precision != "fp16" and not skip_on_device(trainer.optimizer):
+    if not skip_on_device(trainer.optimizer):  # with fp16 too: GradScaler reads its inf flag for such an optimizer
         text += (f"; {type(inner_optimizer(trainer.optimizer)).__name__} has no fused kernel on "
                  f"{device.type}: skipping a step with a non-finite gradient reads the device every step")
     return text

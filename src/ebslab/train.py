@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import yaml
 
 from ebslab import checkpoint as ckpt
-from ebslab.backends import Backend, make_backend
+from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
 from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
@@ -265,7 +265,8 @@ class Trainer:
         bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
-        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision)
+        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision,
+                                        backend.device.type)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
@@ -344,9 +345,9 @@ class Trainer:
                 window_sums = torch.zeros(5, device=backend.device)  # loss sum, correct, count, stop, bad grad
                 window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                 for i, mb in enumerate(micro_batches):
-                    batch = {k: _to_device(v, backend.device) for k, v in
+                    batch = {k: to_device(v, backend.device) for k, v in
                              collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
-                    labels = _to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
+                    labels = to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
                     weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
                     last_micro = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last_micro else backend.no_sync(model):
@@ -437,7 +438,7 @@ class Trainer:
         eval_due = bool(every and step % every == 0) or crossed or \
             (not (every or every_examples) and epoch_done) or step == self.derived.total_steps
         save_due = epoch_done or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-        log_due = step % cfg.train.log_every_steps == 0 or epoch_done
+        log_due = step % self.derived.log_every_steps == 0 or epoch_done
         return log_due, eval_due, save_due
 
     # --------------------------------------------------------------------------------------------------------
@@ -594,13 +595,6 @@ class Trainer:
 # Helpers of the loop
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A non-blocking copy to the GPU is asynchronous only from pinned host memory (else it is a synchronous one)."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
 def _to_host(tensor: torch.Tensor) -> list:
     """Device to host: the training loop's only wait for the device (a function, so tests can count calls)."""
     return tensor.tolist()
@@ -655,4 +649,18 @@ def _startup_text(trainer: Trainer) -> str:
     if cfg.data.group_by_length:
         head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
                     "the default)")
-    return "\n".join(head + [derived.describe(cfg), f"gradient noise scale {trainer.gns_reason}"])
+    return "\n".join(head + [derived.describe(cfg), _host_read_text(trainer),
+                             f"gradient noise scale {trainer.gns_reason}"])
+
+
+def _host_read_text(trainer: Trainer) -> str:
+    """When the host waits for the device: the resolved `train.log_every_steps`, and whether skipping a step with a
+    non-finite gradient needs a read of its own every step (an optimizer without a fused kernel)."""
+    cfg, every, device = trainer.cfg, trainer.derived.log_every_steps, trainer.backend.device
+    why = f" (train.log_every_steps=auto on {device.type})" if cfg.train.log_every_steps == "auto" else ""
+    text = (f"host reads the device every {every} step{'s' if every != 1 else ''}{why}: step lines, stop signals "
+            "and non-finite checks at those steps, evaluations and checkpoints")
+    if not skip_on_device(trainer.optimizer):  # with fp16 too: GradScaler reads its inf flag for such an optimizer
+        text += (f"; {type(inner_optimizer(trainer.optimizer)).__name__} has no fused kernel on "
+                 f"{device.type}: skipping a step with a non-finite gradient reads the device every step")
+    return text

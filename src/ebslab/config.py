@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,12 +265,67 @@ def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
 VALID_KEYS = _leaf_keys(Config)
 
 
-def _unknown_key(key: str) -> UserError:
+# Words other tools (HF TrainingArguments, Lightning, the literature) use for a key ebslab names otherwise: the
+# "did you mean" looks here first, because edit distance alone sends `optim.learning_rate` to `optim.lr_scaling`.
+KEY_SYNONYMS: dict[str, str] = {
+    "learning_rate": "optim.lr", "learningrate": "optim.lr", "lr_rate": "optim.lr",
+    "optimizer": "optim.name", "optimiser": "optim.name",
+    "scheduler": "sched.name", "lr_scheduler": "sched.name", "lr_scheduler_type": "sched.name",
+    "schedule": "sched.name", "warmup": "sched.warmup_ratio", "warmup_steps": "sched.warmup_ratio",
+    "max_grad_norm": "optim.clip_norm", "grad_clip": "optim.clip_norm", "gradient_clipping": "optim.clip_norm",
+    "clip": "optim.clip_norm", "decay": "optim.weight_decay", "wd": "optim.weight_decay",
+    "batch_size": "batch.effective", "effective_batch": "batch.effective", "effective_batch_size":
+        "batch.effective", "ebs": "batch.effective", "global_batch_size": "batch.effective",
+    "gradient_accumulation_steps": "batch.effective", "accum_steps": "batch.effective",
+    "micro_batch": "batch.micro", "micro_batch_size": "batch.micro", "per_device_train_batch_size": "batch.micro",
+    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "max_epochs": "train.epochs",
+    "patience": "train.early_stopping_patience", "early_stopping": "train.early_stopping_patience",
+    "fp16": "train.precision", "bf16": "train.precision", "mixed_precision": "train.precision",
+    "dtype": "train.precision", "max_seq_length": "data.max_length", "max_len": "data.max_length",
+    "seq_len": "data.max_length", "sequence_length": "data.max_length", "dataset": "data.name",
+    "model_name": "model.name", "model_name_or_path": "model.name", "pool": "model.pooling",
+    "output_dir": "out.dir", "eval_steps": "eval.every_steps", "eval_batch_size": "eval.batch_size",
+    "save_steps": "checkpoint.every_steps", "logging_steps": "train.log_every_steps",
+    "batch.size": "batch.effective",
+}
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in name.lower().replace("-", "_").split("_") if w]
+
+
+def suggest_key(key: str) -> str | None:
+    """The valid key a user most likely meant by `key`, by meaning before spelling: a known synonym
+    (`optim.learning_rate` -> `optim.lr`), then within the same section a name it abbreviates by initials
+    (`optim.wd` -> `optim.weight_decay`) or a prefix either way (`train.epoch` -> `train.epochs`), then the
+    closest spelling (`batch.efective`), then the same name in another section (`optimizer.lr` -> `optim.lr`)."""
+    section, _, tail = key.lower().replace("-", "_").rpartition(".")
+    if key in KEY_SYNONYMS:
+        return KEY_SYNONYMS[key]
+    if tail in KEY_SYNONYMS and KEY_SYNONYMS[tail] in VALID_KEYS:
+        return KEY_SYNONYMS[tail]
+    same = [k for k in VALID_KEYS if k.rpartition(".")[0] == section] if section else []
+    for k in same:
+        name = k.rpartition(".")[2]
+        if "".join(w[0] for w in _words(name)) == tail and len(_words(name)) > 1:
+            return k
+    shared = {k: len(os.path.commonprefix([k.rpartition(".")[2], tail])) for k in same}
+    prefixed = [k for k, n in shared.items()
+                if n >= 2 and (n >= 4 or n in (len(tail), len(k.rpartition(".")[2])))]
+    if prefixed:  # the longest shared start wins: `optim.lr_scale` -> `optim.lr_scaling`, not `optim.lr`
+        return max(prefixed, key=lambda k: (shared[k], -len(k)))
     near = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
-    if not near:  # a typo in the section name: compare the last part alone
-        tail = key.rsplit(".", 1)[-1]
-        near = [k for k in VALID_KEYS if k.rsplit(".", 1)[-1] == tail][:1]
-    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(VALID_KEYS)}"
+    if near:
+        return near[0]
+    for k in VALID_KEYS:  # a typo in the section name: compare the last part alone
+        if k.rpartition(".")[2] == tail:
+            return k
+    return None
+
+
+def _unknown_key(key: str) -> UserError:
+    near = suggest_key(key)
+    hint = f"; did you mean '{near}'?" if near else f"; valid keys: {', '.join(VALID_KEYS)}"
     return UserError(f"unknown config key '{key}'{hint}")
 
 

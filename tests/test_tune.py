@@ -498,7 +498,7 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
 
 def test_shipped_study_files_are_valid():
     files = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"cpu-tiny", "exp2-ebs-gpu"}
+    assert {f.stem for f in files} >= {"cpu-minilm-tune", "exp2-ebs-gpu"}
     for f in files:
         st = tune.load_study_file(f)
         assert st.objective.startswith("val/") and st.top_k >= 2 and len(st.seeds) >= 2

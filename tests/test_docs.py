@@ -68,3 +68,31 @@ def test_a_key_without_a_docstring_is_caught(monkeypatch):
     monkeypatch.setattr(config, "field_docs", lambda: {k: "" for k in config.VALID_KEYS})
     with pytest.raises(RuntimeError, match="without a docstring in config.py: model.name"):
         config.reference_markdown()
+
+
+# ------------------------------------------------------------------------------------------------ long output
+
+
+def test_a_non_interactive_run_prints_progress_lines_not_carriage_returns(train_run, capsys, monkeypatch):
+    """stderr is not a terminal here (captured), as in a sweep's log file or CI: a line every N steps."""
+    monkeypatch.setenv("EBSLAB_PROGRESS_EVERY", "2")
+    train_run()  # 200 train examples, EBS 32: 7 steps
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("train step ")]
+    assert [line.split()[2] for line in lines] == ["2/7", "4/7", "6/7", "7/7"]
+    assert lines[0].startswith("train step 2/7 (29%) loss ") and "samples/s" in lines[0] and "left" in lines[0]
+    assert "left" not in lines[-1] and lines[-1].startswith("train step 7/7 (100%)")
+
+
+def test_progress_every_defaults_to_about_twenty_lines(monkeypatch):
+    from ebslab.callbacks import progress_every, progress_line
+
+    monkeypatch.delenv("EBSLAB_PROGRESS_EVERY", raising=False)
+    assert [progress_every(n) for n in (1, 7, 100, 1000, 1001)] == [1, 1, 5, 50, 51]
+    monkeypatch.setenv("EBSLAB_PROGRESS_EVERY", "3")
+    assert progress_every(1000) == 3
+    line = progress_line(50, 100, 600.0, 0, {"train/loss": 0.5, "samples_per_s": 2.0})
+    assert line == "train step 50/100 (50%) loss 0.5000 2.0 samples/s, 10m00s elapsed, ~10m00s left"
+    # a resumed run extrapolates from the steps of this session only: 20 steps in 60 s, 30 to go
+    assert progress_line(70, 100, 60.0, 50, None) == "train step 70/100 (70%), 1m00s elapsed, ~1m30s left"

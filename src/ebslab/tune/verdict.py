@@ -62,6 +62,29 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
                          "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
 
 
+def nothing_to_rank(trials: list[dict], space_size: float) -> str | None:
+    """Why the confirmation cannot name a winner before it runs, or None: fewer than two distinct configurations
+    of the search learned (completed with a value; a collapsed trial, at the majority-class rate, is never
+    promoted). `trials` are study.json's entries."""
+    learned = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials
+               if t["status"] == "completed" and _number(t["value"])}
+    if len(learned) >= 2:
+        return None
+    tried = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials}
+    counts = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    if space_size < 2:
+        why = f"the search space holds {space_size:g} configuration: widen it"
+    elif len(tried) < 2:
+        why = f"the {len(trials)} trial(s) tried {len(tried)} distinct configuration: raise trials or widen the space"
+    else:
+        why = ("the others collapsed (never left the majority-class rate), were pruned or failed: raise trials, "
+               "widen the space, or change the base (lr, epochs) so that runs learn")
+    return (f"nothing to rank: {len(learned)} distinct configuration(s) of the search learned ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), and a winner needs two; {why}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report section (read from study.json and the run folders only).
 

@@ -96,3 +96,103 @@ def test_progress_every_defaults_to_about_twenty_lines(monkeypatch):
     assert line == "train step 50/100 (50%) loss 0.5000 2.0 samples/s, 10m00s elapsed, ~10m00s left"
     # a resumed run extrapolates from the steps of this session only: 20 steps in 60 s, 30 to go
     assert progress_line(70, 100, 60.0, 50, None) == "train step 70/100 (70%), 1m00s elapsed, ~1m30s left"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure saved through ebslab.figures.save: {file name: (describe(fig), style_problems(fig))}."""
+    from ebslab import figures
+
+    seen: dict[str, tuple[dict, list[str]]] = {}
+    real = figures.save
+
+    def save(fig, path, dpi=figures.DPI):
+        fig.set_size_inches(*figures.FIGSIZE)
+        seen[Path(path).stem] = (figures.describe(fig), figures.style_problems(fig))
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(figures, "save", save)
+    return seen
+
+
+def _axes(seen, name):
+    (ax,) = seen[name][0]["axes"]
+    return ax
+
+
+def test_every_report_figure_has_title_case_labels_with_units_and_explained_markers(tmp_path, drawn):
+    from test_report import make_run
+
+    from ebslab import report
+
+    for ebs in (8, 32, 128):
+        for seed in (1, 2):
+            make_run(tmp_path / "runs", f"e{ebs}s{seed}", ebs=ebs, seed=seed, test_acc=0.8 + 0.01 * seed)
+    report.build_report([tmp_path / "runs"], tmp_path / "out")
+    for name in ("val_acc", "val_loss", "test_acc_vs_ebs"):
+        assert drawn[name][1] == [], (name, drawn[name][1])
+    acc, loss, ebs = _axes(drawn, "val_acc"), _axes(drawn, "val_loss"), _axes(drawn, "test_acc_vs_ebs")
+    assert acc["title"] == "Validation Accuracy per Epoch" and acc["ylabel"] == "Validation accuracy (fraction correct)"
+    assert loss["ylabel"] == "Validation loss (cross-entropy, nats)" and acc["xlabel"].startswith("Epoch")
+    assert acc["legend_title"] == "line: mean over seeds; band: ± 1 std; dot: an evaluation"
+    assert acc["legend"][0] == "batch.effective=8 (2 seeds)"
+    assert ebs["title"] == "Test Accuracy Against Effective Batch Size"
+    assert ebs["xlabel"] == "Effective batch size (examples per optimizer step, log scale)"
+    # one varying key: no legend entry "all", each marker named; the EBS that ran as plain ticks
+    assert ebs["legend"] == ["one seed", "mean of 2 seed(s)"] and "confidence interval" in ebs["legend_title"]
+    assert ebs["xticks"] == ["8", "32", "128"]
+
+
+def test_every_tune_figure_relabels_optunas_and_warns_on_importance_from_few_trials(tmp_path, drawn):
+    from ebslab.tune.verdict import FEW_TRIALS_FOR_IMPORTANCE, _study_plots
+
+    float_lr = ('{"name": "FloatDistribution", "attributes": {"low": 1e-05, "high": 0.0005, "log": true, '
+                '"step": null}}')
+    ebs = '{"name": "CategoricalDistribution", "attributes": {"choices": [8, 16, 32]}}'
+    trials = [("completed", 0.82, 8.1e-5, 8, {"200": 0.7, "400": 0.8}), ("completed", 0.73, 4.5e-4, 16,
+              {"200": 0.6, "400": 0.7}), ("pruned", None, 5.3e-5, 32, {"200": 0.55})]
+    index = {"direction": "maximize", "objective": "val/acc", "space": {"optim.lr": float_lr, "batch.effective": ebs},
+             "trials": [{"folder": f"trial-000{i}", "status": st, "value": v, "params": {"optim.lr": lr,
+                         "batch.effective": b}, "intermediate": inter} for i, (st, v, lr, b, inter) in enumerate(trials)]}
+    paths = _study_plots(index, tmp_path)
+    assert {p.stem for p in paths} == {"search_history", "param_importances", "intermediate_values"}
+    for name in ("search_history", "param_importances", "intermediate_values"):
+        assert drawn[name][1] == [], (name, drawn[name][1])
+    inter, hist = _axes(drawn, "intermediate_values"), _axes(drawn, "search_history")
+    assert inter["xlabel"] == "Training examples seen" and "Step" not in inter["xlabel"]
+    assert inter["legend"] == ["trial-0000 (completed)", "trial-0001 (completed)", "trial-0002 (pruned)"]
+    assert hist["legend"] == ["a completed trial's val/acc", "best so far"]
+    assert all(float(t.replace("\u2212", "-")).is_integer() for t in hist["xticks"])  # whole trials, not 0.5
+    assert 2 < FEW_TRIALS_FOR_IMPORTANCE
+    assert drawn["param_importances"][0]["caveat"].startswith("From 2 completed trial(s): a rough ranking")
+    assert _axes(drawn, "param_importances")["title"] == "Parameter Importance"
+
+
+def test_style_problems_catches_what_readers_complained_about():
+    from ebslab import figures
+
+    fig, ax = figures.pyplot().subplots(figsize=(6.5, 4.5))
+    ax.plot([6, 60], [1, 2], label="all")
+    ax.set_xscale("log")
+    ax.set_title("steps vs examples to target")
+    ax.set_xlabel("training examples")
+    ax.legend()
+    problems = figures.style_problems(fig)
+    figures.pyplot().close(fig)
+    assert any(p.startswith("size (6.5, 4.5)") for p in problems)
+    assert "title 'steps vs examples to target' is not in title case" in problems
+    assert any(p.startswith("xlabel 'training examples'") for p in problems)
+    assert any(p.startswith("ylabel ''") for p in problems)
+    assert any(p.startswith("legend entry 'all'") for p in problems)
+    assert any("scientific notation" in p for p in problems)
+
+
+def test_title_case_leaves_names_alone():
+    from ebslab.figures import title_case
+
+    assert title_case("steps vs examples to val/acc 0.8") == "Steps vs Examples to val/acc 0.8"
+    assert title_case("gradient noise scale B_simple per EBS") == "Gradient Noise Scale B_simple per EBS"
+    assert title_case("a batch.effective=16 run") == "A batch.effective=16 Run"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,65 @@ def test_title_case_leaves_names_alone():
     assert title_case("steps vs examples to val/acc 0.8") == "Steps vs Examples to val/acc 0.8"
     assert title_case("gradient noise scale B_simple per EBS") == "Gradient Noise Scale B_simple per EBS"
     assert title_case("a batch.effective=16 run") == "A batch.effective=16 Run"
+
+
+# ------------------------------------------------------------------------------------------------ README commands
+
+# The README's shell blocks are run as written, in order, in a fresh folder that holds the checkout's configs/
+# and data/ (as a fresh clone does). A block that cannot run offline in seconds on a CPU (MiniLM, the hub, GPUs,
+# several processes, clusters, databases) is preceded by a line `<!-- not run: REASON -->`; every other block
+# must pass. `ebslab ...` and `.venv/bin/ebslab ...` lines run in this process (no interpreter start-up);
+# other lines run in bash.
+NOT_RUN = re.compile(r"<!--\s*not run:\s*(\S.*?)\s*-->")
+
+
+def readme_shell_blocks(text: str) -> list[tuple[int, str | None, str]]:
+    """(line number, reason it is not run or None, code) of every ```bash / ```sh block of a markdown text."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if lines[i].strip() in ("```bash", "```sh", "```shell"):
+            prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            mark = NOT_RUN.search(prev)
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            blocks.append((i + 1, mark.group(1) if mark else None, "\n".join(lines[i + 1:end])))
+            i = end
+        i += 1
+    return blocks
+
+
+def test_the_readme_marks_every_shell_block_it_does_not_run_with_a_reason():
+    blocks = readme_shell_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 5
+    runnable = [b for b in blocks if b[1] is None]
+    assert runnable, "the README must keep at least one block that the test runs (the quick start)"
+    assert readme_shell_blocks("<!-- not run: needs a GPU -->\n```bash\nx\n```\n```sh\ny\n```\n") == [
+        (2, "needs a GPU", "x"), (5, None, "y")]
+
+
+def test_every_runnable_readme_block_works_as_written_on_a_fresh_checkout(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+
+    for name in ("configs", "data"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for line_no, reason, code in readme_shell_blocks((ROOT / "README.md").read_text()):
+        if reason is not None:
+            continue
+        for line in code.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if not argv:
+                continue
+            if argv[0] in ("ebslab", ".venv/bin/ebslab"):
+                try:
+                    rc = main(argv[1:])
+                except SystemExit as e:  # --help
+                    rc = e.code
+                out = capsys.readouterr()
+                assert rc == 0, f"README line {line_no}: {line}\n{out.err[-2000:]}"
+            else:
+                done = subprocess.run(["bash", "-c", line], capture_output=True, text=True)
+                assert done.returncode == 0, f"README line {line_no}: {line}\n{done.stderr[-2000:]}"
+            ran += 1
+    assert ran >= 4

@@ -259,3 +259,19 @@ def test_every_runnable_readme_block_works_as_written_on_a_fresh_checkout(tmp_pa
                 assert done.returncode == 0, f"README line {line_no}: {line}\n{done.stderr[-2000:]}"
             ran += 1
     assert ran >= 4
+
+
+def test_the_file_reference_examples_are_valid_and_the_study_is_the_shipped_one(monkeypatch):
+    import yaml
+
+    from ebslab import sweep as sw
+    from ebslab import tune
+
+    text = (ROOT / "docs" / "files.md").read_text()
+    sweep_yaml, study_yaml = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    monkeypatch.chdir(ROOT)  # base paths as a user in the checkout writes them
+    sweep = sw.parse_sweep(yaml.safe_load(sweep_yaml))
+    assert len(sweep.runs()) == 2 * 3 * 2 * 3
+    assert yaml.safe_load(study_yaml) == yaml.safe_load((ROOT / "configs/tune/cpu-minilm-tune.yaml").read_text())
+    study = tune.load_study_file(ROOT / "configs/tune/cpu-minilm-tune.yaml")
+    assert study.top_k == 2 and study.pruner["name"] == "median"

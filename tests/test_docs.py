@@ -165,7 +165,7 @@ def test_every_tune_figure_relabels_optunas_and_warns_on_importance_from_few_tri
     inter, hist = _axes(drawn, "intermediate_values"), _axes(drawn, "search_history")
     assert inter["xlabel"] == "Training examples seen" and "Step" not in inter["xlabel"]
     assert inter["legend"] == ["trial-0000 (completed)", "trial-0001 (completed)", "trial-0002 (pruned)"]
-    assert hist["legend"] == ["a completed trial's val/acc", "best so far"]
+    assert hist["legend"] == ["a completed trial's val/acc (best checkpoint)", "best so far"]
     assert all(float(t.replace("\u2212", "-")).is_integer() for t in hist["xticks"])  # whole trials, not 0.5
     assert 2 < FEW_TRIALS_FOR_IMPORTANCE
     assert drawn["param_importances"][0]["caveat"].startswith("From 2 completed trial(s): a rough ranking")

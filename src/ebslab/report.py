@@ -915,7 +915,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path, title: str) ->
         (line,) = ax.plot(xs, m, marker="o", ms=3, label=label)
         if len(runs) > 1:
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
-    figures.style(ax, title=title, xlabel="Epoch (fraction of passes over the train split)",
+    figures.style(ax, title=title, xlabel="Epoch (passes over the train split)",
                   ylabel=figures.metric_label(metric),
                   legend_title="line: mean over seeds; band: ± 1 std; dot: an evaluation")
     return save_figure(fig, path)

@@ -179,9 +179,10 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
     labels = {
         "search_history": dict(
             title="Objective by trial", xlabel="Trial (in the order the search ran them)",
-            ylabel=f"{figures.metric_label(objective)}, best checkpoint",
+            ylabel=figures.metric_label(objective),
             legend_title=None,
-            entries={"Objective Value": f"a completed trial's {objective}", "Best Value": "best so far"}),
+            entries={"Objective Value": f"a completed trial's {objective} (best checkpoint)",
+                     "Best Value": "best so far"}),
         "param_importances": dict(
             title="Parameter importance", xlabel="Importance (share of the objective's variance, fANOVA)",
             ylabel="Searched config key", legend_title=None, entries={}, legend=False,

@@ -172,6 +172,7 @@ def test_string_labels_map_to_sorted_ids_and_empty_texts_can_be_dropped(capsys, 
     (["train.epochs=abc"], r"config key 'train\.epochs' must be int, got 'abc'"),
     (["train.epoch=2"], r"unknown config key 'train\.epoch'; did you mean 'train\.epochs'\?"),
     (["optimizer.lr=1e-4"], r"unknown config key 'optimizer\.lr'; did you mean 'optim\.lr'\?"),
+    (["optim.learning_rate=1e-4"], r"unknown config key 'optim\.learning_rate'; did you mean 'optim\.lr'\?"),
     (["batch.effective=30"], r"batch\.effective=30 is not divisible by batch\.micro x world_size = 8 x 1 = 8; "
                              r"choose batch\.effective as a multiple of 8"),
     (["data.max_length=0"], r"data\.max_length must be > 0"),
@@ -184,6 +185,27 @@ def test_string_labels_map_to_sorted_ids_and_empty_texts_can_be_dropped(capsys, 
 ])
 def test_bad_config_values(capsys, tmp_path, args, match):
     refused(capsys, tmp_path, *args, match=match)
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("optim.learning_rate", "optim.lr"),            # a synonym: edit distance alone says optim.lr_scaling
+    ("learning_rate", "optim.lr"),                  # HF TrainingArguments' name, no section
+    ("optim.wd", "optim.weight_decay"),             # initials
+    ("optim.lr_scale", "optim.lr_scaling"),         # the longest shared start, not optim.lr
+    ("optim.lrr", "optim.lr"),
+    ("optim.weight", "optim.weight_decay"),         # a prefix
+    ("train.epoch", "train.epochs"),
+    ("train.fp16", "train.precision"),
+    ("data.max_seq_length", "data.max_length"),
+    ("per_device_train_batch_size", "batch.micro"),
+    ("batch.size", "batch.effective"),
+    ("optimizer.lr", "optim.lr"),                   # a typo in the section
+    ("batch.efective", "batch.effective"),          # a typo in the name
+])
+def test_did_you_mean_matches_meaning_and_prefixes_before_spelling(typed, meant):
+    from ebslab.config import VALID_KEYS, suggest_key
+
+    assert suggest_key(typed) == meant and meant in VALID_KEYS
 
 
 def test_a_missing_config_file(capsys, tmp_path):

@@ -885,83 +885,77 @@ def curve(group_runs_: Sequence[Run], metric: str) -> tuple[np.ndarray, np.ndarr
     return xs, means, stds
 
 
-def save_figure(fig, path: Path, dpi: int) -> Path:
-    """Lay out, write (durably, as every report file) and close a figure (closing keeps a report over many plots
-    from holding them all)."""
-    import matplotlib.pyplot as plt
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out at the standard size, write (durably, as every report file) and close a figure (closing keeps a
+    report over many plots from holding them all): ebslab.figures.save."""
+    from ebslab import figures
 
-    from ebslab.files import atomic_write_with
-
-    fig.tight_layout()
-    try:
-        # the temporary sibling keeps the suffix, from which matplotlib picks the format
-        atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi))
-    finally:
-        plt.close(fig)
-    return path
+    return figures.save(fig, path, dpi=dpi)
 
 
 def _plt():
-    import matplotlib
+    from ebslab.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_curves(groups: Sequence[Group], metric: str, path: Path, title: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """`metric` (an eval key, e.g. val/acc) per epoch: one line per configuration, the mean over its seeds, with a
+    band of one standard deviation."""
+    from ebslab import figures
+
+    fig, ax = figures.new_figure()
     for g in groups:
         runs = g.ok_runs or g.runs
         xs, m, s = curve(runs, metric)
         if not len(xs):
             continue
-        label = g.label + ("" if g.ok_runs else " (not completed)")
-        (line,) = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={len(runs)})")
+        label = g.label if g.label != "all runs" else "these runs"
+        label += f" ({len(runs)} seed{'s' if len(runs) != 1 else ''}" + ("" if g.ok_runs else ", not completed") + ")"
+        (line,) = ax.plot(xs, m, marker="o", ms=3, label=label)
         if len(runs) > 1:
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path, dpi=110)
+    figures.style(ax, title=title, xlabel="Epoch (passes over the train split)",
+                  ylabel=figures.metric_label(metric),
+                  legend_title="line: mean over seeds; band: ± 1 std; dot: an evaluation")
+    return save_figure(fig, path)
 
 
 def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
-    """Mean test acc (best checkpoint) against batch.effective; one line per value of the other varying keys."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Mean test acc (best checkpoint) against batch.effective, with its 95% CI over seeds and each seed's value;
+    one line per value of the other varying keys."""
+    from ebslab import figures
+
+    fig, ax = figures.new_figure()
     scored = [g for g in groups if g.scored_runs()]
     keys = [k for k in varying_keys([g.config for g in scored]) if k != "batch.effective"]
-    lines: dict[str, list[tuple[float, float, float]]] = {}
+    lines: dict[str, list[tuple[float, float, float, list[float]]]] = {}
     for g in scored:
         ebs = _num(g.config.get("batch.effective"))
         m, _s, lo, hi = g.stats("best")
         if math.isnan(ebs) or math.isnan(m):
             continue
         err = 0.0 if math.isnan(lo) else hi - m
-        name = ", ".join(f"{k}={_fmt_value(g.config.get(k, _MISSING))}" for k in keys) or "all"
-        lines.setdefault(name, []).append((ebs, m, err))
+        seeds = [v for v in (_num(r.test("best", "acc")) for r in g.scored_runs()) if not math.isnan(v)]
+        name = ", ".join(f"{k}={_fmt_value(g.config.get(k, _MISSING))}" for k in keys)
+        lines.setdefault(name, []).append((ebs, m, err, seeds))
     for name, pts in lines.items():
-        pts.sort()
-        xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=name)
+        pts.sort(key=lambda p: p[0])
+        xs, ys, es, seeds = zip(*pts)
+        n = sorted({len(v) for v in seeds})
+        seeds_text = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        bar = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4,
+                          label=f"{name + ': ' if name else ''}mean of {seeds_text} seed(s)")
+        ax.plot([x for x, v in zip(xs, seeds) for _ in v], [y for v in seeds for y in v], "x", ms=5, alpha=0.6,
+                color=bar[0].get_color(), label=f"{name + ': ' if name else ''}one seed")
     xs_all = sorted({p[0] for pts in lines.values() for p in pts})
     if xs_all and xs_all[0] > 0:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs_all)
-        ax.set_xticklabels([f"{x:g}" for x in xs_all])
-    ax.set_xlabel("batch.effective (EBS)")
-    ax.set_ylabel("test acc (best checkpoint), mean ± 95% CI")
-    ax.set_title("Test accuracy against effective batch size")
-    ax.grid(alpha=0.3)
-    if lines:
-        ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path, dpi=110)
+        figures.plain_log_axis(ax, "x", base=2, ticks=xs_all)
+    figures.style(ax, title="Test accuracy against effective batch size",
+                  xlabel="Effective batch size (examples per optimizer step, log scale)",
+                  ylabel="Test accuracy, best checkpoint (fraction correct)",
+                  legend_title="bar: 95% confidence interval of the mean")
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1018,8 +1012,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     left_out = [r for r in runs_sorted if r.status not in scored_status]
 
     plots = [
-        plot_curves(groups, "val/acc", out_dir / "val_acc.png", "Validation accuracy per epoch (mean ± std over seeds)"),
-        plot_curves(groups, "val/loss", out_dir / "val_loss.png", "Validation loss per epoch (mean ± std over seeds)"),
+        plot_curves(groups, "val/acc", out_dir / "val_acc.png", "Validation accuracy per epoch"),
+        plot_curves(groups, "val/loss", out_dir / "val_loss.png", "Validation loss per epoch"),
         plot_acc_vs_ebs(groups, out_dir / "test_acc_vs_ebs.png"),
     ]
 

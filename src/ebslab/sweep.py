@@ -76,7 +76,10 @@ def _grid_of(sweep: Sweep | dict) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for key, values in flatten(grid).items():
         if not isinstance(values, (list, tuple)):
-            values = [values]  # `train.epochs: 3` in a grid = one value
+            # a scalar is a base value written in the wrong place (`batch.effective: 16` once trained every run
+            # on the defaults of what the user meant to set): refuse it rather than guess
+            raise UserError(f"sweep grid key '{key}' must be a list of values, got {format_value(values)}; "
+                            f"write '{key}: [{format_value(values)}]', or move it under base:")
         if len(values) == 0:
             raise UserError(f"sweep grid key '{key}' has an empty list of values; give at least one")
         out[key] = list(values)

@@ -20,8 +20,8 @@ from typing import Any, Callable
 from ebslab import sweep as sw
 from ebslab.config import UserError
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
-from ebslab.tune.studyfile import Study, _number
-from ebslab.tune.verdict import confirmation_verdict
+from ebslab.tune.studyfile import Study, _number, space_size
+from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
 
 CONFIRM_SUFFIX = "/confirm"
 POLL_S = 2.0
@@ -244,11 +244,12 @@ class Tuner:
         return not busy and len(self.fresh_search_trials()) >= self.spec.trials
 
     def top_configs(self) -> list:
-        """The top_k completed search trials by the objective (distinct parameters), best first."""
+        """The top_k completed search trials by the objective (distinct parameters), best first; a collapsed
+        trial (at the majority-class rate all along) is never promoted, whatever its rank."""
         from optuna.trial import TrialState
 
         done = [t for t in self.search.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+                if t.value is not None and math.isfinite(t.value) and t.user_attrs.get("status") != "collapsed"]
         sign = -1.0 if self.spec.direction == "maximize" else 1.0
         done.sort(key=lambda t: (sign * t.value, t.number))
         top, seen = [], set()
@@ -432,6 +433,11 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
         (i for i, t in enumerate(_ranked(trials, spec.direction)) if t["folder"] == c), 10**9))
     verdict = confirmation_verdict(root, spec.metric) if runs and \
         all(r["status"] not in ("running", "waiting", "interrupted") for r in runs) else None
+    search_done = len(trials) >= spec.trials and all(t["status"] in ("completed", "collapsed", "pruned", "failed")
+                                                     for t in trials)
+    note = nothing_to_rank(trials, space_size(spec.space)) if search_done else None
+    if note:  # said before any confirmation run, and kept after them
+        verdict = {**(verdict or {"table": []}), "winner": None, "text": note}
     ranked = _ranked(trials, spec.direction)
     return {
         "name": spec.name, "study_file": str(spec.path) if spec.path else None, "storage": mask_url(storage_url),
@@ -449,5 +455,5 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
 
 
 def _ranked(trials: list[dict], direction: str) -> list[dict]:
-    done = [t for t in trials if t["status"] in ("completed", "collapsed") and _number(t["value"])]
+    done = [t for t in trials if t["status"] == "completed" and _number(t["value"])]  # collapsed: never the best
     return sorted(done, key=lambda t: ((-1 if direction == "maximize" else 1) * t["value"], t["number"]))

@@ -455,12 +455,12 @@ def test_report_json_numbers_equal_the_stats_functions(tmp_path):
     expect = st.seed_comparison(d, bounds=(-1.0, 1.0))
     assert c["estimate"] == pytest.approx(d.mean())
     assert c["p"] == pytest.approx(st.paired_t_test(d))
-    # one family: the comparison and the main effect (the same test here) are corrected together
-    assert c["p_holm"] == pytest.approx(st.holm([c["p"], rep["main_effects"][0]["p"]])[0])
+    assert c["p_holm"] == pytest.approx(c["p"]) == rep["main_effects"][0]["p_holm"]
     assert c["t_ci"] == pytest.approx([expect["t_low"], expect["t_high"]])
-    # power at Holm's first level over the family (1 comparison + 1 main effect = 2 tests)
-    assert c["family_size"] == 2 and rep["family_size"] == 2
-    assert c["power"]["mdd"] == pytest.approx(st.minimal_detectable_difference(d.std(ddof=1), 4, 0.025))
+    # the main effect pairs the same two configurations: the same test, counted once in the family
+    assert c["family_size"] == 1 and rep["family_size"] == 1
+    assert rep["main_effects"][0]["same_test_as"] == "batch.effective=256 vs batch.effective=64"
+    assert c["power"]["mdd"] == pytest.approx(st.minimal_detectable_difference(d.std(ddof=1), 4, 0.05))
     assert c["prob_improvement"] == pytest.approx(list(st.prob_of_improvement(d)))
     # the bootstrap interval: the stats function on the same per-example arrays brackets the same estimate
     lo, hi = st.percentile_interval(st.crossed_bootstrap_mean(np.array(diffs), 2000, np.random.default_rng(7)))

@@ -107,7 +107,7 @@ def test_a_tie_gives_the_sign_flip_p_and_says_so(tmp_path):
     md, rep = _report(tmp_path, runs)
     [c] = rep["comparisons"]
     assert c["p_test"] == "sign-flip" and c["p"] == 0.25 and c["p_t"] is None and c["p_min"] == 0.25
-    assert c["p_holm"] == pytest.approx(0.5)  # Holm over 2 tests (the main effect is the same one): 2 x 0.25
+    assert c["p_holm"] == pytest.approx(0.25)  # the main effect is the same test: a family of one
     block = _block(md, "- batch.effective=256 vs")
     assert "every seed gave the same difference, so the t statistic is undefined: exact sign-flip test" in block
     assert "the smallest a sign-flip test over 3 seeds allows being 0.25; not significant" in block
@@ -127,7 +127,7 @@ def test_t_branch_power_and_detect(tmp_path):
     md = (out / "report.md").read_text()
     [c] = rep["comparisons"]
     d = np.array([b[s] - a[s] for s in a])
-    level = 0.05 / 2  # Holm's first step over the comparison and the main effect
+    level = 0.05  # the main effect is the comparison's own test: a family of one
     assert rep["detect"] == pytest.approx(0.02) and rep["power_level"] == pytest.approx(level)
     pw = c["power"]
     sd_lo, sd_hi = stats.sd_interval(d.std(ddof=1), 4)
@@ -139,9 +139,9 @@ def test_t_branch_power_and_detect(tmp_path):
     assert f"paired t-test over seeds p = {report._fmt_p(c['p_holm'])} (Holm; raw {report._fmt_p(c['p'])})" in block
     assert f"exact sign-flip p = {report._fmt_p(stats.sign_flip_p(d))}" in block
     assert "the smallest a sign-flip test over 4 seeds allows being 0.12" in block
-    assert "over the 2 test(s) corrected together" in block
+    assert "over the 1 test(s) corrected together" in block
     assert f"detecting 2.00 pt with 80% power needs {int(pw['seeds_needed'])} seeds" in block
-    assert "Power at the level 0.025 (Holm's first step over 2 test(s))" in block
+    assert "Power at the level 0.05 (Holm's first step over 1 test(s))" in block
     assert "would need" not in block.split("Power at", 1)[1].split("detecting 2.00 pt")[0]
     # P(better) with its Clopper-Pearson bracket, explained where it is printed: 0 wins of 4
     lo, hi = 0.0, 1 - 0.025 ** (1 / 4)
@@ -149,7 +149,8 @@ def test_t_branch_power_and_detect(tmp_path):
             "a tie counting one half; bracket = Clopper-Pearson 95% over seeds, ties counted either way)") in block
     table = md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
     assert "Clopper-Pearson 95% over seeds" in table and f"0.00 [{lo:.2f}, {hi:.2f}]" in table
-    assert "Tests: 2 hypothesis test(s) (every comparison and main effect) are Holm-corrected together" in md
+    assert "Tests: 1 hypothesis test(s) (every comparison and main effect; a main effect that pairs the same two " \
+           "configurations as a comparison is that test, counted once) are Holm-corrected together" in md
     # the default --detect is 1 point of accuracy
     md2, rep2 = _report(tmp_path / "o2", runs)
     assert rep2["detect"] == pytest.approx(0.01) and "detecting 1.00 pt with 80% power" in md2

@@ -756,7 +756,7 @@ def comparison(a: Group, b: Group, metric: str, exclude_collapsed: bool, n_boot:
     la, lb = pair_label(a, b)
     paired = {_hashable(p.seed) for p in pairs}
     return {
-        "a": la, "b": lb, "seeds": [p.seed for p in pairs], "differences": d,
+        "a": la, "b": lb, "groups": [[a.label, b.label]], "seeds": [p.seed for p in pairs], "differences": d,
         "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
         "ci": [lo, hi], "ci_note": why, "t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"],
         "p": res["p"], "p_test": res["p_test"], "p_t": res["p_t"], "p_sign_flip": res["p_sign_flip"],
@@ -818,7 +818,7 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
                 if _hashable(g.config.get(key, _MISSING)) != level:
                     continue
                 for rep in g.scored_replicates(metric, exclude_collapsed):
-                    out[(_rest(g.config, key), _hashable(rep.seed))] = rep
+                    out[(_rest(g.config, key), _hashable(rep.seed))] = (rep, g.label)
             return out
 
         base = units(best)
@@ -827,9 +827,11 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
                 continue
             other = units(lv)
             per_seed: dict[Any, list[PairedSeed]] = {}
+            group_pairs = set()
             for unit in sorted(set(base) & set(other), key=lambda u: (_sort_value(u[1]), str(u[0]))):
-                for pair in pair_by_seed([other[unit]], [base[unit]], metric, keep):
+                for pair in pair_by_seed([other[unit][0]], [base[unit][0]], metric, keep):
                     per_seed.setdefault(unit[1], []).append(pair)
+                    group_pairs.add((other[unit][1], base[unit][1]))
             seeds = sorted(per_seed, key=_sort_value)
             d = [float(np.mean([p.value_a - p.value_b for p in per_seed[s]])) for s in seeds]
             res = compare(d, metric)
@@ -843,6 +845,7 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
                 "p_min": res["p_min"], "p_holm": math.nan,
                 "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]],
                 "val_mean": val_by_level[lv], "vs_val_mean": val_by_level[best],
+                "groups": sorted(group_pairs),
             })
     effects.sort(key=lambda e: -abs(e["estimate"]) if not math.isnan(e["estimate"]) else math.inf)
     return effects
@@ -877,10 +880,26 @@ def pooled_seed_sd(summaries: Sequence[dict]) -> float:
 
 def add_power(tests: Sequence[dict], detect: float, spread_sd: float) -> tuple[int, float]:
     """Holm over the family of `tests` (comparisons and main effects together), then each test's power at the
-    level its verdict must beat: Holm's first step, ALPHA / (tests in the family). Returns (family size, level)."""
-    family = [t for t in tests if not math.isnan(t["p"])]
+    level its verdict must beat: Holm's first step, ALPHA / (tests in the family). A main effect that pairs the
+    same two configurations as a comparison (two configurations differing in one key) is that same test: it
+    counts once and shares its p. Returns (family size, level)."""
+    first: dict[tuple, dict] = {}
+    family = []
+    for t in tests:
+        if math.isnan(t["p"]):
+            continue
+        same = tuple(map(tuple, t["groups"])) if len(t["groups"]) == 1 else None
+        if same is not None and same in first:
+            t["same_test_as"] = first[same]["a"] + " vs " + first[same]["b"]
+            continue
+        if same is not None:
+            first[same] = t
+        family.append(t)
     for t, adj in zip(family, stats.holm([t["p"] for t in family])):
         t["p_holm"] = adj
+    for t in tests:
+        if "same_test_as" in t:
+            t["p_holm"] = first[tuple(map(tuple, t["groups"]))]["p_holm"]
     level = ALPHA / len(family) if family else ALPHA
     for t in tests:
         t["family_size"], t["holm_level"] = len(family), level
@@ -1334,7 +1353,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     md += ["", "A seed is one replicate: runs of one configuration and one seed that differ only in keys that do "
            "not change training (`train.backend`, `batch.micro`, ...) count once, with their mean score (they "
            "should agree; the check is below)."]
-    md += ["", f"Tests: {result['family_size']} hypothesis test(s) (every comparison and main effect) are Holm-"
+    md += ["", f"Tests: {result['family_size']} hypothesis test(s) (every comparison and main effect; a main effect "
+           f"that pairs the same two configurations as a comparison is that test, counted once) are Holm-"
            f"corrected together as one family. Each p is a paired t-test over seeds, or, where every seed gives the "
            f"same difference (t undefined), the exact sign-flip test over seeds, whose smallest possible p is "
            f"2 / 2^seeds (0.25 at 3 seeds, 0.0625 at 5). Power is sized at Holm's first level "

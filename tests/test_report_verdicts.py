@@ -344,3 +344,22 @@ def test_sentence_branches():
                     "Not in this comparison: seed 2 of B (failed: OOM)."]
     loss = report.comparison_sentences({**base, "power": stats.power_summary(0.01, 3, 0.01, 0.05)}, "loss", 0.01)
     assert "+0.0200 (mean of 3 per-seed differences" in loss[0]
+
+
+def test_report_sentences_for_small_and_empty_cases(tmp_path):
+    # one configuration, a backend that varies on different seeds (no cell to check): no key varies, no comparison
+    runs = tmp_path / "sw"
+    _edit_config(make_run(runs, "a1", seed=1), _set(**{"train.backend": "torch"}))
+    _edit_config(make_run(runs, "a2", seed=2), _set(**{"train.backend": "accelerate"}))
+    md, rep = _report(tmp_path, runs)
+    assert "No key varies between configurations with a validation metric." in md
+    assert "Reference: all runs. No other configuration with scored runs to compare." in md
+    assert ("`train.backend` varies but does not change what is trained; no configuration and seed ran with more "
+            "than one value, so it could not be checked.") in md
+    assert "Replicates:" not in md  # no seed ran twice
+    # no run with a validation metric
+    empty = tmp_path / "empty"
+    _summary(make_run(empty, "f1", status="failed"), val_best=None, test_best=None, test_last=None)
+    md, rep = _report(tmp_path / "e", empty)
+    assert "No run with a validation `acc`: nothing to compare." in md
+    assert "- `f1` (failed)" in md

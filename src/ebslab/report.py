@@ -2,20 +2,23 @@
 
 What it writes into the output folder:
 - `report.md`: "what mattered" (main effect of each varying key, paired by seed and the other keys), one row
-  per run, the configurations over seeds (runs started / completed / collapsed / diverged / failed, validation
+  per run, the configurations over seeds (seeds completed / fell back / collapsed / diverged / failed, validation
   and test means), each configuration against the reference, and the runs without a test metric.
-- `report.json`: every number the markdown shows (groups, comparisons, main effects, ignored keys).
+- `report.json`: every number the markdown shows (groups, comparisons, main effects, ignored keys, the family).
 - `val_acc.png`, `val_loss.png`, `test_acc_vs_ebs.png`.
 
-Statistics (numbers from ebslab.stats; issue 13):
-- A configuration is what is trained: keys that provably do not change it (`train.seed`, `batch.micro`,
-  `train.backend`, `track`, `eval.batch_size`, `train.log_every_steps`, `train.device`, `out.*`, `checkpoint.*`,
-  `derived.*`) never split one; when a sweep varies one, the report says whether the results were identical.
+Statistics (numbers from ebslab.stats):
+- Runs are compared only within one data fingerprint; which runs are one configuration and one replicate is
+  ebslab.replicates' rule: keys that do not change training never split a configuration, and runs of one
+  configuration and seed count once (their agreement is checked and said).
 - Nothing is selected on test: the reference is the configuration with the best mean validation metric.
-- Every run counts: collapsed runs enter the means with their score (`--exclude-collapsed` gives the old view).
-- The seed is the unit of replication: A vs B pairs runs by seed; estimate = mean per-seed difference, two-level
-  bootstrap interval next to the paired t-interval, P(A better), paired t-test p Holm-corrected over the
-  report's comparisons; McNemar only within a seed, as secondary evidence; one seed gives no p-value.
+- Every run counts: collapsed runs with their score, diverged runs by `diverged_score`, failed seeds named as
+  missing in each comparison (`--exclude-collapsed` gives the old view). Run folders from before summary.json
+  judged the whole validation history are judged here (`history_status`).
+- The seed is the unit of replication: A vs B pairs seeds; estimate = mean per-seed difference, crossed bootstrap
+  interval next to the paired t-interval, P(A better) with a Clopper-Pearson interval, paired t-test p (exact
+  sign-flip where every seed ties), Holm over every comparison and main effect together, power at Holm's first
+  level for `--detect`; McNemar only within a seed, as secondary evidence; one seed gives no p-value.
 """
 
 from __future__ import annotations

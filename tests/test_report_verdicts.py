@@ -202,6 +202,9 @@ def test_diverged_scores_by_rule_and_failed_seeds_are_named(tmp_path):
     assert ("Not in this comparison: seed 3 of batch.effective=256 (failed: CUDA out of memory); seed 3 of "
             "batch.effective=64 (the other configuration's run of this seed has no score).") in block
     assert "a diverged run scores as a model that learned nothing, the majority-class rate" in md
+    assert "- `b2`: 0.5200 (loss is NaN at step 7)" in md
+    rows = [ln for ln in md.split("## Runs\n", 1)[1].splitlines() if ln.startswith("| b2 ")]
+    assert "0.5200" not in rows[0]  # the runs table shows what was measured: nothing
     # no score for a diverged run in another metric: a missing seed, with why
     md_loss, rep_loss = _report(tmp_path / "loss", runs, metric="loss")
     g = {x["label"]: x for x in rep_loss["groups"]}["batch.effective=256"]

@@ -205,6 +205,10 @@ class Run:
         """The test metric the report scores this run with: the summary's, or the diverged rule's."""
         if self.status == "diverged":
             return diverged_score(self, metric)
+        return self.measured(which, metric)
+
+    def measured(self, which: str, metric: str) -> float:
+        """The test metric summary.json recorded (none for a diverged run): what the runs table shows."""
         block = (self.summary or {}).get(f"test_{which}") or {}
         return _num(block.get(metric))
 
@@ -1054,12 +1058,12 @@ def _run_columns() -> list[tuple[str, Any, int | None, bool]]:
     return [
         ("train acc", lambda r: _num(r.best_eval().get("train/acc")), 4, True),
         ("train loss", lambda r: _num(r.best_eval().get("train/loss")), 4, False),
-        ("val acc", lambda r: r.val("acc"), 4, True),
-        ("val loss", lambda r: r.val("loss"), 4, False),
-        ("test acc", lambda r: r.test("best", "acc"), 4, True),
-        ("test loss", lambda r: r.test("best", "loss"), 4, False),
-        ("test ECE", lambda r: r.test("best", "ece"), 4, False),
-        ("test acc (last)", lambda r: r.test("last", "acc"), 4, True),
+        ("val acc", lambda r: _num(((r.summary or {}).get("val_best") or {}).get("acc")), 4, True),
+        ("val loss", lambda r: _num(((r.summary or {}).get("val_best") or {}).get("loss")), 4, False),
+        ("test acc", lambda r: r.measured("best", "acc"), 4, True),
+        ("test loss", lambda r: r.measured("best", "loss"), 4, False),
+        ("test ECE", lambda r: r.measured("best", "ece"), 4, False),
+        ("test acc (last)", lambda r: r.measured("last", "acc"), 4, True),
         ("duration", lambda r: r.duration(), None, False),
     ]
 
@@ -1465,6 +1469,12 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
             why = f": {r.message}" if r.message else ""
             warn = "; ".join(f"{w.get('kind')} at step {w.get('step')}" for w in r.warnings)
             md.append(f"- `{r.name}` ({r.status}){why}" + (f" [warnings: {warn}]" if warn else ""))
+    diverged = [r for r in runs_sorted if r.status == "diverged" and r.status in scored_status
+                and not math.isnan(r.test("best", metric))]
+    if diverged:
+        md += ["", f"Diverged runs, scored by the rule (the majority-class rate) in the means and tests:", ""]
+        md += [f"- `{r.name}`: {r.test('best', metric):.4f}" + (f" ({r.message})" if r.message else "")
+               for r in diverged]
     warned = [r for r in runs_sorted if r.ok and r.warnings]
     if warned:
         md += ["", "Completed runs that logged warnings:", ""]

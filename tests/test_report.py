@@ -456,6 +456,7 @@ def test_report_json_numbers_equal_the_stats_functions(tmp_path):
     assert c["estimate"] == pytest.approx(d.mean())
     assert c["p"] == pytest.approx(st.paired_t_test(d))
     assert c["p_holm"] == pytest.approx(c["p"]) == rep["main_effects"][0]["p_holm"]
+    assert rep["main_effects"][0]["ci"] == c["ci"]  # one test, one interval
     assert c["t_ci"] == pytest.approx([expect["t_low"], expect["t_high"]])
     # the main effect pairs the same two configurations: the same test, counted once in the family
     assert c["family_size"] == 1 and rep["family_size"] == 1

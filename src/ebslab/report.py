@@ -905,8 +905,9 @@ def add_power(tests: Sequence[dict], detect: float, spread_sd: float) -> tuple[i
     for t, adj in zip(family, stats.holm([t["p"] for t in family])):
         t["p_holm"] = adj
     for t in tests:
-        if "same_test_as" in t:
-            t["p_holm"] = first[tuple(map(tuple, t["groups"]))]["p_holm"]
+        if "same_test_as" in t:  # the same numbers as its comparison (the bootstraps would differ by resampling)
+            same = first[tuple(map(tuple, t["groups"]))]
+            t["p_holm"], t["ci"], t["ci_note"] = same["p_holm"], same["ci"], same["ci_note"]
     level = ALPHA / len(family) if family else ALPHA
     for t in tests:
         t["family_size"], t["holm_level"] = len(family), level

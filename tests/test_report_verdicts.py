@@ -366,3 +366,24 @@ def test_report_sentences_for_small_and_empty_cases(tmp_path):
     md, rep = _report(tmp_path / "e", empty)
     assert "No run with a validation `acc`: nothing to compare." in md
     assert "- `f1` (failed)" in md
+
+
+def test_the_replicate_rule_in_one_place():
+    from ebslab import replicates
+
+    base = {"batch": {"effective": 64, "micro": 16}, "train": {"seed": 1, "backend": "torch"}}
+    other = {"batch": {"effective": 64, "micro": 8}, "train": {"seed": 1, "backend": "accelerate"},
+             "out": {"name": "x"}, "derived": {"lr": 1}}
+    assert replicates.replicate_key(base) == replicates.replicate_key(other)
+    assert replicates.configuration(base) != replicates.configuration({**base, "batch": {"effective": 256}})
+    assert not replicates.changes_training("train.backend") and not replicates.changes_training("train.seed")
+    assert replicates.changes_training("data.max_length")
+    fp = {"derived": {"data_fingerprint": "f1"}}
+    csv = {"data": {"path": "x.csv"}}
+    # an old folder with IMDB's data keys joins the one IMDB fingerprint; a CSV one stays apart; two
+    # fingerprints never mix
+    f2 = {"data": {"limit": 300}, "derived": {"data_fingerprint": "f2"}}
+    assert replicates.comparable_sets([fp, {}, csv, f2]) == [[0, 1], [2], [3]]
+    # two fingerprints on the same data keys (the files changed): an old folder cannot tell which: on its own
+    f3 = {"derived": {"data_fingerprint": "f3"}}
+    assert replicates.comparable_sets([fp, {}, f3]) == [[0], [1], [2]]

@@ -244,7 +244,7 @@ def test_the_study_verdict_is_the_report_comparison_of_the_confirmation_runs(tmp
     if case == "clear":
         assert comp["p_holm"] < 0.05 and verdict["winner"] == "trial-0000"
         assert verdict["text"].startswith("winner: trial-0000, better than the runner-up trial-0001 by +5.50 pt on "
-                                          "test acc (mean of 4 per-seed differences on fresh seeds, 95% two-level "
+                                          "test acc (mean of 4 per-seed differences on fresh seeds, 95% crossed "
                                           f"bootstrap [{-100 * comp['ci'][1]:+.2f}, {-100 * comp['ci'][0]:+.2f}] pt")
     else:
         assert comp["p_holm"] > 0.05 and verdict["winner"] is None

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 
 from ebslab import checkpoint as ckpt
+from ebslab import stats
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
@@ -40,7 +41,6 @@ from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
 from ebslab.tracking import NullTracker, Tracker, check_trackers, open_trackers, truncate_metrics
 
-COLLAPSE_MARGIN = 0.02  # val acc within 2 points of the majority-class rate counts as collapsed
 
 
 @dataclass
@@ -68,10 +68,12 @@ class TrainerState:
     best_step: int = -1
     best_epoch: int = -1
     evals_without_gain: int = 0
-    ever_above_majority: bool = False
-    collapse_warned: bool = False
+    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + stats.collapse_margin
+    collapse_warned: bool = False  # the "fell_back" warning was given
     last_eval_step: int = -1
     last_val_acc: float | None = None
+    max_val_acc: float | None = None
+    last_val: dict[str, float] | None = None
     scaler: dict[str, Any] | None = None  # fp16 loss scale (GPU), so a resumed run skips the same steps
     callbacks: dict[str, Any] = field(default_factory=dict)  # Callbacks.state_dict(): their averages and sums
 
@@ -457,13 +459,16 @@ class Trainer:
                 self.evaluate()
             self.save_last()
             test_best, test_last = self._final_test()
-        if status == "completed" and _collapsed(self.state, self.data):
+        history = _history(self.state, self.data)
+        if status == "completed" and history["collapsed"]:
             status = "collapsed"
-            message = (f"val acc {self.state.last_val_acc:.4f} is at the majority-class rate "
-                       f"{self.data.majority_rate:.4f}" + ("" if self.state.ever_above_majority else
-                                                           " and never rose above it"))
-            if not self.state.collapse_warned:
-                self.warn("collapsed", message)
+            message = (f"val acc never rose above {self.data.majority_rate + history['margin']:.4f} (the majority-class "
+                       f"rate {self.data.majority_rate:.4f} + {history['margin']:.4f}, what chance reaches on "
+                       f"{len(self.data.val)} val examples); best {history['best']:.4f}")
+            self.warn("collapsed", message)
+        elif status == "completed" and history["fell_back"]:
+            message = (f"learned (best val acc {history['best']:.4f}), then fell back to {history['last']:.4f} at the "
+                       f"last evaluation (majority-class rate {self.data.majority_rate:.4f})")
         return self._write_summary(self._summary(status, message, test_best, test_last), 0)
 
     def _final_test(self) -> tuple[dict | None, dict]:
@@ -511,6 +516,10 @@ class Trainer:
             "val_best": state.best_val, "test_best": test_best,
             "test_last": test_last if self.cfg.eval.test_on in ("last", "both") else None,
             "majority_rate": self.data.majority_rate, "dropped_empty": self.data.dropped_empty,
+            # the status over the whole validation history (stats.run_history): fell_back = learned, then back
+            # at the majority-class rate at the last evaluation (the run stays `completed`)
+            "fell_back": _history(state, self.data)["fell_back"], "val_last": state.last_val,
+            "val_max_acc": state.max_val_acc, "collapse_margin": _history(state, self.data)["margin"],
         }
 
     # --------------------------------------------------------------------------------------------------------
@@ -543,13 +552,16 @@ class Trainer:
         self.callbacks.on_eval(self, record)  # the tracker logging, last, writes the line
         state.since_eval = TrainSums()
         state.last_eval_step = state.step
-        state.last_val_acc = val.acc
-        if val.acc > data.majority_rate + COLLAPSE_MARGIN:
+        # (a checkpoint from before max_val_acc: its last evaluation is the best known)
+        state.max_val_acc = max(a for a in (state.max_val_acc, state.last_val_acc, val.acc) if a is not None)
+        state.last_val_acc, state.last_val = val.acc, val.metrics()
+        if val.acc > data.majority_rate + stats.collapse_margin(data.majority_rate, len(data.val)):
             state.ever_above_majority = True
         elif state.ever_above_majority and not state.collapse_warned:
             state.collapse_warned = True
-            self.warn("collapsed", f"val acc fell to {val.acc:.4f}, the majority-class rate "
-                                   f"{data.majority_rate:.4f}, at step {state.step}")
+            self.warn("fell_back", f"val acc fell to {val.acc:.4f}, the majority-class rate "
+                                   f"{data.majority_rate:.4f}, at step {state.step} (best so far "
+                                   f"{state.max_val_acc:.4f})")
         if improves(val, state.best_val, self.cfg.eval.select_by):
             state.best_val = val.metrics()
             state.best_step, state.best_epoch = state.step, math.ceil(state.step / self.derived.steps_per_epoch)
@@ -600,8 +612,11 @@ def _to_host(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
-def _collapsed(state: TrainerState, data: DataBundle) -> bool:
-    return state.last_val_acc is not None and state.last_val_acc <= data.majority_rate + COLLAPSE_MARGIN
+def _history(state: TrainerState, data: DataBundle) -> dict[str, Any]:
+    """stats.run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
+    chance does on this val set; fell_back = it did, and the last evaluation is back at that rate."""
+    accs = [a for a in (state.max_val_acc, state.last_val_acc) if a is not None]  # the best, then the last
+    return stats.run_history(accs, data.majority_rate, len(data.val))
 
 
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:

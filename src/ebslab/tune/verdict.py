@@ -44,9 +44,10 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
     label = rp.pair_label(groups[second], groups[first])[0]
     comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
     lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
-    kind = "paired t-interval" if comp["ci_note"] is not None else "two-level bootstrap"
+    kind = "paired t-interval" if comp["ci_note"] is not None else "crossed bootstrap"
     numbers = (f"{rp._fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
-               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; paired t-test over seeds "
+               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; "
+               f"{'paired t-test' if comp['p_test'] == 't' else 'exact sign-flip test (every seed tied)'} over seeds "
                f"p = {rp._fmt_p(comp['p_holm'])})")
     significant = comp["p_holm"] < rp.ALPHA
     won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate

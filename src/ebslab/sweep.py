@@ -14,7 +14,9 @@ with the output folder on a filesystem every node sees).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -34,7 +36,7 @@ import yaml
 
 from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
 from ebslab.files import atomic_write_text
-from ebslab.locks import FolderLock
+from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
 """Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
@@ -417,9 +419,11 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
         f.write(f"=== ebslab sweep {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {shlex.join(cmd)}\n")
         f.flush()
         try:
-            # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT
+            # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT; and a SIGTERM
+            # when the sweep dies however it dies (kill -9 included), so no run outlives it unnoticed
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    stdin=subprocess.DEVNULL, start_new_session=on_start is not None)
+                                    stdin=subprocess.DEVNULL, start_new_session=on_start is not None,
+                                    preexec_fn=_die_with_parent())
         except OSError as e:
             f.write(f"could not start: {e}\n")
             return 127
@@ -432,6 +436,67 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
             raise
         f.write(f"=== exit code {rc}\n")
     return rc
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a `preexec_fn` that asks the kernel to send the child SIGTERM when the thread that started it dies
+    (a sweep or tuner killed with -9: `ebslab train` then finishes its step, checkpoints, writes status
+    interrupted). Elsewhere None: `--resume` still finds a run left going and waits for it (`wait_for_live_runs`)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def live_run(run_dir: Path) -> dict[str, Any] | None:
+    """The holder (pid, command) of a run folder's lock while a process still holds it, else None. A run that a
+    killed sweep or tuner left going holds its lock until it ends (the kernel drops it then, however it ends)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {"pid": None}
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def wait_for_live_runs(run_dirs: list[Path], stopping: Callable[[], bool] = lambda: False,
+                       poll_s: float = 0.5) -> list[Path]:
+    """`--resume` after the sweep (or tuner) was killed: wait for each run that is still going, so that it is
+    never started a second time beside itself nor recorded as failed. Returns the folders waited for; their
+    action is then decided from what they left (resumed, or skipped if they finished)."""
+    waited = []
+    for run_dir in run_dirs:
+        holder = live_run(run_dir)
+        if holder is None:
+            continue
+        waited.append(Path(run_dir))
+        print(f"{Path(run_dir).name}: still running as pid {holder.get('pid', '?')} (left by a sweep or tuner "
+              "that was killed); waiting for it to end", flush=True)
+        while live_run(run_dir) is not None and not stopping():
+            time.sleep(poll_s)
+    return waited
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = True) -> None:
@@ -680,6 +745,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
     jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
+    if args.resume and wait_for_live_runs([j.run_dir for j in jobs]):
+        jobs = plan(sweep, args.out, resume=True, smoke=args.smoke)  # from what the runs left
     runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
     where = (f"local x {args.parallel}" if args.executor == "local"

@@ -515,3 +515,55 @@ def test_a_run_prints_the_class_counts_and_logs_each_data_warning(tmp_path, trai
     assert [ln.removeprefix("WARNING [data] ") for ln in data_lines] == expected
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["message"] for r in lines if r["event"] == "warning" and r["kind"] == "data"] == expected
+
+
+# ------------------------------------------------------------------------------------------------ bounded inputs
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_under_a_valid_key_is_refused_at_once_in_a_short_line(capsys, tmp_path):
+    # 9 levels of 9 aliases: 9**9 = 387 million strings once expanded, from 10 short lines
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\ntrack: *a8\n")
+    line = refused(capsys, tmp_path, config=str(tmp_path / "bomb.yaml"), match=r"expands to more than 100,000 values")
+    assert len(line) < 300
+
+
+def test_a_wrong_type_message_shows_a_shortened_value(capsys, tmp_path):
+    line = refused(capsys, tmp_path, "track=[" + ", ".join(f"tracker{i}" for i in range(5000)) + "]",
+                   match=r"config key 'track' must be")
+    assert "tracker0" in line and "tracker4999" not in line and len(line) < 400
+
+
+def test_an_oversized_config_file_is_refused(capsys, tmp_path):
+    (tmp_path / "big.yaml").write_text("# padding\n" * 200_000 + "train:\n  epochs: 1\n")
+    refused(capsys, tmp_path, config=str(tmp_path / "big.yaml"), match=r"over the 1,048,576 a config may have")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/abs", "a/../../b", "bell\x07", "~/home-run", "a\\..\\b", "."])
+def test_out_name_stays_inside_out_dir(capsys, tmp_path, name):
+    out = tmp_path / "runs" / "inner"
+    code = main(["train", *TINY, f"out.dir={out}", f"out.name={name}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "out.name" in err and "must stay inside out.dir" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_text_column_equal_to_label_column_is_refused(capsys, tmp_path):
+    refused(capsys, tmp_path, "data.text_column=label", match=r"data\.text_column and data\.label_column are both "
+                                                               r"'label'")
+
+
+@pytest.mark.parametrize("split", ["[8, 1, 1]", "[0.5, 0.2, 0.2]", "[0.8, 0.1, 0.2]"])
+def test_split_fractions_that_do_not_sum_to_1_are_refused(capsys, tmp_path, split):
+    refused(capsys, tmp_path, f"data.split={split}", match=r"data\.split .* sums to .*, not 1")
+
+
+def test_thousands_of_rare_classes_are_refused_in_a_short_line(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"text": f"t {i}", "label": f"class-{i}"} for i in range(10_000)])
+    cfg = DataConfig(path=str(path))
+    with pytest.raises(UserError) as e:
+        clean(load_table(cfg), cfg, "d.csv")
+    message = str(e.value)
+    assert "'class-0' (1 row)" in message and "and 9995 more" in message and len(message) < 600

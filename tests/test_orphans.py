@@ -141,3 +141,55 @@ def test_resume_waits_for_a_run_left_going_and_never_starts_it_twice(tmp_path, m
     assert not (root / "train.seed=1.log").exists()
     assert json.loads((root / "train.seed=2" / "summary.json").read_text())["mode"] == "new"
     assert sw.live_run(orphan) is None
+
+
+# ------------------------------------------------------------------------------------------------ the real thing
+
+RUN = {"model.name": "tiny-bert", "data.limit": 75, "data.max_length": 32, "batch.effective": 16,
+       "batch.micro": 8, "train.epochs": 2, "model.dropout": 0.1, "model.encoder_dropout": 0.1, "optim.lr": 1e-3,
+       "checkpoint.every_steps": 1}
+TOTAL_STEPS = 8
+
+
+def _steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    return [r["step"] for r in map(json.loads, filter(None, lines)) if r.get("event") == "step"]
+
+
+@pytest.mark.slow  # two real sweeps of two tiny runs each (about a minute on a quiet 2-core host)
+@pytest.mark.timeout(300)
+def test_kill_9_of_a_real_sweep_then_resume_completes_every_run_once_as_if_uninterrupted(tmp_path, chance):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "exp", "base": RUN, "grid": {"train.seed": [1, 2]}}))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "ref")]) == 0
+
+    k = chance.randint(1, TOTAL_STEPS - 2)
+    first = tmp_path / "runs" / "exp" / "train.seed=1"
+    sweep = subprocess.Popen([sys.executable, "-m", "ebslab", "sweep", str(path), "--out", str(tmp_path / "runs")],
+                             env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: bool(_steps(first)) and _steps(first)[-1] >= k, f"step {k} of the first run", timeout=120)
+    finally:
+        sweep.kill()
+        sweep.wait()
+    rc = main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--resume"])
+    assert rc == 0
+    index = json.loads((tmp_path / "runs" / "exp" / "sweep.json").read_text())["runs"]
+    ref_index = json.loads((tmp_path / "ref" / "exp" / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in index] == [r["status"] for r in ref_index]  # collapsed: a tiny random model
+    assert all(r["status"] in sw.DONE and r["returncode"] == 0 for r in index)
+    for seed in (1, 2):
+        ref, run = tmp_path / "ref" / "exp" / f"train.seed={seed}", tmp_path / "runs" / "exp" / f"train.seed={seed}"
+        assert _steps(run) == list(range(1, TOTAL_STEPS + 1))
+        wa = load_file(str(ref / "checkpoints" / "last" / "model.safetensors"))
+        wb = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+        assert max((wa[n].double() - wb[n].double()).abs().max().item() for n in wa) <= 1e-6
+        s_ref, s = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+        assert s["status"] == s_ref["status"] and s["steps"] == s_ref["steps"] == TOTAL_STEPS
+        for part in ("val_best", "test_best", "test_last"):
+            assert s[part] == pytest.approx(s_ref[part], abs=1e-6)
+    log = (tmp_path / "runs" / "exp" / "train.seed=1.log").read_text()
+    # the orphan got its SIGTERM and checkpointed; the resume continued from there, never beside it
+    assert "SIGTERM: stopping after this step" in log and "in use by" not in log

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ebslab.config import DataConfig, UserError
+from ebslab.config import DataConfig, UserError, short_repr
 
 # package data, so that an installed ebslab (not only a source checkout) has its default dataset offline;
 # the checkout's data/imdb is a link to this folder
@@ -172,7 +172,8 @@ def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
                         "classification needs at least two")
     rare = [(n, int(c)) for n, c in zip(names, counts) if c < cfg.min_class_fraction * len(keys)]
     if rare:
-        listed = ", ".join(f"{n!r} ({c} row{'s' if c > 1 else ''})" for n, c in rare)
+        listed = ", ".join(f"{short_repr(n)} ({c} row{'s' if c > 1 else ''})" for n, c in rare[:5]) + (
+            f" and {len(rare) - 5} more" if len(rare) > 5 else "")
         raise UserError(f"{source}: label(s) {listed} hold under data.min_class_fraction="
                         f"{cfg.min_class_fraction:g} of the {len(keys)} rows, a likely typo in column "
                         f"'{cfg.label_column}'; fix those rows, or set data.min_class_fraction="

@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
+from ebslab.config import (MAX_YAML_BYTES, UserError, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
+                           read_yaml)
 from ebslab.files import atomic_write_text
 from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
 
@@ -201,8 +202,11 @@ def read_yaml_file(path: str | Path, kind: str) -> tuple[Any, Path]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{kind} file '{path}' does not exist")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{kind} file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} such a "
+                        "file may have; is it the right file?")
     try:
-        return yaml.safe_load(p.read_text()), p.resolve()
+        return load_yaml_text(p.read_text(), f"{kind} file '{path}'"), p.resolve()
     except yaml.YAMLError as e:
         raise UserError(f"{kind} file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
 

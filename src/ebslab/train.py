@@ -30,7 +30,7 @@ import yaml
 from ebslab import checkpoint as ckpt
 from ebslab.backends import Backend, make_backend
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
-from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
+from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
 from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
                          shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
@@ -176,8 +176,8 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
         raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
     try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        saved = load_yaml_text(path.read_text(), f"'{path}'")
+    except (yaml.YAMLError, UnicodeDecodeError):
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")

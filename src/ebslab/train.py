@@ -31,8 +31,8 @@ from ebslab import checkpoint as ckpt
 from ebslab.backends import Backend, make_backend
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
-from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
-                         shard_window, windows)
+from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
+                         length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
@@ -238,6 +238,7 @@ class Trainer:
         self.tracker: Tracker = NullTracker()
         self.lock: FolderLock | None = None  # the run folder's, held by the main process
         self.gns_reason = "off"  # set by setup(): the start-up line says whether and why
+        self.fingerprint: tuple[str, dict] = ("", {})  # the data's (data_fingerprint), set by setup()
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -266,11 +267,13 @@ class Trainer:
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
         derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision)
+        self.fingerprint = data_fingerprint(cfg.data, data.label_names)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
             if backend.is_main:
                 self.lock = FolderLock(run_dir, "run").acquire()
+            _check_same_data(run_dir, saved_derived, self.fingerprint)
             _check_resumable(run_dir, saved_derived, derived)
         elif backend.is_main:
             self.lock = prepare_run_dir(run_dir, self.overwrite)
@@ -289,14 +292,20 @@ class Trainer:
         self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
         if backend.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml",
-                                   yaml.safe_dump(resolved_dict(cfg, derived), sort_keys=False))
+            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
             ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                             "majority_rate": data.majority_rate})
-            self.tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
+            self.tracker = open_trackers(cfg.track, run_dir, self.resolved())
             print(_startup_text(self), flush=True)
         for message in data.warnings:
             self.warn("data", message)
+
+    def resolved(self) -> dict[str, Any]:
+        """config.yaml: the config, the derived values and the data's fingerprint (`derived.data_fingerprint`,
+        with its parts in `derived.data_fingerprint_parts` for the message that refuses a resume on other data)."""
+        out = resolved_dict(self.cfg, self.derived)
+        out["derived"]["data_fingerprint"], out["derived"]["data_fingerprint_parts"] = self.fingerprint
+        return out
 
     def _resume(self) -> None:
         last = ckpt.resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -613,6 +622,19 @@ def _collapsed(state: TrainerState, data: DataBundle) -> bool:
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
     if backend.is_main:
         save_predictions(run_dir, name, result)
+
+
+def _check_same_data(run_dir: Path, saved: dict, fingerprint: tuple[str, dict]) -> None:
+    """Refuse to resume on data other than the run started with (a run folder from before fingerprints: unknown,
+    allowed)."""
+    digest, parts = fingerprint
+    if not saved.get("data_fingerprint") or saved["data_fingerprint"] == digest:
+        return
+    saved_parts = saved.get("data_fingerprint_parts")
+    changes = fingerprint_changes(saved_parts, parts) if isinstance(saved_parts, dict) else []
+    raise UserError(f"cannot resume '{run_dir}': its data changed since it started ("
+                    + ("; ".join(changes) or "fingerprint differs") + "); restore the data it trained on, or start "
+                    "a new run on the new data")
 
 
 def _check_resumable(run_dir: Path, saved: dict, derived: Derived) -> None:

@@ -217,8 +217,10 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def copy_of(done_run, tmp_path) -> Path:
+    """The finished run as if killed after its last checkpoint (no summary.json): resumable."""
     run = tmp_path / "copy" / "run"
     shutil.copytree(done_run, run)
+    (run / "summary.json").unlink()
     return run
 
 
@@ -567,3 +569,58 @@ def test_thousands_of_rare_classes_are_refused_in_a_short_line(tmp_path):
         clean(load_table(cfg), cfg, "d.csv")
     message = str(e.value)
     assert "'class-0' (1 row)" in message and "and 9995 more" in message and len(message) < 600
+
+
+# ------------------------------------------------------------------------------------------------ no tracebacks
+
+
+def _one_line(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("ebslab: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_for_train_sweep_tune_and_report(capsys, tmp_path, done_run):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    _one_line(capsys, main(["train", *TINY, f"out.dir={afile}", "out.name=r"]),
+              f"out.dir/out.name '{afile / 'r'}' is not a folder: '{afile}' is a file")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": {"model.name": "tiny-bert"}, "grid": {"train.seed": [1]}}))
+    _one_line(capsys, main(["sweep", str(sweep), "--out", str(afile)]), f"'{afile}' is a file")
+    study = Path(__file__).resolve().parents[1] / "configs" / "tune" / "cpu-tiny.yaml"
+    _one_line(capsys, main(["tune", str(study), "--out", str(afile)]), f"'{afile}' is a file")
+    _one_line(capsys, main(["report", str(done_run), "--out", str(afile)]), f"--out '{afile}' is not a folder")
+    assert afile.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]
+
+
+def test_a_garbled_study_json_is_one_line(capsys, tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text("{garbled")
+    _one_line(capsys, main(["report", str(tmp_path / "study")]), "study.json' is damaged (JSONDecodeError",
+              "--resume")
+
+
+@pytest.mark.parametrize("field,value", [("step", "3"), ("best_val", [1, 2]), ("since_eval", {"count": "x"}),
+                                         ("ever_above_majority", 1), ("callbacks", None)])
+def test_a_trainer_state_of_valid_json_with_wrong_types_is_one_line(capsys, copy_of, tmp_path, field, value):
+    path = copy_of / "checkpoints" / "last" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state[field] = value
+    path.write_text(json.dumps(state))
+    before = _fingerprint(copy_of)
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True,
+            match=rf"trainer_state\.json is damaged or from another version of ebslab \({field}")
+    assert _fingerprint(copy_of) == before
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_resume_and_touches_nothing(capsys, done_run, tmp_path):
+    before = _fingerprint(done_run)
+    status = json.loads((done_run / "summary.json").read_text())["status"]
+    line = refused(capsys, tmp_path, "--resume", str(done_run), resume=True, match="there is nothing to resume")
+    assert line == (f"ebslab: error: run '{done_run}' already finished (status {status}): there is nothing to "
+                    "resume; its results are in summary.json (start it again with `ebslab train ... --overwrite`)")
+    assert _fingerprint(done_run) == before

@@ -36,7 +36,7 @@ import yaml
 
 from ebslab.config import (MAX_YAML_BYTES, UserError, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
                            read_yaml)
-from ebslab.files import atomic_write_text
+from ebslab.files import atomic_write_text, check_folder_target
 from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
@@ -742,6 +742,7 @@ def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
     validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sweep_dir(args.out, sweep, args.smoke).resolve()
+    check_folder_target(root, "--out")
     # one sweep per folder: a second one would `train --resume` runs the first is still writing
     with FolderLock(root, "sweep"):
         return _run_locked(args, sweep, root)

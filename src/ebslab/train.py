@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import typing
 import random
 import shutil
 import signal
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +36,7 @@ from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
 from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
                          length_grouped, load_data, load_examples, shard_window, windows)
+from ebslab.files import check_folder_target
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
@@ -79,11 +83,47 @@ class TrainerState:
     def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
         """From trainer_state.json; checkpoints written before `since_eval` had names hold [loss sum, correct,
         count]. Raises TypeError or ValueError for a state this version cannot read."""
+        if not isinstance(saved, dict):
+            raise TypeError(f"a mapping, not {type(saved).__name__}")
         since = saved.get("since_eval", {})
         if isinstance(since, list):
             since = dict(zip(("loss_sum", "correct", "count"), since, strict=True))
+        if not isinstance(since, dict):
+            raise TypeError(f"since_eval: a mapping, not {type(since).__name__}")
+        for name, value in since.items():
+            _check_type(f"since_eval.{name}", value, float)
+        hints = typing.get_type_hints(cls)
+        for name, value in saved.items():
+            if name != "since_eval" and name in hints:
+                _check_type(name, value, hints[name])
         return cls(**{**saved, "since_eval": TrainSums(**since)})
 
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """TypeError unless `value` (read from JSON) has the type `tp` of a TrainerState field."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok and args and args[1] is float:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} "
+                        f"{str(value)[:40]!r}")
 
 
 class StopRequest:
@@ -254,7 +294,12 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, resume_dir = self.cfg, self.resume_dir
+        check_folder_target(resume_dir or cfg.run_dir, "--resume" if resume_dir else "out.dir/out.name")
         backend = self.backend = make_backend(cfg.train)
+        if resume_dir is not None:  # first: a run still going says so (the lock), a finished one has nothing to do
+            if backend.is_main:
+                self.lock = FolderLock(resume_dir, "run").acquire()
+            _check_unfinished(resume_dir)
         seed_everything(cfg.train.seed)
         if cfg.batch.micro != "auto":  # fail in a second, not after loading and tokenizing the data
             derive(cfg, num_train=1, world_size=backend.world_size)
@@ -271,8 +316,6 @@ class Trainer:
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
-            if backend.is_main:
-                self.lock = FolderLock(run_dir, "run").acquire()
             _check_same_data(run_dir, saved_derived, self.fingerprint)
             _check_resumable(run_dir, saved_derived, derived)
         elif backend.is_main:
@@ -317,9 +360,9 @@ class Trainer:
                                      self.backend.rank)
         try:
             self.state = TrainerState.from_dict(saved_state)
-        except (TypeError, ValueError):
-            raise UserError(f"'{self.run_dir}': trainer_state.json does not match this version of ebslab; start "
-                            "again with --overwrite") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"'{self.run_dir}': trainer_state.json is damaged or from another version of ebslab "
+                            f"({str(e)[:120]}); start again with --overwrite") from None
         self.backend.load_scaler_state(self.state.scaler)
         self.started -= self.state.elapsed_s  # duration_s counts the interrupted sessions too
         if self.backend.is_main:
@@ -622,6 +665,21 @@ def _collapsed(state: TrainerState, data: DataBundle) -> bool:
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
     if backend.is_main:
         save_predictions(run_dir, name, result)
+
+
+FINISHED = ("completed", "collapsed", "diverged", "pruned")
+
+
+def _check_unfinished(run_dir: Path) -> None:
+    """`--resume` of a run that finished: nothing to resume (it would test the weights again and rewrite the
+    run's files)."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status in FINISHED:
+        raise UserError(f"run '{run_dir}' already finished (status {status}): there is nothing to resume; its "
+                        "results are in summary.json (start it again with `ebslab train ... --overwrite`)")
 
 
 def _check_same_data(run_dir: Path, saved: dict, fingerprint: tuple[str, dict]) -> None:

@@ -100,6 +100,10 @@ def _load_imdb() -> pd.DataFrame:
     return _load_hub("stanfordnlp/imdb", ["train", "test"])
 
 
+IMDB_CLASS_NAMES = ["neg", "pos"]
+"""The IMDB label ids' names (stanfordnlp/imdb's ClassLabel; the shipped files: 0 = negative, 1 = positive)."""
+_HUB_CLASS_NAMES: dict[tuple[str, str], list[str]] = {}
+"""(hub dataset, label column) -> its ClassLabel names, when the dataset declares them (set by _load_hub)."""
 _HUB_FINGERPRINTS: dict[str, str] = {}
 """Hub dataset name -> the `datasets` fingerprints of the splits read (set by _load_hub, read by data_fingerprint)."""
 
@@ -114,6 +118,9 @@ def _load_hub(name: str, splits: list[str] | None = None) -> pd.DataFrame:
                         "offline? give a local file with data.path") from None
     names = splits or [s for s in ds.keys() if s != "unsupervised"]
     _HUB_FINGERPRINTS[name] = "+".join(f"{s}:{getattr(ds[s], '_fingerprint', '?')}" for s in names)
+    for column, feature in getattr(ds[names[0]], "features", {}).items():
+        if isinstance(getattr(feature, "names", None), list):
+            _HUB_CLASS_NAMES[(name, column)] = [str(n) for n in feature.names]
     return pd.concat([ds[s].to_pandas() for s in names], ignore_index=True)
 
 
@@ -149,6 +156,20 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def class_names(cfg: DataConfig, label_names: list[str]) -> list[str] | None:
+    """What each class is, where the data says so: IMDB's neg / pos, a hub dataset's ClassLabel names. `label_names`
+    are the values found in the label column (class id k = label_names[k]); None where the data names nothing."""
+    if cfg.path:
+        return None
+    if cfg.name == "imdb" and cfg.label_column == "label":
+        declared = IMDB_CLASS_NAMES
+    else:
+        declared = _HUB_CLASS_NAMES.get((cfg.name, cfg.label_column))
+    if not declared or not all(n.isdigit() and int(n) < len(declared) for n in label_names):
+        return None
+    return [declared[int(n)] for n in label_names]
 
 
 def data_fingerprint(cfg: DataConfig, label_names: list[str]) -> tuple[str, dict[str, Any]]:

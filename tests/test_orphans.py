@@ -193,3 +193,44 @@ def test_kill_9_of_a_real_sweep_then_resume_completes_every_run_once_as_if_unint
     log = (tmp_path / "runs" / "exp" / "train.seed=1.log").read_text()
     # the orphan got its SIGTERM and checkpointed; the resume continued from there, never beside it
     assert "SIGTERM: stopping after this step" in log and "in use by" not in log
+
+
+@pytest.mark.timeout(120)
+def test_tune_resume_waits_for_a_trial_left_going_and_never_starts_it_twice(tmp_path, monkeypatch, capsys):
+    """The tuner killed while trial-0002 ran (here: stopped, then its run found still going): --resume waits for
+    the run, takes the result it leaves, and never starts `ebslab train` for it a second time."""
+    import threading
+
+    from test_tune import FAKE_TRAIN, study_with, write_study
+
+    install_fake_train(tmp_path, monkeypatch, FAKE_TRAIN)
+    monkeypatch.setenv("FAKE_HANG_AT", "trial-0002")
+    path = write_study(tmp_path, study_with(trials=3, confirm={"top_k": 2, "seeds": [11, 12]}))
+    root = tmp_path / "runs" / "st"
+
+    def stop_when_started():
+        deadline = time.time() + hang_after(30)
+        while not (root / "trial-0002" / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    assert main(["tune", str(path), "--out", str(tmp_path / "runs")]) == 130
+    trial = root / "trial-0002"
+    assert (trial / "attempts").read_text() == "new 2\n"
+    (trial / "summary.json").unlink()
+    # its run still going (a killed tuner's orphan): it ends on its own with a result
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace(
+        '"mode": "orphan",', '"mode": "orphan", "val_best": {"acc": 0.77}, "test_best": {"acc": 0.76},'),
+        str(trial), "1"], env=_env())
+    try:
+        _wait(lambda: (trial / "holding").exists(), "the orphan to hold its lock")
+        capsys.readouterr()
+        assert main(["tune", str(path), "--out", str(tmp_path / "runs"), "--resume"]) == 0
+    finally:
+        holder.wait(timeout=hang_after(30))
+    assert f"trial-0002: still running as pid {holder.pid}" in capsys.readouterr().out
+    assert (trial / "attempts").read_text() == "new 2\n"  # never started again
+    index = json.loads((root / "study.json").read_text())
+    entry = next(t for t in index["trials"] if t["folder"] == "trial-0002")
+    assert entry["status"] == "completed" and entry["value"] == pytest.approx(0.77)

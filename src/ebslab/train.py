@@ -14,13 +14,13 @@ import contextlib
 import dataclasses
 import json
 import math
-import typing
 import random
 import shutil
 import signal
 import sys
 import time
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +36,8 @@ from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
 from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
                          length_grouped, load_data, load_examples, shard_window, windows)
-from ebslab.files import check_folder_target
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
+from ebslab.files import check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer

@@ -724,3 +724,18 @@ def test_predict_report_and_export_on_a_full_disk_are_one_line_exit_2_and_leave_
         left = sorted(p.name for p in full_disk.iterdir() if p.name != "filler")
         assert left in ([], ["report"]), (argv[0], left)  # report: at most its (empty) folder
         assert not any(full_disk.rglob("*.tmp*")), argv[0]
+
+
+def test_an_export_on_a_disk_too_small_for_its_weights_is_one_line_exit_2(reference, tmp_path, capsys):
+    """config.json fits, model.safetensors does not: safetensors' own SafetensorError, not an OSError (it was a
+    traceback)."""
+    disk = tmp_path / "small"
+    if not _mount_tmpfs(disk, 256 << 10):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        code = main(["export", str(reference), "--out", str(disk / "export")])
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2 and "No space left on device [ENOSPC]" in line and str(disk / "export") in line, line
+        assert list(disk.iterdir()) == []  # the temporary folder went with the error
+    finally:
+        _umount(disk)

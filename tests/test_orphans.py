@@ -234,3 +234,14 @@ def test_tune_resume_waits_for_a_trial_left_going_and_never_starts_it_twice(tmp_
     index = json.loads((root / "study.json").read_text())
     entry = next(t for t in index["trials"] if t["folder"] == "trial-0002")
     assert entry["status"] == "completed" and entry["value"] == pytest.approx(0.77)
+
+
+def test_a_failed_runs_message_is_what_it_said_never_a_progress_bar_fragment(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("=== ebslab sweep 2026-01-01\n$ python -m ebslab train\nloading data\n"
+                   "\rtrain:   0%|          | 0/8 [00:00<?, ?step/s]\rtrain:  38%|###8      | 3/8 [00:04<00:06]")
+    status, message = sw._final_status(tmp_path / "run", -9, time.time(), log)
+    assert (status, message) == ("failed", "exit code -9: loading data")
+    log.write_text("ebslab: error: run folder 'x' is in use by pid 1\n\rtrain:  38%|###8      | 3/8\n=== exit code 2\n")
+    assert sw._final_status(tmp_path / "run", 2, time.time(), log)[1] == \
+        "exit code 2: ebslab: error: run folder 'x' is in use by pid 1"

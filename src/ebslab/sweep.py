@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -387,6 +388,9 @@ def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
 # Running one job: a subprocess with its output in a log (used by both executors).
 
 
+_PROGRESS = re.compile(r"\d+%\|")  # tqdm's "train:  40%|####      | 4/10 [...]"
+
+
 def _last_line(log: Path) -> str | None:
     """The last line the run printed (its error, usually), without the sweep's own `===` lines."""
     try:
@@ -395,7 +399,9 @@ def _last_line(log: Path) -> str | None:
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return None
-    lines = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("=== ")]
+    # a progress bar redraws its line with \r: its fragments are not what the run said
+    lines = [part.strip() for ln in lines for part in ln.split("\r")]
+    lines = [ln for ln in lines if ln and not ln.startswith("=== ") and not _PROGRESS.search(ln)]
     return lines[-1][:300] if lines else None
 
 

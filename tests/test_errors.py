@@ -624,3 +624,17 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_resume_and_touches_no
     assert line == (f"ebslab: error: run '{done_run}' already finished (status {status}): there is nothing to "
                     "resume; its results are in summary.json (start it again with `ebslab train ... --overwrite`)")
     assert _fingerprint(done_run) == before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sweep", "tune"])
+def test_a_sweep_or_study_file_that_is_an_alias_bomb_or_nests_too_deeply_is_one_line(capsys, tmp_path, kind):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nname: s\ngrid: {track: *a8}\n")
+    (tmp_path / "deep.yaml").write_text("name: s\ngrid: " + "[" * 5000 + "]" * 5000 + "\n")
+    for name, needle in (("bomb.yaml", "expands to more than 100,000 values"), ("deep.yaml", "nests too deeply")):
+        code = main([kind, str(tmp_path / name), "--out", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err and len(err) < 300, err
+    assert not (tmp_path / "runs").exists()

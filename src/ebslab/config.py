@@ -323,7 +323,11 @@ def load_yaml_text(text: str, what: str) -> Any:
     if len(text) > MAX_YAML_BYTES:
         raise UserError(f"{what} is {len(text):,} characters, over the {MAX_YAML_BYTES:,} a config may have; is "
                         "it the right file?")
-    return check_yaml_size(yaml.safe_load(text), what)
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{what} nests too deeply (thousands of levels); a config has a few") from None
+    return check_yaml_size(data, what)
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

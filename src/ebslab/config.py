@@ -12,6 +12,7 @@ import difflib
 import functools
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,10 +410,56 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+MAX_YAML_BYTES = 1 << 20
+"""A config, sweep or study file (or an override) larger than this is refused: they are a few hundred bytes."""
+MAX_YAML_NODES = 100_000
+"""Values a YAML document may expand to, aliases counted each time they are used (an alias bomb expands to
+billions from a few lines)."""
+
+
+def short_repr(value: Any) -> str:
+    """A value as a message shows it: at most a few items per level and about 80 characters per leaf, whatever
+    its size (a message never formats a whole document)."""
+    return _SHORT.repr(value)
+
+
+def check_yaml_size(data: Any, what: str) -> Any:
+    """`data` (as yaml.safe_load gave it), or a UserError when it expands to more than MAX_YAML_NODES values."""
+    count, todo = 0, [data]
+    while todo:
+        node = todo.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise UserError(f"{what} expands to more than {MAX_YAML_NODES:,} values (YAML aliases repeating a "
+                            "block?); a config needs a few dozen: remove the repetition")
+        if isinstance(node, dict):
+            todo.extend(node.keys())
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+    return data
+
+
+def load_yaml_text(text: str, what: str) -> Any:
+    """yaml.safe_load of a config, sweep or study document, bounded: MAX_YAML_BYTES, then MAX_YAML_NODES."""
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{what} is {len(text):,} characters, over the {MAX_YAML_BYTES:,} a config may have; is "
+                        "it the right file?")
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{what} nests too deeply (thousands of levels); a config has a few") from None
+    return check_yaml_size(data, what)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp`, or raise UserError naming the key, the value and the expected type."""
+    """Return `value` as type `tp`, or raise UserError naming the key, the value (shortened) and the type."""
     origin = typing.get_origin(tp)
-    bad = UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    bad = _BadValue(key, value, tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -461,6 +508,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise bad
 
 
+class _BadValue(UserError):
+    """`config key 'K' must be T, got V`: the message is formatted only when it is shown (a union tries each of
+    its types and drops the errors of the ones that do not fit), and V is shortened."""
+
+    def __init__(self, key: str, value: Any, tp: Any):
+        super().__init__(key)
+        self.key, self.value, self.tp = key, value, tp
+
+    def __str__(self) -> str:
+        return f"config key '{self.key}' must be {_type_name(self.tp)}, got {short_repr(self.value)}"
+
+
 def flatten(mapping: dict, prefix: str = "", skip: Collection[str] = ("derived",)) -> dict[str, Any]:
     """Nested or dotted mapping -> {dotted key: value}: {"optim": {"lr": 1}} and {"optim.lr": 1} give the same.
     The one flattening of config keys (config files, overrides, sweep grids, checkpoints, reports).
@@ -502,7 +561,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override '{text}' is not key=value (e.g. batch.effective=256)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw, f"override '{key.strip()}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -512,8 +571,11 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file '{path}' does not exist")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"config file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} a config "
+                        "may have; is it the right file?")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml_text(p.read_text(), f"config file '{path}'") or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -584,6 +646,15 @@ def validate(cfg: Config) -> None:
          "optim.betas must be two numbers in [0, 1)"),
         (len(cfg.data.split) == 3 and all(f > 0 for f in cfg.data.split),
          "data.split must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])"),
+        (abs(sum(cfg.data.split) - 1) <= 1e-6,
+         f"data.split {short_repr(cfg.data.split)} sums to {sum(cfg.data.split):g}, not 1; give fractions of the "
+         "data (e.g. [0.8, 0.1, 0.1])"),
+        (cfg.data.text_column != cfg.data.label_column,
+         f"data.text_column and data.label_column are both {short_repr(cfg.data.text_column)}; the text and "
+         "the label must be two columns"),
+        (_confined(cfg.out.name),
+         f"out.name {short_repr(cfg.out.name)} must stay inside out.dir: a relative path without '..', "
+         "control characters or a leading '/' or '~'"),
         (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null"),
         (0 <= cfg.data.min_class_fraction < 1, "data.min_class_fraction must be in [0, 1) (0 = off)"),
         (0 <= cfg.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
@@ -593,6 +664,15 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _confined(name: str | None) -> bool:
+    """out.name names a folder inside out.dir: relative, no `..`, no control characters (None: the default)."""
+    if name is None:
+        return True
+    path = Path(name)
+    return (bool(name.strip()) and name.isprintable() and not path.is_absolute() and not name.startswith("~")
+            and ".." not in path.parts and "\\" not in name and path.parts not in ((), (".",)))
 
 
 def resolved_dict(cfg: Config, derived: Derived | None = None) -> dict[str, Any]:

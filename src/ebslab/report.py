@@ -37,6 +37,7 @@ from scipy import stats as sps
 
 from ebslab import ebs_study, replicates, stats
 from ebslab.config import UserError, flatten as config_flatten
+from ebslab.files import check_folder_target
 from ebslab.metrics import METRICS, higher_is_better, metric_value
 
 OK_STATUS = "completed"
@@ -1507,6 +1508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
+    check_folder_target(out, "--out")
     if len(dirs) == 1 and (dirs[0] / "study.json").is_file():  # an `ebslab tune` study: verdict, search, plots
         from ebslab.tune import report_study
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import shutil
 import signal
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,10 +34,11 @@ from ebslab import checkpoint as ckpt
 from ebslab import stats
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
-from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
-from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
-                         shard_window, windows)
+from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
+from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
+                         length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
+from ebslab.files import check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer
@@ -81,11 +85,47 @@ class TrainerState:
     def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
         """From trainer_state.json; checkpoints written before `since_eval` had names hold [loss sum, correct,
         count]. Raises TypeError or ValueError for a state this version cannot read."""
+        if not isinstance(saved, dict):
+            raise TypeError(f"a mapping, not {type(saved).__name__}")
         since = saved.get("since_eval", {})
         if isinstance(since, list):
             since = dict(zip(("loss_sum", "correct", "count"), since, strict=True))
+        if not isinstance(since, dict):
+            raise TypeError(f"since_eval: a mapping, not {type(since).__name__}")
+        for name, value in since.items():
+            _check_type(f"since_eval.{name}", value, float)
+        hints = typing.get_type_hints(cls)
+        for name, value in saved.items():
+            if name != "since_eval" and name in hints:
+                _check_type(name, value, hints[name])
         return cls(**{**saved, "since_eval": TrainSums(**since)})
 
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """TypeError unless `value` (read from JSON) has the type `tp` of a TrainerState field."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok and args and args[1] is float:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} "
+                        f"{str(value)[:40]!r}")
 
 
 class StopRequest:
@@ -178,8 +218,8 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
         raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
     try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        saved = load_yaml_text(path.read_text(), f"'{path}'")
+    except (yaml.YAMLError, UnicodeDecodeError):
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")
@@ -240,6 +280,7 @@ class Trainer:
         self.tracker: Tracker = NullTracker()
         self.lock: FolderLock | None = None  # the run folder's, held by the main process
         self.gns_reason = "off"  # set by setup(): the start-up line says whether and why
+        self.fingerprint: tuple[str, dict] = ("", {})  # the data's (data_fingerprint), set by setup()
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -255,7 +296,12 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, resume_dir = self.cfg, self.resume_dir
+        check_folder_target(resume_dir or cfg.run_dir, "--resume" if resume_dir else "out.dir/out.name")
         backend = self.backend = make_backend(cfg.train)
+        if resume_dir is not None:  # first: a run still going says so (the lock), a finished one has nothing to do
+            if backend.is_main:
+                self.lock = FolderLock(resume_dir, "run").acquire()
+            _check_unfinished(resume_dir)
         seed_everything(cfg.train.seed)
         if cfg.batch.micro != "auto":  # fail in a second, not after loading and tokenizing the data
             derive(cfg, num_train=1, world_size=backend.world_size)
@@ -269,11 +315,11 @@ class Trainer:
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
         derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision,
                                         backend.device.type)
+        self.fingerprint = data_fingerprint(cfg.data, data.label_names)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
-            if backend.is_main:
-                self.lock = FolderLock(run_dir, "run").acquire()
+            _check_same_data(run_dir, saved_derived, self.fingerprint)
             _check_resumable(run_dir, saved_derived, derived)
         elif backend.is_main:
             self.lock = prepare_run_dir(run_dir, self.overwrite)
@@ -292,14 +338,20 @@ class Trainer:
         self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
         if backend.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml",
-                                   yaml.safe_dump(resolved_dict(cfg, derived), sort_keys=False))
+            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
             ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                             "majority_rate": data.majority_rate})
-            self.tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
+            self.tracker = open_trackers(cfg.track, run_dir, self.resolved())
             print(_startup_text(self), flush=True)
         for message in data.warnings:
             self.warn("data", message)
+
+    def resolved(self) -> dict[str, Any]:
+        """config.yaml: the config, the derived values and the data's fingerprint (`derived.data_fingerprint`,
+        with its parts in `derived.data_fingerprint_parts` for the message that refuses a resume on other data)."""
+        out = resolved_dict(self.cfg, self.derived)
+        out["derived"]["data_fingerprint"], out["derived"]["data_fingerprint_parts"] = self.fingerprint
+        return out
 
     def _resume(self) -> None:
         last = ckpt.resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -311,9 +363,9 @@ class Trainer:
                                      self.backend.rank)
         try:
             self.state = TrainerState.from_dict(saved_state)
-        except (TypeError, ValueError):
-            raise UserError(f"'{self.run_dir}': trainer_state.json does not match this version of ebslab; start "
-                            "again with --overwrite") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"'{self.run_dir}': trainer_state.json is damaged or from another version of ebslab "
+                            f"({str(e)[:120]}); start again with --overwrite") from None
         self.backend.load_scaler_state(self.state.scaler)
         self.started -= self.state.elapsed_s  # duration_s counts the interrupted sessions too
         if self.backend.is_main:
@@ -622,6 +674,34 @@ def _history(state: TrainerState, data: DataBundle) -> dict[str, Any]:
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
     if backend.is_main:
         save_predictions(run_dir, name, result)
+
+
+FINISHED = ("completed", "collapsed", "diverged", "pruned")
+
+
+def _check_unfinished(run_dir: Path) -> None:
+    """`--resume` of a run that finished: nothing to resume (it would test the weights again and rewrite the
+    run's files)."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status in FINISHED:
+        raise UserError(f"run '{run_dir}' already finished (status {status}): there is nothing to resume; its "
+                        "results are in summary.json (start it again with `ebslab train ... --overwrite`)")
+
+
+def _check_same_data(run_dir: Path, saved: dict, fingerprint: tuple[str, dict]) -> None:
+    """Refuse to resume on data other than the run started with (a run folder from before fingerprints: unknown,
+    allowed)."""
+    digest, parts = fingerprint
+    if not saved.get("data_fingerprint") or saved["data_fingerprint"] == digest:
+        return
+    saved_parts = saved.get("data_fingerprint_parts")
+    changes = fingerprint_changes(saved_parts, parts) if isinstance(saved_parts, dict) else []
+    raise UserError(f"cannot resume '{run_dir}': its data changed since it started ("
+                    + ("; ".join(changes) or "fingerprint differs") + "); restore the data it trained on, or start "
+                    "a new run on the new data")
 
 
 def _check_resumable(run_dir: Path, saved: dict, derived: Derived) -> None:

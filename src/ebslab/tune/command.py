@@ -12,6 +12,7 @@ from typing import Any
 
 from ebslab import sweep as sw
 from ebslab.config import UserError
+from ebslab.files import check_folder_target
 from ebslab.locks import FolderLock
 from ebslab.tune.search import mask_url, open_storage
 from ebslab.tune.studyfile import Study, fingerprint_changes, load_study_file
@@ -52,6 +53,7 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     study = load_study_file(args.study_file)
     root = (Path(args.out) / study.name).resolve()
+    check_folder_target(root, "--out")
     default_db = root / "study.db"
     url = args.storage or f"sqlite:///{default_db}"
     lock = FolderLock(root, "study") if args.storage is None else None

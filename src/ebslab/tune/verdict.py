@@ -95,8 +95,12 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     optimization history and parameter importances (Optuna's own plots, from study.json)."""
     from ebslab.report import build_report
 
-    index = json.loads((study_dir / "study.json").read_text())
-    metric = index["objective"].split("/", 1)[1]
+    try:
+        index = json.loads((study_dir / "study.json").read_text())
+        metric = index["objective"].split("/", 1)[1]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"'{study_dir / 'study.json'}' is damaged ({type(e).__name__}: {str(e)[:100]}); rewrite it "
+                        "with `ebslab tune STUDY.yaml --resume` (it is rebuilt from the study's storage)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     confirm_dir = study_dir / "confirm"
     # on the study's metric: the verdict in study.json is this report's comparison

@@ -299,6 +299,10 @@ class Tuner:
         job = sw.Job(index=task.trial.number, folder=Path(task.folder).name, overrides=task.overrides,
                      run_dir=run_dir, log=run_dir.parent / f"{run_dir.name}.log",
                      group=sw.run_group(task.overrides, self.spec.name))
+        # a trial re-queued from a worker that was killed: its run may still be going (never run it twice at once)
+        sw.wait_for_live_runs([run_dir], lambda: self.runner.stopping)
+        if self.runner.stopping:
+            return
         job.action = sw.resume_action(run_dir)
         if job.action == "skip":  # finished before the worker that ran it could tell the study
             status = (sw.read_summary(run_dir) or {}).get("status", "completed")

@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser, resources: bool = True) -> No
                        help="requeues of one job after a time limit or preemption before it fails (default 3)")
     group.add_argument("--leave-jobs", action="store_true",
                        help="on Ctrl-C, leave the Slurm jobs queued and running (default: cancel them, each run "
-                            "checkpoints); --resume later waits for those still running")
+                            "checkpoints); `ebslab sweep --resume` watches those still running again, `ebslab tune "
+                            "--resume` is for once they ended")
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -184,6 +185,8 @@ class RunSpec:
     env: dict[str, str]
     log: str
     cwd: str | None
+    resume_cmd: list[str] | None = None
+    """What a requeued job runs once the folder holds a checkpoint (default `ebslab train --resume RUN`)."""
 
     @property
     def run_dir(self) -> Path:
@@ -199,7 +202,8 @@ def node_command(spec: RunSpec, procs: int, env: dict[str, str]) -> list[str]:
     cmd = [sys.executable] + list(spec.cmd[1:])
     action = sw.resume_action(spec.run_dir)
     if action == "resume" and "--resume" not in cmd:
-        cmd = [sys.executable, "-m", "ebslab", "train", "--resume", str(spec.run_dir)]
+        cmd = [sys.executable] + (spec.resume_cmd[1:] if spec.resume_cmd else
+                                  ["-m", "ebslab", "train", "--resume", str(spec.run_dir)])
     elif action == "retry" and "--overwrite" not in cmd and "--resume" not in cmd:
         cmd.append("--overwrite")
     elif action == "retry" and "--resume" in cmd:  # the checkpoint it was to resume from is gone
@@ -249,8 +253,12 @@ class TrainJob(Checkpointable):  # type: ignore[misc,valid-type]
         result: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._run_child, args=(cmd, env, spec, result), daemon=True)
         self._thread.start()
-        while self._thread.is_alive():
-            self._thread.join(0.5)
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except BaseException:  # the job is being torn down (a local cancel's SIGINT): the run checkpoints
+            self._stop_child()
+            raise
         if self._signal is not None:
             # stopped by Slurm: no result file, so the sweep reads Slurm's state (REQUEUED runs again; CANCELLED)
             sys.exit(128 + self._signal)
@@ -500,7 +508,8 @@ def run_sweep(runner: Any, options: SlurmOptions) -> None:
             print(f"watching {len(attached)} Slurm job(s) of an earlier start, still queued or running", flush=True)
     fresh = [j for j in todo if j.index not in attached]
     specs = [RunSpec(sw.train_command(runner.sweep, j, runner.smoke), sw.job_env(runner.sweep, j), str(j.log),
-                     os.getcwd()) for j in fresh]
+                     os.getcwd(), sw.train_command(runner.sweep, dataclasses.replace(j, action="resume")))
+             for j in fresh]
     for j in fresh:
         j.log.parent.mkdir(parents=True, exist_ok=True)
     submitted = dict(zip([j.index for j in fresh], slurm.submit(specs)))
@@ -597,8 +606,8 @@ class TuneJobs:
         with self.lock:
             jobs = list(self.live.values())
         if self.slurm.options.leave_jobs:
-            print(f"left {len(jobs)} Slurm job(s) running; `ebslab tune ... --resume` continues the study once they "
-                  f"end", file=sys.stderr, flush=True)
+            print(f"left {len(jobs)} Slurm job(s) running ({', '.join(sorted(self.live))}); once squeue no longer "
+                  f"lists them, `ebslab tune ... --resume` continues the study", file=sys.stderr, flush=True)
             return
         self.slurm.cancel(jobs)
         self.slurm.wait_ended(jobs)

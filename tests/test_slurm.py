@@ -204,6 +204,30 @@ def test_a_job_signalled_before_its_time_limit_checkpoints_and_is_requeued_then_
     assert read_index(root)["train.seed=9"]["status"] == "completed"
 
 
+@pytest.mark.timeout(120)
+def test_stopping_the_sweep_cancels_its_jobs_and_each_run_checkpoints(tmp_path, local_slurm, capsys):
+    path = write_sweep(tmp_path, {"name": "exp", "base": TINY, "grid": {"train.seed": [9]}})
+    root = tmp_path / "runs" / "exp"
+
+    def stop_when_started():
+        deadline = time.time() + hang_after(60)
+        while not (root / "train.seed=9" / "pids").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill SWEEP_PID` (Ctrl-C takes the same path)
+
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--executor", "slurm"]) == 130
+    err = capsys.readouterr().err
+    assert "cancelling 1 Slurm job(s); each run checkpoints" in err and "continue with --resume" in err
+    summary = root / "train.seed=9" / "summary.json"
+    deadline = time.time() + hang_after(30)
+    while not summary.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert json.loads(summary.read_text())["status"] == "interrupted"  # the run got its SIGTERM: checkpointed
+    assert read_index(root)["train.seed=9"]["status"] == "interrupted"
+    assert sw.resume_action(root / "train.seed=9") == "resume"
+
+
 def test_a_requeued_job_decides_resume_or_overwrite_from_the_run_folder(tmp_path):
     run = tmp_path / "r"
     spec = slurm.RunSpec(["py", "-m", "ebslab", "train", "a=1", f"out.dir={tmp_path}", "out.name=r"], {},
@@ -382,3 +406,28 @@ def test_two_processes_in_one_slurm_job_through_torchrun(tmp_path, real_slurm):
     assert "world_size 2" in log
     cfg = yaml.safe_load((root / "train.seed=1" / "config.yaml").read_text())
     assert cfg["derived"]["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_with_leave_jobs_a_stopped_sweep_leaves_its_job_and_resume_watches_it(tmp_path, real_slurm, capsys):
+    path = write_sweep(tmp_path, {"name": "lv", "base": EXACT, "grid": {"train.seed": [1]}})
+    root = tmp_path / "runs" / "lv"
+    argv = ["sweep", str(path), "--out", str(tmp_path / "runs"), "--executor", "slurm", "--time", "20"]
+
+    def stop_when_started():
+        deadline = time.time() + hang_after(300)
+        while not (root / "train.seed=1" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # as Ctrl-C
+
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    assert main([*argv, "--leave-jobs"]) == 130
+    job_id = json.loads((root / "slurm" / "jobs.json").read_text())["train.seed=1"]
+    assert f"left 1 Slurm job(s) queued or running ({job_id})" in capsys.readouterr().err
+    assert squeue(job_id) == "RUNNING"
+    assert main([*argv, "--resume"]) == 0
+    assert "watching 1 Slurm job(s) of an earlier start" in capsys.readouterr().out
+    assert read_index(root)["train.seed=1"]["status"] in sw.DONE
+    assert (root / "train.seed=1.log").read_text().count("=== ebslab sweep") == 1  # never submitted twice
+    assert json.loads((root / "slurm" / "jobs.json").read_text())["train.seed=1"] == job_id

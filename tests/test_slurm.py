@@ -228,6 +228,20 @@ def test_stopping_the_sweep_cancels_its_jobs_and_each_run_checkpoints(tmp_path, 
     assert sw.resume_action(root / "train.seed=9") == "resume"
 
 
+@pytest.mark.timeout(120)
+def test_a_job_requeued_more_than_max_requeues_times_is_a_failed_run(tmp_path, local_slurm, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "4")  # what Slurm sets in a job it requeued 4 times
+    path = write_sweep(tmp_path, {"name": "exp", "base": TINY, "grid": {"train.seed": [1]}})
+    argv = ["sweep", str(path), "--out", str(tmp_path / "runs"), "--executor", "slurm", "--max-requeues", "3"]
+    assert main(argv) == 1
+    record = read_index(tmp_path / "runs" / "exp")["train.seed=1"]
+    assert record["status"] == "failed"
+    assert record["message"].endswith("raised: RuntimeError: requeued 4 times, more than --max-requeues 3; "
+                                      "--resume continues the run from its checkpoint")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # within the limit: it runs
+    assert main([*argv, "--resume"]) == 0
+
+
 def test_a_requeued_job_decides_resume_or_overwrite_from_the_run_folder(tmp_path):
     run = tmp_path / "r"
     spec = slurm.RunSpec(["py", "-m", "ebslab", "train", "a=1", f"out.dir={tmp_path}", "out.name=r"], {},

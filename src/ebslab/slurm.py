@@ -238,9 +238,9 @@ class TrainJob(Checkpointable):  # type: ignore[misc,valid-type]
 
         started = time.time()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        if restarts > self.max_requeues:
-            return self._note(spec, started, 1, f"requeued {restarts} times, more than --max-requeues "
-                                                f"{self.max_requeues}; continue it with --resume")
+        if restarts > self.max_requeues:  # a failed job (its error is the message); the run keeps its checkpoint
+            raise RuntimeError(f"requeued {restarts} times, more than --max-requeues {self.max_requeues}; "
+                               f"--resume continues the run from its checkpoint")
         if sw.resume_action(spec.run_dir) == "skip":  # finished in an earlier attempt
             return {"returncode": 0, "started": started, "ended": time.time(), "host": socket.gethostname()}
         env = dict(spec.env)

@@ -26,7 +26,6 @@ from conftest import hang_after, install_fake_train
 from ebslab import slurm
 from ebslab import sweep as sw
 from ebslab.cli import main
-from ebslab.config import UserError
 
 submitit = pytest.importorskip("submitit")
 ROOT = Path(__file__).resolve().parents[1]

@@ -444,3 +444,38 @@ def test_with_leave_jobs_a_stopped_sweep_leaves_its_job_and_resume_watches_it(tm
     assert read_index(root)["train.seed=1"]["status"] in sw.DONE
     assert (root / "train.seed=1.log").read_text().count("=== ebslab sweep") == 1  # never submitted twice
     assert json.loads((root / "slurm" / "jobs.json").read_text())["train.seed=1"] == job_id
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_run_longer_than_its_time_limit_is_checkpointed_requeued_and_ends_identical(tmp_path, real_slurm):
+    """--time 1: Slurm sends USR2 15 s before the minute is up; the job checkpoints the run through SIGTERM and
+    requeues itself (submitit's `scontrol requeue`), as often as it takes."""
+    base = {**EXACT, "train.epochs": 3}
+    path = write_sweep(tmp_path, {"name": "tl", "base": base, "grid": {"train.seed": [1]}})
+    root = tmp_path / "slurm" / "tl"
+    stop = threading.Event()
+
+    def release_requeued():  # Slurm holds a requeued job back (BeginTime) for a while: start it at once
+        while not stop.wait(1.0):
+            try:
+                job_id = json.loads((root / "slurm" / "jobs.json").read_text())["train.seed=1"]
+            except (OSError, ValueError, KeyError):
+                continue
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
+            if out.strip() == "PENDING|BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+    thread = threading.Thread(target=release_requeued, daemon=True)
+    thread.start()
+    try:
+        assert main(["sweep", str(path), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--time", "1",
+                     "--max-requeues", "10"]) == 0
+    finally:
+        stop.set()
+    log = (root / "train.seed=1.log").read_text()
+    assert "time limit near, checkpointed; requeueing" in log and "SIGTERM: stopping after this step" in log
+    assert f"--resume {root / 'train.seed=1'}" in log
+    assert main(["train", *[f"{k}={sw.format_value(v)}" for k, v in base.items()], "train.seed=1",
+                 f"out.dir={tmp_path / 'local'}", "out.name=ref"]) == 0
+    assert_same_run(root / "train.seed=1", tmp_path / "local" / "ref")

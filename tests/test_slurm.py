@@ -447,35 +447,32 @@ def test_with_leave_jobs_a_stopped_sweep_leaves_its_job_and_resume_watches_it(tm
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_a_run_longer_than_its_time_limit_is_checkpointed_requeued_and_ends_identical(tmp_path, real_slurm):
-    """--time 1: Slurm sends USR2 15 s before the minute is up; the job checkpoints the run through SIGTERM and
-    requeues itself (submitit's `scontrol requeue`), as often as it takes."""
-    base = {**EXACT, "train.epochs": 3}
-    path = write_sweep(tmp_path, {"name": "tl", "base": base, "grid": {"train.seed": [1]}})
-    root = tmp_path / "slurm" / "tl"
-    stop = threading.Event()
-
-    def release_requeued():  # Slurm holds a requeued job back (BeginTime) for a while: start it at once
-        while not stop.wait(1.0):
-            try:
-                job_id = json.loads((root / "slurm" / "jobs.json").read_text())["train.seed=1"]
-            except (OSError, ValueError, KeyError):
-                continue
-            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
-            if out.strip() == "PENDING|BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-
-    thread = threading.Thread(target=release_requeued, daemon=True)
+@pytest.mark.timeout(900)
+def test_a_job_signalled_before_its_time_limit_requeues_itself_and_ends_identical(tmp_path, real_slurm):
+    """The signal Slurm sends before the time limit (sbatch --signal=USR2@S, to every process of the job's
+    steps), sent now with `scancel --signal=USR2` mid-training: the job checkpoints the run through SIGTERM and
+    requeues itself (submitit's `scontrol requeue`); the requeued job resumes the run."""
+    path = write_sweep(tmp_path, {"name": "tl", "base": EXACT, "grid": {"train.seed": [1]}})
+    run = tmp_path / "slurm" / "tl" / "train.seed=1"
+    done: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: done.update(rc=main([
+        "sweep", str(path), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--time", "20"])))
     thread.start()
-    try:
-        assert main(["sweep", str(path), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--time", "1",
-                     "--max-requeues", "10"]) == 0
-    finally:
-        stop.set()
-    log = (root / "train.seed=1.log").read_text()
-    assert "time limit near, checkpointed; requeueing" in log and "SIGTERM: stopping after this step" in log
-    assert f"--resume {root / 'train.seed=1'}" in log
-    assert main(["train", *[f"{k}={sw.format_value(v)}" for k, v in base.items()], "train.seed=1",
+    deadline = time.time() + hang_after(300)
+    while time.time() < deadline and not (run / "metrics.jsonl").exists() or \
+            sum('"event": "step"' in x for x in (run / "metrics.jsonl").read_text().splitlines()) < 5:
+        time.sleep(0.5)
+    job_id = json.loads((tmp_path / "slurm" / "tl" / "slurm" / "jobs.json").read_text())["train.seed=1"]
+    assert subprocess.run(["scancel", "--signal=USR2", job_id]).returncode == 0
+    while time.time() < deadline and squeue(job_id) != "PENDING":
+        time.sleep(0.5)
+    # Slurm holds a requeued job back for a while (BeginTime); start it now rather than wait
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    thread.join(hang_after(600))
+    assert done.get("rc") == 0
+    log = (tmp_path / "slurm" / "tl" / "train.seed=1.log").read_text()
+    assert f"time limit near, checkpointed; requeueing job {job_id}" in log
+    assert "SIGTERM: stopping after this step" in log and f"--resume {run}" in log
+    assert main(["train", *[f"{k}={sw.format_value(v)}" for k, v in EXACT.items()], "train.seed=1",
                  f"out.dir={tmp_path / 'local'}", "out.name=ref"]) == 0
-    assert_same_run(root / "train.seed=1", tmp_path / "local" / "ref")
+    assert_same_run(run, tmp_path / "local" / "ref")

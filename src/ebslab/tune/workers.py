@@ -122,7 +122,7 @@ class Task:
 
 
 class Runner:
-    """Runs `ebslab train` commands in subprocesses (local) or Ray tasks, and stops them on Ctrl-C."""
+    """Runs `ebslab train` commands in subprocesses (local), Ray tasks or Slurm jobs, and stops them on Ctrl-C."""
 
     def __init__(self, executor: str, parallel: int, slurm: Any = None, root: Path | None = None):
         self.executor, self.parallel = executor, parallel

@@ -726,8 +726,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, out_help: str, resume_hel
     (`ebslab sweep`, `ebslab tune`), with each command's own words for what they mean there."""
     parser.add_argument("--out", default="runs", help=out_help)
     parser.add_argument("--resume", action="store_true", help=resume_help)
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
+    parser.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                        help="local subprocesses (default), Ray tasks (RAY_ADDRESS = an existing cluster) or Slurm "
+                             "jobs (submitit; the options below)")
     parser.add_argument("--parallel", type=int, default=1, help=parallel_help)
 
 
@@ -738,8 +739,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       parallel_help="local executor: runs at once (default 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
-    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray executor: GPUs per run (default 0)")
-    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray executor: CPUs per run (default 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray, slurm executors: GPUs per run (default 0)")
+    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray, slurm executors: CPUs per run (default 1)")
+    from ebslab import slurm
+
+    slurm.add_arguments(parser, resources=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -748,6 +752,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     if args.gpus_per_run < 0 or args.cpus_per_run < 0:
         raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
+    if args.executor == "slurm":
+        from ebslab import slurm
+
+        args.slurm = slurm.options_from_args(args)  # before any folder exists
     sweep = load_sweep(args.sweep_file)
     validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sweep_dir(args.out, sweep, args.smoke).resolve()
@@ -764,6 +772,7 @@ def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
     runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
     where = (f"local x {args.parallel}" if args.executor == "local"
+             else args.slurm.describe() if args.executor == "slurm"
              else f"ray ({args.cpus_per_run:g} cpu, {args.gpus_per_run:g} gpu per run)")
     print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on {where}; "
           + ", ".join(f"{n} {a}" for a, n in actions.items() if n), flush=True)
@@ -774,6 +783,10 @@ def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
     try:
         if args.executor == "ray":
             runner.run_ray(args.gpus_per_run, args.cpus_per_run)
+        elif args.executor == "slurm":
+            from ebslab import slurm
+
+            slurm.run_sweep(runner, args.slurm)
         else:
             runner.run_local(args.parallel)
     except KeyboardInterrupt:

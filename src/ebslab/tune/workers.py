@@ -122,10 +122,11 @@ class Task:
 
 
 class Runner:
-    """Runs `ebslab train` commands in subprocesses (local) or Ray tasks, and stops them on Ctrl-C."""
+    """Runs `ebslab train` commands in subprocesses (local), Ray tasks or Slurm jobs, and stops them on Ctrl-C."""
 
-    def __init__(self, executor: str, parallel: int):
+    def __init__(self, executor: str, parallel: int, slurm: Any = None, root: Path | None = None):
         self.executor, self.parallel = executor, parallel
+        self.slurm_options, self.root, self.slurm_jobs = slurm, root, None
         self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
@@ -137,6 +138,11 @@ class Runner:
         self.ray_refs: set = set()
 
     def start(self) -> None:
+        if self.executor == "slurm":  # each trial one Slurm job (ebslab.slurm)
+            from ebslab.slurm import TuneJobs
+
+            self.slurm_jobs = TuneJobs(self.slurm_options, Path(self.root) / "slurm", Path(self.root).name)
+            return
         if self.executor != "ray":
             return
         try:
@@ -156,6 +162,8 @@ class Runner:
 
     def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
         env = {**env, **self.env_extra}
+        if self.slurm_jobs is not None:
+            return self.slurm_jobs.run(cmd, env, log)
         if self.executor == "ray":
             import ray
 
@@ -189,6 +197,8 @@ class Runner:
             self.stopping = True
             procs = list(self.procs.values())
         sw.stop_processes(procs)
+        if self.slurm_jobs is not None:
+            self.slurm_jobs.cancel_all()
         if self.ray_refs:
             import ray
 

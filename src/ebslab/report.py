@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from scipy import stats as sps
 
-from ebslab import ebs_study, stats
+from ebslab import ebs_study, lr_study, stats
 from ebslab.config import UserError, as_trained, flatten as config_flatten
 from ebslab.metrics import METRICS, higher_is_better, metric_value
 
@@ -1102,6 +1102,10 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
         md.append(f"![{p.stem}]({p.name})")
         md.append("")
 
+    lr_md, lr_json = lr_study.report_section(dirs, out_dir)
+    md += lr_md
+    if lr_json is not None:
+        result["lr_study"] = lr_json
     ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
     md += ebs_md
     if ebs_json is not None:

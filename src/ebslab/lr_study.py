@@ -28,6 +28,7 @@ from ebslab.metrics import higher_is_better
 CONFIDENCE = 0.95
 RULES = (("none", 0.0), ("sqrt", 0.5), ("linear", 1.0))
 ALPHA_GRID = np.linspace(-2.0, 3.0, 501)
+SCORED = ("completed", "collapsed", "diverged")  # run statuses whose evaluations enter the lr study
 
 
 def profile_rss(x: np.ndarray, y: np.ndarray, group: np.ndarray, log_b: np.ndarray, centres: np.ndarray,
@@ -306,7 +307,8 @@ def report_section(run_dirs: Sequence[Path], out_dir: Path, metric: str = "acc"
     optim.lr and batch.effective, else ([], None). Other varying keys give one study each."""
     from ebslab.ebs_study import group_by_other_keys, load_study_run
 
-    runs = [r for r in (load_study_run(d, metric) for d in run_dirs) if r.status == "completed"]
+    # a run that collapsed or diverged at too large an lr is a measurement of that lr: it stays in
+    runs = [r for r in (load_study_run(d, metric) for d in run_dirs) if r.status in SCORED]
     if not applies(runs):
         return [], None
     groups = group_by_other_keys(runs, also_ignore=("optim.lr",))

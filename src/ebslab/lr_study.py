@@ -213,15 +213,17 @@ def analyse(runs: Sequence[Any], metric: str = "acc", confidence: float = CONFID
 
 
 def _lr(v: float) -> str:
-    return f"{v:.2g}"
+    return f"{v:.1e}"
 
 
 def best_words(b: BestLr) -> str:
     if b.bound is not None:
         side, edge = next(iter(b.bound.items()))
         return f"{side} {_lr(edge)}, the {'largest' if side == 'above' else 'smallest'} lr run"
+    if len(b.lrs) < 3:
+        return f"fewer than 3 lrs run (best run: {_lr(b.observed)})"
     if b.lr is None:
-        return "no peak in log lr (best run: " + _lr(b.observed) + ")"
+        return f"no peak in log lr (best run: {_lr(b.observed)})"
     if b.ci is None:
         return f"{_lr(b.lr)} (no interval)"
     low, high = b.ci

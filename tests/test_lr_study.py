@@ -94,3 +94,18 @@ def test_the_report_adds_the_lr_section_and_fits_steps_at_each_best_lr(tmp_path)
     assert all(r["replicates"] == [1, 1] for r in ebs["rows"])  # one lr per EBS kept
     assert "this fit uses, at each EBS, the runs at the lr nearest its best lr" in md
     assert (tmp_path / "out" / "lr_vs_ebs.png").stat().st_size > 1000
+    assert "collapsed or diverged" not in md  # every run completed
+
+
+def test_runs_that_collapsed_at_a_large_lr_are_named():
+    from types import SimpleNamespace
+
+    from ebslab.lr_study import analyse, fell_words
+
+    runs = [SimpleNamespace(effective_batch=b, lr=lr, seed=1, status="collapsed" if lr == 7.5e-4 else "completed",
+                            evals=[(1, b, score(lr, b, 0.5) if lr < 7.5e-4 else 0.5)], config={})
+            for b in EBS for lr in LRS]
+    study = analyse(runs)
+    assert fell_words(study) == ("3 run(s) collapsed or diverged, at lr 7.5e-04 (EBS 8, 24, 64): there the score "
+                                 "falls off a cliff rather than along a parabola, and the intervals above, which "
+                                 "assume the parabola, are only as good as that description.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,8 @@ class LrStudy:
     best: list[BestLr]
     exponent: ExponentFit | None
     why_no_exponent: str | None
+    fell: list[tuple[int, float, str]] = field(default_factory=list)  # (EBS, lr, status) of runs that collapsed
+    #                                                                   or diverged
 
     def to_json(self) -> dict[str, Any]:
         e = self.exponent
@@ -209,7 +211,22 @@ def analyse(runs: Sequence[Any], metric: str = "acc", confidence: float = CONFID
                f"the best val/{metric} has no peak in log lr at any EBS (flat or bowl-shaped)")
     elif fit.ci is None:
         why = "no interval: too few runs for the model's parameters"
-    return LrStudy(metric, best, fit, why)
+    fell = sorted((r.effective_batch, float(r.lr), r.status) for r in runs
+                  if r.evals and r.lr and r.status in ("collapsed", "diverged"))
+    return LrStudy(metric, best, fit, why, fell)
+
+
+def fell_words(study: LrStudy) -> str | None:
+    """The sentence on runs that collapsed or diverged: there the score falls off a cliff, not along a parabola."""
+    if not study.fell:
+        return None
+    by_lr: dict[float, list[int]] = {}
+    for ebs, lr, _ in study.fell:
+        by_lr.setdefault(lr, []).append(ebs)
+    parts = [f"lr {_lr(lr)} (EBS {', '.join(map(str, sorted(set(e))))})" for lr, e in sorted(by_lr.items())]
+    return (f"{len(study.fell)} run(s) collapsed or diverged, at {'; '.join(parts)}: there the score falls off a "
+            "cliff rather than along a parabola, and the intervals above, which assume the parabola, are only as "
+            "good as that description.")
 
 
 def _lr(v: float) -> str:
@@ -290,7 +307,7 @@ def section(runs: Sequence[Any], out_dir: Path, metric: str = "acc", title: str 
     md = ["## Learning rate and effective batch size" + (f": {title}" if title else ""), "",
           "Best lr at each EBS (vertex of a parabola of the run's best val/" + metric + " in log lr, pooled over "
           "seeds): " + "; ".join(f"EBS {b.effective_batch}: {best_words(b)}" for b in study.best) + ". "
-          + exponent_words(study), "",
+          + exponent_words(study) + (" " + fell_words(study) if fell_words(study) else ""), "",
           f"Best val/{metric} over each run, mean over seeds:", "",
           "| EBS | seeds | " + " | ".join(f"lr {_lr(v)}" for v in sorted({x for b in study.best for x in b.lrs}))
           + " | best lr |"]

@@ -272,3 +272,20 @@ def test_load_study_run_reads_a_run_folder(tmp_path):
     assert run.evals == [(2, 32, 0.6), (4, 56, 0.7)] and run.b_simple_curve == [(40, 30.0), (56, 31.0)]
     assert (run.budget, run.majority_rate, run.n_val) == (80, 0.55, 120)
     assert steps_table([run], 0.65)[0].steps == [pytest.approx(3.0)]
+
+
+def test_a_critical_batch_below_the_smallest_ebs_is_a_bound(tmp_path):
+    """S = 400 (1 + 2 / B): the steps barely fall from EBS 16 on; B_crit 2 is below the smallest EBS run."""
+    md, data = section(known_runs(s_min=400.0, b_crit=2.0, ebs=[16, 32, 64, 128]), tmp_path, target=0.79)
+    assert data["critical_batch"] is None and data["critical_batch_bound"] == {"below": 16}
+    assert "puts B_crit below 16, the smallest EBS run, so every EBS run is above the critical batch size" in md
+
+
+def test_an_ebs_whose_signal_was_swamped_says_so(tmp_path):
+    runs = known_runs()
+    for r in runs:
+        if r.effective_batch == 16:
+            r.b_simple_curve = []  # gns on, but its |G|^2 average never positive: no B_simple logged
+    md, _ = section(runs, tmp_path, target=0.8)
+    assert "At EBS 16 the |G|^2 estimate averaged at or below 0 up to the target (the noise swamped the signal): " \
+           "no B_simple." in md

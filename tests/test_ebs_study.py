@@ -289,3 +289,12 @@ def test_an_ebs_whose_signal_was_swamped_says_so(tmp_path):
     md, _ = section(runs, tmp_path, target=0.8)
     assert "At EBS 16 the |G|^2 estimate averaged at or below 0 up to the target (the noise swamped the signal): " \
            "no B_simple." in md
+
+
+def test_the_fit_has_no_interval_without_residual_degrees_of_freedom():
+    """3 EBS x 1 seed: 3 points, one intercept and B_crit leave 1 degree of freedom; 2 EBS x 1 seed leave none."""
+    ebs = [8, 32, 128]
+    steps = [40 * (1 + 64 / b) for b in ebs]
+    assert fit_log_tradeoff(ebs, steps, [1, 1, 1]).dof == 1
+    none = fit_log_tradeoff(ebs[:2], steps[:2], [1, 1])
+    assert none.dof == 0 and none.ci is None and none.critical_batch == pytest.approx(64.0, rel=1e-3)

@@ -1144,7 +1144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where report.md and the plots go (default: the DIR when one is given, else ./report)")
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy the effective-batch-size section measures steps to (default: the "
-                             "highest value every run reached)")
+                             "hardest value every run reached within the first 75%% of its budget)")
     parser.add_argument("--metric", default="acc", choices=METRICS,
                         help="headline test metric for comparisons (selection uses its validation value)")
     parser.add_argument("--exclude-collapsed", action="store_true",

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ebslab.data import epoch_order, shard_window, windows
-from ebslab.gns import (GradientNoiseScale, b_simple, ema, exact_moments, finite_population_expectations,
-                        gns_decision, micro_batch_moments, unbiased_estimates, window_estimates)
+from ebslab.gns import (GradientNoiseScale, b_simple, ema, exact_moments, finite_population_corrected,
+                        finite_population_expectations, gns_decision, micro_batch_moments, unbiased_estimates,
+                        window_estimates)
 
 
 def test_unbiased_estimates_recover_a_known_mean_and_covariance():
@@ -70,7 +71,7 @@ def test_gns_decision_on_off_and_why():
     assert gns_decision(False, 4, 1) == (False, "off (train.gns=false)")
     assert gns_decision(None, 1, 2) == (
         True, "on: 1 micro-batch gradient(s) per step on each of 2 process(es) against the window's "
-              "(process 0's estimate is logged)")
+              "(every process's estimate, averaged at the logged steps)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,12 +90,13 @@ def _flat_grad(model) -> np.ndarray:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy()
 
 
-def _drive(model, x, y, effective: int, micro: int, epochs: int, seed: int = 3, log_every: int = 1):
+def _drive(model, x, y, effective: int, micro: int, epochs: int, seed: int = 3, log_every: int = 1, backend=None):
     """The training loop's accumulation without the optimizer step (fixed weights): loss rule scaling, one
     on_micro_backward per micro-batch, on_before_clip, then on_step. Returns the logged records and the summary."""
     n = len(x)
     steps_per_epoch = -(-n // effective)
-    trainer = SimpleNamespace(model=model, backend=SimpleNamespace(world_size=1, loss_scale=lambda: None),
+    backend = backend or SimpleNamespace(world_size=1, loss_scale=lambda: None)
+    trainer = SimpleNamespace(model=model, backend=backend,
                               cfg=SimpleNamespace(batch=SimpleNamespace(effective=effective)),
                               derived=SimpleNamespace(total_steps=steps_per_epoch * epochs,
                                                       steps_per_epoch=steps_per_epoch, num_train=n),
@@ -109,8 +111,11 @@ def _drive(model, x, y, effective: int, micro: int, epochs: int, seed: int = 3, 
             for i, mb in enumerate(micro_batches):
                 idx = torch.from_numpy(mb.indices)
                 losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
-                (losses.sum() / len(window)).backward()
+                # on DDP each process's loss is world_size x its share (the all-reduce then averages)
+                (losses.sum() * backend.world_size / len(window)).backward()
                 gns.on_micro_backward(trainer, i, len(micro_batches), float(len(mb.indices)))
+            for p in model.parameters():  # the all-reduce's average (here over identical processes)
+                p.grad /= backend.world_size
             gns.on_before_clip(trainer)
             model.zero_grad(set_to_none=True)
             trainer.state.step += 1
@@ -136,7 +141,8 @@ def test_the_hooks_give_the_estimates_of_the_micro_batch_gradients_themselves():
         micro_sq.append(float((_flat_grad(model) ** 2).sum()))
     model.zero_grad()
     F.cross_entropy(model(x[window]), y[window]).backward()
-    grad_sq, trace = window_estimates(micro_sq, [4, 4, 4], float((_flat_grad(model) ** 2).sum()), 12)
+    grad_sq, trace = finite_population_corrected(
+        *window_estimates(micro_sq, [4, 4, 4], float((_flat_grad(model) ** 2).sum()), 12), 12)
     assert records[0]["gns/grad_sq"] == pytest.approx(grad_sq, rel=1e-9)
     assert records[0]["gns/trace"] == pytest.approx(trace, rel=1e-9)
     assert records[0]["gns/b_simple"] == (pytest.approx(trace / grad_sq) if grad_sq > 0 else None)
@@ -146,9 +152,10 @@ def test_estimates_match_the_exact_moments_of_every_per_example_gradient():
     """Issue 14 item 2. A fixed model, N = 90 examples, windows of 32 (the third of each epoch is a short window
     of 26, cut 7/7/6/6) in micro-batches of 8, 400 epochs = 1200 windows. Every per-example gradient gives the
     exact |G|^2 and tr(S) over the train set. Windows are drawn WITHOUT replacement from the N examples, so the
-    expectations are the finite-population ones: tr(S) exactly, and |G|^2 - tr(S)/N (here a shift of 16%
-    of |G|^2: without the correction the test would fail). With it, the averages over the
-    windows agree with the exact values to within 3% (trace) and 5% (|G|^2), and within 4 standard errors."""
+    raw |G|^2 estimate has expectation |G|^2 - tr(S)/N (here a shift of 16% of |G|^2); the callback adds tr(S)/N
+    back, so its logged |G|^2 and B_simple target the exact |G|^2 and tr(S) / |G|^2 (without the correction this
+    test fails). The averages over the windows agree with the exact values to within 3% (trace) and 5% (|G|^2),
+    and within 4 standard errors."""
     n = 90
     model, x, y = _fixed_model(n, seed=5)
     per_example = []
@@ -158,7 +165,10 @@ def test_estimates_match_the_exact_moments_of_every_per_example_gradient():
         per_example.append(_flat_grad(model))
     model.zero_grad(set_to_none=True)
     exact_grad_sq, exact_trace = exact_moments(np.stack(per_example))
-    expected_grad_sq, expected_trace = finite_population_expectations(exact_grad_sq, exact_trace, n)
+    raw_grad_sq, expected_trace = finite_population_expectations(exact_grad_sq, exact_trace, n)
+    assert (exact_grad_sq - raw_grad_sq) / exact_grad_sq > 0.1  # the correction matters at this N
+    assert finite_population_corrected(raw_grad_sq, expected_trace, n) == pytest.approx((exact_grad_sq, exact_trace))
+    expected_grad_sq = exact_grad_sq
 
     records, summary = _drive(model, x, y, effective=32, micro=8, epochs=400)
     grad_sq = np.array([r["gns/grad_sq"] for r in records])
@@ -274,3 +284,24 @@ def test_an_overflowing_fp16_window_is_left_out_of_the_averages(tmp_path, fp16_o
     assert summary["gns"]["steps"] == 2
     assert summary["gns"]["grad_sq"] == pytest.approx(np.mean([r["gns/grad_sq"] for r in kept]), rel=1e-9)
     assert summary["gns"]["trace"] == pytest.approx(np.mean([r["gns/trace"] for r in kept]), rel=1e-9)
+
+
+def test_every_process_enters_with_a_collective_only_on_logged_steps():
+    """world_size 2 with a backend that records its reduce_sum calls (the other process contributing the same
+    numbers, as if each ran the same micro-batches): 24 windows logged every 6 steps make 4 collectives for the log lines and 1 at the end, none on the
+    other steps; the averages over two identical processes equal one process's numbers."""
+    calls = []
+
+    def reduce_sum(tensor):
+        calls.append(tensor.clone())
+        return tensor * 2
+
+    model, x, y = _fixed_model(96)
+    one, one_summary = _drive(model, x, y, effective=32, micro=8, epochs=8, log_every=6)
+    model, x, y = _fixed_model(96)
+    backend = SimpleNamespace(world_size=2, loss_scale=lambda: None, reduce_sum=reduce_sum)
+    two, two_summary = _drive(model, x, y, effective=32, micro=8, epochs=8, log_every=6, backend=backend)
+    assert len(calls) == 4 + 1
+    assert [r["gns/b_simple"] for r in two] == pytest.approx([r["gns/b_simple"] for r in one], rel=1e-9)
+    assert two_summary["gns"]["b_simple"] == pytest.approx(one_summary["gns"]["b_simple"], rel=1e-9)
+    assert two_summary["gns"]["steps"] == one_summary["gns"]["steps"]

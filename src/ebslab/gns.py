@@ -19,7 +19,9 @@ per-step ratios.
 Sampling without replacement (an epoch's windows partition a finite train set of N examples, as ebslab's epochs
 do) shifts the expectations by finite-population terms: with S the sample covariance (divisor N - 1), the trace
 estimate has expectation tr(S) exactly and the |G|^2 estimate has expectation |G|^2 - tr(S) / N
-(see `finite_population_expectations`).
+(see `finite_population_expectations`). The callback corrects that (`finite_population_corrected`): uncorrected,
+B_simple reads high by about 1 / (1 - B_simple / N), which matters once B_simple is a sizeable share of the train
+set.
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def finite_population_expectations(grad_sq: float, trace: float, num_examples: i
     return grad_sq - trace / num_examples, trace
 
 
+def finite_population_corrected(grad_sq: Any, trace: Any, num_examples: int) -> tuple[Any, Any]:
+    """(|G|^2, tr(S)) estimates unbiased for windows drawn without replacement from N examples: the |G|^2 estimate
+    plus tr(S) / N (see `finite_population_expectations`)."""
+    return grad_sq + trace / num_examples, trace
+
+
 # ------------------------------------------------------------------------------------------------------------
 # When it is on
 
@@ -104,7 +112,8 @@ def gns_decision(setting: bool | None, accum_steps: int, world_size: int) -> tup
         why = "off: one micro-batch gradient per step (needs accum_steps x world_size >= 2)"
         return False, why + ("; train.gns=true cannot change that" if setting else "")
     return True, (f"on: {accum_steps} micro-batch gradient(s) per step on each of {world_size} process(es) "
-                  "against the window's" + (" (process 0's estimate is logged)" if world_size > 1 else ""))
+                  "against the window's" + (" (every process's estimate, averaged at the logged steps)"
+                                            if world_size > 1 else ""))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -117,11 +126,15 @@ class GradientNoiseScale(Callback):
     to the logged step lines and `gns` (B_simple over the last half of training) to the summary.
 
     A hook on every trainable parameter sees the gradient of one micro-batch's backward before it is added to
-    .grad (and, on DDP, before the all-reduce): by the loss rule that is g_j scaled by world_size b_j / B. Its
-    squared norm is one read of the gradient. (Differencing the accumulated .grad gives the same numbers but
-    writes a copy of every gradient per micro-batch: 4.7% of a MiniLM micro-step on this CPU against 0.2% for
-    the norm alone.) The window gradient is .grad before clipping. Each process's estimate is unbiased on its own
-    (its micro-batches against the all-reduced window), so process 0's is logged and no collective is added.
+    .grad (and, on DDP, before the all-reduce): by the loss rule that is g_j scaled by world_size b_j / B. The
+    hooks keep a reference to each; after the micro-batch's backward one foreach norm (`torch._foreach_norm`)
+    reads them all, instead of one norm kernel per parameter. (Differencing the accumulated .grad gives the same
+    numbers but writes a copy of every gradient per micro-batch.) The window gradient is .grad before clipping.
+    Each process's estimate is unbiased on its own (its micro-batches against the all-reduced window); every
+    process's enters: the moving averages and the last half's sums are linear in the estimates, so each process
+    keeps its own and they are averaged (summed) over the processes only on the logged steps and at the end, with
+    no collective on the other steps. The |G|^2 estimate is corrected for windows drawn without replacement from
+    the N train examples (`finite_population_corrected`).
 
     A window whose estimates are not finite (fp16: the scaler's overflowing step, which it skips) is logged as
     null and left out of the moving averages and the summary, decided on the device: one inf would otherwise
@@ -133,7 +146,7 @@ class GradientNoiseScale(Callback):
         self.params: list[torch.Tensor] = []
         self.handles: list[Any] = []
         self.skipped_windows = 0
-        self._parts: list[torch.Tensor] = []  # this micro-batch's per-parameter squared norms, from the hooks
+        self._parts: list[torch.Tensor] = []  # this micro-batch's per-parameter gradients, from the hooks
         self._reset_window()
         self._step_estimates: torch.Tensor | None = None
         self._ema: torch.Tensor | None = None
@@ -145,7 +158,7 @@ class GradientNoiseScale(Callback):
         self._used = 0
 
     def _hook(self, grad: torch.Tensor) -> None:
-        self._parts.append(torch.linalg.vector_norm(grad.detach()))
+        self._parts.append(grad.detach())
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_windows": self.skipped_windows,
@@ -170,7 +183,7 @@ class GradientNoiseScale(Callback):
             self._reset_window()
         parts, self._parts = self._parts, []
         if examples > 0 and parts:  # a stand-in micro-batch adds nothing to .grad and is no sample
-            delta_sq = torch.stack(parts).double().square().sum()
+            delta_sq = torch.stack(torch._foreach_norm(parts)).double().square().sum()
             self._weighted_sq = self._weighted_sq + delta_sq / examples
             self._examples += examples
             self._used += 1
@@ -188,7 +201,8 @@ class GradientNoiseScale(Callback):
         if loss_scale is not None:  # fp16: the hooks and .grad saw the gradients times the scaler's scale
             loss_scale_sq = loss_scale.double().square()
             small_sq, window_sq = small_sq / loss_scale_sq, window_sq / loss_scale_sq
-        grad_sq, trace = unbiased_estimates(small_sq, self._examples / self._used, window_sq, window)
+        grad_sq, trace = finite_population_corrected(
+            *unbiased_estimates(small_sq, self._examples / self._used, window_sq, window), trainer.derived.num_train)
         estimates = self._step_estimates = torch.stack([grad_sq, trace])
         finite = torch.isfinite(estimates).all()
         if self._ema is None:
@@ -199,15 +213,25 @@ class GradientNoiseScale(Callback):
 
     def on_step(self, trainer: Any, record: dict | None) -> None:
         estimates = self._step_estimates
-        if estimates is None:
-            return
-        if trainer.state.step > trainer.derived.total_steps / 2:
+        if estimates is not None and trainer.state.step > trainer.derived.total_steps / 2:
             finite = torch.isfinite(estimates).all()
             counted = torch.cat([torch.where(finite, estimates, 0.0), finite.double().reshape(1)])
             self._half_sums = counted if self._half_sums is None else self._half_sums + counted
         if record is None:
             return
-        grad_sq, trace, ema_grad_sq, ema_trace = torch.cat([estimates, self._ema]).tolist()
+        if self.world_size > 1:  # every process takes part, with or without an estimate this step
+            device = self.params[0].device if self.params else torch.device("cpu")
+            missing = torch.full((2,), math.nan, dtype=torch.float64, device=device)
+            local = torch.cat([missing if estimates is None else estimates,
+                               missing if self._ema is None else self._ema])
+            values = _finite_mean_over_processes(trainer.backend, local)
+        elif estimates is None:
+            return
+        else:
+            values = torch.cat([estimates, self._ema])
+        grad_sq, trace, ema_grad_sq, ema_trace = values.tolist()
+        if not (math.isfinite(grad_sq) or math.isfinite(trace) or math.isfinite(ema_grad_sq)):
+            return
         record["gns/grad_sq"] = grad_sq if math.isfinite(grad_sq) else None
         record["gns/trace"] = trace if math.isfinite(trace) else None
         record["gns/b_simple"] = b_simple(ema_grad_sq, ema_trace)
@@ -216,14 +240,27 @@ class GradientNoiseScale(Callback):
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        sum_grad_sq, sum_trace, n = (0.0, 0.0, 0) if self._half_sums is None else self._half_sums.tolist()
+        sums = self._half_sums
+        if self.world_size > 1:  # every process's windows count
+            device = self.params[0].device if self.params else torch.device("cpu")
+            sums = trainer.backend.reduce_sum(torch.zeros(3, dtype=torch.float64, device=device)
+                                              if sums is None else sums)
+        sum_grad_sq, sum_trace, n = (0.0, 0.0, 0) if sums is None else sums.tolist()
         if not n:
             summary["gns"] = {"b_simple": None, "steps": 0, "skipped_windows": self.skipped_windows}
             return
         n = int(n)
         summary["gns"] = {"b_simple": b_simple(sum_grad_sq / n, sum_trace / n), "grad_sq": sum_grad_sq / n,
-                          "trace": sum_trace / n, "steps": n, "over": "last half of training",
+                          "trace": sum_trace / n, "steps": n // self.world_size, "over": "last half of training",
                           "skipped_windows": self.skipped_windows}
+
+
+def _finite_mean_over_processes(backend: Any, values: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean over the processes whose value is finite (nan where none is)."""
+    finite = torch.isfinite(values)
+    sums = backend.reduce_sum(torch.cat([torch.where(finite, values, 0.0), finite.double()]))
+    total, count = sums[:len(values)], sums[len(values):]
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
 def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

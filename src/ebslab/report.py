@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from scipy import stats as sps
 
-from ebslab import ebs_study, replicates, stats
+from ebslab import ebs_study, lr_study, replicates, stats
 from ebslab.config import UserError, flatten as config_flatten
 from ebslab.files import check_folder_target
 from ebslab.metrics import METRICS, higher_is_better, metric_value
@@ -1450,7 +1450,12 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
         md.append(f"![{p.stem}]({p.name})")
         md.append("")
 
-    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)  # the comparable runs' folders only
+    # both sections read the comparable runs' folders only
+    lr_md, lr_json = lr_study.report_section(dirs, out_dir)
+    md += lr_md
+    if lr_json is not None:
+        result["lr_study"] = lr_json
+    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
     md += ebs_md
     if ebs_json is not None:
         result["ebs_study"] = ebs_json
@@ -1494,7 +1499,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where report.md and the plots go (default: the DIR when one is given, else ./report)")
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy the effective-batch-size section measures steps to (default: the "
-                             "highest value every run reached)")
+                             "hardest value every run reached within the first 75%% of its budget)")
     parser.add_argument("--metric", default="acc", choices=METRICS,
                         help="headline test metric for comparisons (selection uses its validation value)")
     parser.add_argument("--exclude-collapsed", action="store_true",

@@ -613,7 +613,7 @@ def test_an_output_folder_that_is_a_file_is_one_line_for_train_sweep_tune_and_re
     sweep = tmp_path / "s.yaml"
     sweep.write_text(yaml.safe_dump({"name": "s", "base": {"model.name": "tiny-bert"}, "grid": {"train.seed": [1]}}))
     _one_line(capsys, main(["sweep", str(sweep), "--out", str(afile)]), f"'{afile}' is a file")
-    study = Path(__file__).resolve().parents[1] / "configs" / "tune" / "cpu-tiny.yaml"
+    study = Path(__file__).resolve().parents[1] / "configs" / "tune" / "cpu-minilm-tune.yaml"
     _one_line(capsys, main(["tune", str(study), "--out", str(afile)]), f"'{afile}' is a file")
     _one_line(capsys, main(["report", str(done_run), "--out", str(afile)]), f"--out '{afile}' is not a folder")
     assert afile.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]

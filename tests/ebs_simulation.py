@@ -9,7 +9,7 @@ import numpy as np
 
 from ebslab.ebs_study import StudyRun
 
-# the two designs of the users' studies: the CPU study of docs/ebs-study.md and the exp2 GPU grid
+# the two study designs: the CPU study of docs/ebs-study.md and the exp2 GPU grid
 DOC_DESIGN = {"ebs": (8, 16, 32, 64, 128), "seeds": (1, 2, 3), "eval_every": 200, "e_min": 800.0}
 EXP2_DESIGN = {"ebs": (64, 256, 512, 1024), "seeds": (1, 2, 3), "eval_every": 4096, "e_min": 16384.0}
 

@@ -310,7 +310,7 @@ def test_report_has_the_effective_batch_size_section_when_ebs_varies(tmp_path):
     assert "ebs_study" not in json.loads((tmp_path / "out1" / "report.json").read_text())
 
 
-# ---------------------------------------------------------------------------------------------- issue 13
+# ------------------------------------------------------------------------------------- seed-aware comparisons
 
 
 def _report(tmp_path, runs, **kw) -> tuple[str, dict]:

@@ -5,7 +5,7 @@ Two scenarios, all contestants in one process, alternating, after a warm-up (thi
 - `step`: the same model, the same examples in the same order, the same max_length, micro-batch 16 and
   effective batch, N optimizer steps. Contestants: ebslab's loop on its torch and accelerate backends (the real
   `ebslab.train.train`, run folder and all), ebslab with `batch.micro=auto`, HF `Trainer` with equal settings
-  (AdamW fused, lr, linear schedule, clip 1.0, sequential order) and the users' naive loop (pad to max_length,
+  (AdamW fused, lr, linear schedule, clip 1.0, sequential order) and a naive hand-written loop (pad to max_length,
   default AdamW, `.item()` every micro-step). Throughput is taken between the end of step 1 and the end of
   step N: the first step (allocations, lazy init) is not timed for anyone. Every contestant is timed by the same
   rule (`StepClock`): the device is synchronized at those two ends only, so a clock never stops before the

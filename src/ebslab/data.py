@@ -86,7 +86,7 @@ def _read_path(path_text: str) -> pd.DataFrame:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise UserError(f"data.path '{path_text}' holds no .parquet, .csv or .jsonl file")
-    # A folder's files (train/val/test or shards) are pooled and re-split 8:1:1, the users' IMDB protocol.
+    # A folder's files (train/val/test or shards) are pooled and re-split 8:1:1 (the IMDB protocol ebslab grew from).
     tables = [_read_file(f) for f in files]
     table = pd.concat(tables, ignore_index=True)
     table.attrs["warnings"] = [w for t in tables for w in t.attrs.get("warnings", [])]

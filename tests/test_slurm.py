@@ -388,8 +388,19 @@ def test_a_cancelled_job_is_a_failed_run_with_slurms_state_and_the_others_comple
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_tune_study_with_slurm_jobs_ends_with_exactly_its_trials(tmp_path, real_slurm):
-    study = {"name": "st", "base": {**TINY, "data.limit": 64}, "space": {"optim.lr": {"float": [1.0e-4, 1.0e-2],
-                                                                                     "log": True}},
+    # a keyword task the tiny model learns: a collapsed trial is never confirmed, so the runs must learn for the
+    # confirmation to have its 2 x 2 runs
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    filler = "the a of and to in is it that was for on with as his at by".split()
+    rows = [{"text": " ".join([*rng.choice(filler, 3), key, key]), "label": label}
+            for key, label in [("apple", "fruit"), ("stone", "rock")] * 80]
+    pd.DataFrame(rows).to_parquet(tmp_path / "keywords.parquet")
+    base = {**TINY, "data.limit": None, "data.path": str(tmp_path / "keywords.parquet"), "data.max_length": 16,
+            "model.dropout": 0.0, "model.pooling": "mean", "train.epochs": 2}
+    study = {"name": "st", "base": base, "space": {"optim.lr": {"float": [2.0e-3, 6.0e-3], "log": True}},
              "objective": "val/acc", "trials": 3, "sampler": "random", "confirm": {"top_k": 2, "seeds": [11, 12]}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))

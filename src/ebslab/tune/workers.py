@@ -216,6 +216,9 @@ class Tuner:
         self.confirm = optuna.load_study(study_name=study.name + CONFIRM_SUFFIX, storage=storage)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.index_lock = threading.Lock()
+        # one ask at a time in this process: two threads asking at once could both pop the same WAITING trial
+        # (SQLite has no row lock) and run it twice
+        self.ask_lock = threading.Lock()
         self.distributions = {p.key: p.distribution() for p in study.space}
 
     # -- what to run next ---------------------------------------------------------------------------------
@@ -349,7 +352,8 @@ class Tuner:
 
     def work(self, next_task: Callable[[], Task | None]) -> None:
         while not self.runner.stopping:
-            task = next_task()
+            with self.ask_lock:
+                task = next_task()
             if task is None:
                 return
             self.run_task(task)

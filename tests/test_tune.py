@@ -496,6 +496,16 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     assert study.trials[-1].state.name == "WAITING" and study.trials[-1].params == t2.params
 
 
+def test_a_study_whose_base_is_a_config_file_parses_and_fingerprints_the_files_keys(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": {"name": "tiny-bert"}, "data": {"limit": 64, "max_length": 32},
+                                    "batch": {"effective": 8, "micro": 8}, "train": {"epochs": 1}}))
+    st = tune.load_study_file(write_study(tmp_path, study_with(base=str(base))))
+    assert st.sweep.base_file == base.resolve()
+    assert st.fingerprint["base"] == {"model.name": "tiny-bert", "data.limit": 64, "data.max_length": 32,
+                                      "batch.effective": 8, "batch.micro": 8, "train.epochs": 1}
+
+
 def test_shipped_study_files_are_valid():
     files = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
     assert {f.stem for f in files} >= {"cpu-tiny", "exp2-ebs-gpu"}

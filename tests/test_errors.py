@@ -172,6 +172,7 @@ def test_string_labels_map_to_sorted_ids_and_empty_texts_can_be_dropped(capsys, 
     (["train.epochs=abc"], r"config key 'train\.epochs' must be int, got 'abc'"),
     (["train.epoch=2"], r"unknown config key 'train\.epoch'; did you mean 'train\.epochs'\?"),
     (["optimizer.lr=1e-4"], r"unknown config key 'optimizer\.lr'; did you mean 'optim\.lr'\?"),
+    (["optim.learning_rate=1e-4"], r"unknown config key 'optim\.learning_rate'; did you mean 'optim\.lr'\?"),
     (["batch.effective=30"], r"batch\.effective=30 is not divisible by batch\.micro x world_size = 8 x 1 = 8; "
                              r"choose batch\.effective as a multiple of 8"),
     (["data.max_length=0"], r"data\.max_length must be > 0"),
@@ -184,6 +185,27 @@ def test_string_labels_map_to_sorted_ids_and_empty_texts_can_be_dropped(capsys, 
 ])
 def test_bad_config_values(capsys, tmp_path, args, match):
     refused(capsys, tmp_path, *args, match=match)
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("optim.learning_rate", "optim.lr"),            # a synonym: edit distance alone says optim.lr_scaling
+    ("learning_rate", "optim.lr"),                  # HF TrainingArguments' name, no section
+    ("optim.wd", "optim.weight_decay"),             # initials
+    ("optim.lr_scale", "optim.lr_scaling"),         # the longest shared start, not optim.lr
+    ("optim.lrr", "optim.lr"),
+    ("optim.weight", "optim.weight_decay"),         # a prefix
+    ("train.epoch", "train.epochs"),
+    ("train.fp16", "train.precision"),
+    ("data.max_seq_length", "data.max_length"),
+    ("per_device_train_batch_size", "batch.micro"),
+    ("batch.size", "batch.effective"),
+    ("optimizer.lr", "optim.lr"),                   # a typo in the section
+    ("batch.efective", "batch.effective"),          # a typo in the name
+])
+def test_did_you_mean_matches_meaning_and_prefixes_before_spelling(typed, meant):
+    from ebslab.config import VALID_KEYS, suggest_key
+
+    assert suggest_key(typed) == meant and meant in VALID_KEYS
 
 
 def test_a_missing_config_file(capsys, tmp_path):
@@ -217,8 +239,10 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def copy_of(done_run, tmp_path) -> Path:
+    """The finished run as if killed after its last checkpoint (no summary.json): resumable."""
     run = tmp_path / "copy" / "run"
     shutil.copytree(done_run, run)
+    (run / "summary.json").unlink()
     return run
 
 
@@ -515,3 +539,124 @@ def test_a_run_prints_the_class_counts_and_logs_each_data_warning(tmp_path, trai
     assert [ln.removeprefix("WARNING [data] ") for ln in data_lines] == expected
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["message"] for r in lines if r["event"] == "warning" and r["kind"] == "data"] == expected
+
+
+# ------------------------------------------------------------------------------------------------ bounded inputs
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_under_a_valid_key_is_refused_at_once_in_a_short_line(capsys, tmp_path):
+    # 9 levels of 9 aliases: 9**9 = 387 million strings once expanded, from 10 short lines
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\ntrack: *a8\n")
+    line = refused(capsys, tmp_path, config=str(tmp_path / "bomb.yaml"), match=r"expands to more than 100,000 values")
+    assert len(line) < 300
+
+
+def test_a_wrong_type_message_shows_a_shortened_value(capsys, tmp_path):
+    line = refused(capsys, tmp_path, "track=[" + ", ".join(f"tracker{i}" for i in range(5000)) + "]",
+                   match=r"config key 'track' must be")
+    assert "tracker0" in line and "tracker4999" not in line and len(line) < 400
+
+
+def test_an_oversized_config_file_is_refused(capsys, tmp_path):
+    (tmp_path / "big.yaml").write_text("# padding\n" * 200_000 + "train:\n  epochs: 1\n")
+    refused(capsys, tmp_path, config=str(tmp_path / "big.yaml"), match=r"over the 1,048,576 a config may have")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/abs", "a/../../b", "bell\x07", "~/home-run", "a\\..\\b", "."])
+def test_out_name_stays_inside_out_dir(capsys, tmp_path, name):
+    out = tmp_path / "runs" / "inner"
+    code = main(["train", *TINY, f"out.dir={out}", f"out.name={name}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "out.name" in err and "must stay inside out.dir" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_text_column_equal_to_label_column_is_refused(capsys, tmp_path):
+    refused(capsys, tmp_path, "data.text_column=label", match=r"data\.text_column and data\.label_column are both "
+                                                               r"'label'")
+
+
+@pytest.mark.parametrize("split", ["[8, 1, 1]", "[0.5, 0.2, 0.2]", "[0.8, 0.1, 0.2]"])
+def test_split_fractions_that_do_not_sum_to_1_are_refused(capsys, tmp_path, split):
+    refused(capsys, tmp_path, f"data.split={split}", match=r"data\.split .* sums to .*, not 1")
+
+
+def test_thousands_of_rare_classes_are_refused_in_a_short_line(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"text": f"t {i}", "label": f"class-{i}"} for i in range(10_000)])
+    cfg = DataConfig(path=str(path))
+    with pytest.raises(UserError) as e:
+        clean(load_table(cfg), cfg, "d.csv")
+    message = str(e.value)
+    assert "'class-0' (1 row)" in message and "and 9995 more" in message and len(message) < 600
+
+
+# ------------------------------------------------------------------------------------------------ no tracebacks
+
+
+def _one_line(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("ebslab: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_for_train_sweep_tune_and_report(capsys, tmp_path, done_run):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    _one_line(capsys, main(["train", *TINY, f"out.dir={afile}", "out.name=r"]),
+              f"out.dir/out.name '{afile / 'r'}' is not a folder: '{afile}' is a file")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": {"model.name": "tiny-bert"}, "grid": {"train.seed": [1]}}))
+    _one_line(capsys, main(["sweep", str(sweep), "--out", str(afile)]), f"'{afile}' is a file")
+    study = Path(__file__).resolve().parents[1] / "configs" / "tune" / "cpu-tiny.yaml"
+    _one_line(capsys, main(["tune", str(study), "--out", str(afile)]), f"'{afile}' is a file")
+    _one_line(capsys, main(["report", str(done_run), "--out", str(afile)]), f"--out '{afile}' is not a folder")
+    assert afile.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]
+
+
+def test_a_garbled_study_json_is_one_line(capsys, tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text("{garbled")
+    _one_line(capsys, main(["report", str(tmp_path / "study")]), "study.json' is damaged (JSONDecodeError",
+              "--resume")
+
+
+@pytest.mark.parametrize("field,value", [("step", "3"), ("best_val", [1, 2]), ("since_eval", {"count": "x"}),
+                                         ("ever_above_majority", 1), ("callbacks", None)])
+def test_a_trainer_state_of_valid_json_with_wrong_types_is_one_line(capsys, copy_of, tmp_path, field, value):
+    path = copy_of / "checkpoints" / "last" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state[field] = value
+    path.write_text(json.dumps(state))
+    before = _fingerprint(copy_of)
+    refused(capsys, tmp_path, "--resume", str(copy_of), resume=True,
+            match=rf"trainer_state\.json is damaged or from another version of ebslab \({field}")
+    assert _fingerprint(copy_of) == before
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_resume_and_touches_nothing(capsys, done_run, tmp_path):
+    before = _fingerprint(done_run)
+    status = json.loads((done_run / "summary.json").read_text())["status"]
+    line = refused(capsys, tmp_path, "--resume", str(done_run), resume=True, match="there is nothing to resume")
+    assert line == (f"ebslab: error: run '{done_run}' already finished (status {status}): there is nothing to "
+                    "resume; its results are in summary.json (start it again with `ebslab train ... --overwrite`)")
+    assert _fingerprint(done_run) == before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sweep", "tune"])
+def test_a_sweep_or_study_file_that_is_an_alias_bomb_or_nests_too_deeply_is_one_line(capsys, tmp_path, kind):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nname: s\ngrid: {track: *a8}\n")
+    (tmp_path / "deep.yaml").write_text("name: s\ngrid: " + "[" * 5000 + "]" * 5000 + "\n")
+    for name, needle in (("bomb.yaml", "expands to more than 100,000 values"), ("deep.yaml", "nests too deeply")):
+        code = main([kind, str(tmp_path / name), "--out", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err and len(err) < 300, err
+    assert not (tmp_path / "runs").exists()

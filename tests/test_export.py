@@ -134,10 +134,15 @@ def test_model_card_carries_metrics_config_and_citation(runs):
     run_dir, export_dir = runs[("tiny-bert", "mean")]
     summary = json.loads((run_dir / "summary.json").read_text())
     card = ModelCard.load(export_dir / "README.md")
-    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    results = {(r.dataset_split.split(" ")[2], r.metric_type): r.metric_value for r in card.data.eval_results}
     for metric in ("acc", "loss", "ece"):
         assert results[("test", metric)] == pytest.approx(summary["test_best"][metric])
         assert results[("validation", metric)] == pytest.approx(summary["val_best"][metric])
+    # the figures are on ebslab's re-split of the pooled data, with their n: never the dataset's official split
+    n_test = summary["test_best"]["n"]
+    assert {r.dataset_split for r in card.data.eval_results if r.metric_name.startswith("test")} == {
+        f"ebslab re-split test (0.8:0.1:0.1 of the dataset's train and test splits pooled, seed 42), n={n_test}"}
+    assert f"test n={n_test} examples), not on the dataset's official `test` split" in " ".join(card.text.split())
     assert card.data.datasets == ["stanfordnlp/imdb"]
     assert "effective_batch 32 = micro 16 x accum_steps 2 x world_size 1" in card.text
     assert "seeds: train.seed 1, data.split_seed 42" in card.text
@@ -145,7 +150,11 @@ def test_model_card_carries_metrics_config_and_citation(runs):
     config = json.loads((export_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"] == \
         "modeling_ebslab.EbslabForSequenceClassification"
-    assert config["ebslab_pooling"] == "mean" and config["id2label"] == {"0": "0", "1": "1"}
+    # IMDB names its classes: the pipeline says neg / pos, the card says which label value each is
+    assert config["ebslab_pooling"] == "mean" and config["id2label"] == {"0": "neg", "1": "pos"}
+    assert "Labels: 0 = `neg` (label value `0`), 1 = `pos` (label value `1`)." in card.text
+    assert "https://github.com/)" not in card.text and "auto" not in card.text.split("## Training")[1].split("##")[0]
+    assert "precision fp32" in card.text
     assert "ebslab" not in (export_dir / "modeling_ebslab.py").read_text().split('"""', 2)[2].split("class")[0]
 
 
@@ -157,7 +166,7 @@ def test_export_last_checkpoint_uses_last_metrics(runs, tmp_path):
     assert code == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())
     card = ModelCard.load(tmp_path / "last" / "README.md")
-    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    results = {(r.dataset_split.split(" ")[2], r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results[("test", "acc")] == pytest.approx(summary["test_last"]["acc"])
     assert "**last** checkpoint" in card.text
 
@@ -182,6 +191,7 @@ def test_predict_reads_text_stdin_jsonl_and_writes_each_format(runs, tmp_path):
     assert list(from_jsonl.columns) == ["review", "id", "pred", "prob_0", "prob_1"]
     assert from_jsonl["id"].tolist() == list(range(len(TEXTS)))
     for table in (from_txt, from_stdin, from_jsonl):
+        assert len(table) == len(TEXTS)
         probs = table[["prob_0", "prob_1"]].to_numpy()
         np.testing.assert_allclose(probs, expected, atol=1e-6)
         assert table["pred"].astype(str).tolist() == [str(i) for i in expected.argmax(1)]
@@ -254,3 +264,99 @@ def test_onnx_export_matches_pytorch(runs, model, tmp_path):
     probs /= probs.sum(1, keepdims=True)
     expected = predict_texts(load_run(run_dir, "best"), TEXTS, progress=False)
     assert np.abs(probs - expected).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ publishing safely
+
+
+def test_a_txt_input_is_one_text_per_newline_only(runs, tmp_path):
+    """U+2028, form feeds and record separators inside a line stay in its text (str.splitlines split them)."""
+    from ebslab.predict import read_input
+
+    lines = ["first\u2028still the first", "second\x0cwith a form feed", "third\x1e\x1c\x1d\x85end", "fourth"]
+    (tmp_path / "in.txt").write_bytes(("\r\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\n").encode())
+    assert read_input(str(tmp_path / "in.txt"), "text")["text"].tolist() == lines
+    run_dir, _ = runs[("tiny-bert", "cls")]
+    code, out, err = cli("predict", run_dir, tmp_path / "in.txt", "--out", tmp_path / "out.jsonl")
+    assert code == 0, err
+    assert pd.read_json(tmp_path / "out.jsonl", lines=True)["text"].tolist() == lines  # row i = line i
+    code, out, err = cli("predict", run_dir, "-", stdin="\n".join(lines))
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == len(lines), err
+
+
+def test_nothing_is_overwritten_without_overwrite_and_nothing_written_into_a_run_folder(runs, tmp_path):
+    import hashlib
+
+    run_dir, export_dir = runs[("tiny-bert", "cls")]
+
+    def digest(folder):
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(run_dir)
+    texts = tmp_path / "in.csv"
+    pd.DataFrame({"text": TEXTS}).to_csv(texts, index=False)
+    original = texts.read_bytes()
+    existing = tmp_path / "old.csv"
+    existing.write_text("keep me\n")
+    _one_line_error(cli("predict", run_dir, texts, "--out", existing), "already exists", "--overwrite")
+    assert existing.read_text() == "keep me\n"
+    for overwrite in ([], ["--overwrite"]):
+        _one_line_error(cli("predict", run_dir, texts, "--out", texts, *overwrite), "is the input file")
+        for inside in (run_dir / "predictions" / "test_best.parquet", run_dir / "new.csv"):
+            _one_line_error(cli("predict", run_dir, texts, "--out", inside, *overwrite),
+                            f"is inside the run folder '{run_dir.resolve()}'")
+        _one_line_error(cli("export", run_dir, "--out", run_dir / "checkpoints" / "last", *overwrite),
+                        "is inside the run folder")
+        _one_line_error(cli("export", run_dir, "--out", run_dir, *overwrite), "is inside the run folder")
+    assert texts.read_bytes() == original and digest(run_dir) == before  # the run can still resume and report
+    code, _, err = cli("predict", run_dir, texts, "--out", existing, "--overwrite")
+    assert code == 0 and len(pd.read_csv(existing)) == len(TEXTS), err
+
+    # a folder is an export by its own marker, not by config.json (which a checkpoint also has)
+    lookalike = tmp_path / "lookalike"
+    lookalike.mkdir()
+    (lookalike / "config.json").write_text("{}")
+    _one_line_error(cli("export", run_dir, "--out", lookalike, "--overwrite"), "not an ebslab export",
+                    "ebslab_export.json")
+    assert sorted(p.name for p in lookalike.iterdir()) == ["config.json"]
+    assert (export_dir / "ebslab_export.json").is_file()
+
+
+def test_export_creates_missing_parent_folders_and_says_so(runs, tmp_path):
+    from ebslab.cli import build_parser
+
+    run_dir, _ = runs[("tiny-bert", "cls")]
+    out = tmp_path / "exports" / "nested" / "demo"
+    code, _, err = cli("export", run_dir, "--out", out)
+    assert code == 0, err
+    assert (out / "ebslab_export.json").is_file()
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["export"].format_help().split())
+    assert "missing parent folders are created" in help_text
+
+
+def test_an_export_is_safe_to_publish(runs, tmp_path):
+    run_dir, export_dir = runs[("tiny-bert", "cls")]
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli("export", run_dir, "--out", tmp_path / "pub")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    pub = tmp_path / "pub"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in pub.iterdir()}
+    assert modes["model.safetensors"] == "0o644" and set(modes.values()) == {"0o644"}, modes
+    # no absolute local path in any file (ebslab_export.json's run, the card's out.dir / data.path / run folder)
+    for f in pub.iterdir():
+        if f.suffix in (".json", ".md", ".py", ".txt"):
+            text = f.read_text()
+            for local in (str(run_dir.resolve()), str(run_dir.parent.resolve()), str(tmp_path)):
+                assert local not in text, (f.name, local)
+    marker = json.loads((pub / "ebslab_export.json").read_text())
+    assert marker["run"] == run_dir.name and "run_dir" not in marker
+    card = " ".join((pub / "README.md").read_text().split())
+    assert "`trust_remote_code=True` is needed" in card
+    assert "Loading with it runs this folder's `modeling_ebslab.py` in your Python process" in card
+    assert "an export you did not make yourself should be read first" in card
+    assert "is not supported for text-classification" in card  # the stock warning, explained
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "runs the export's `modeling_ebslab.py`" in readme

@@ -164,8 +164,8 @@ def test_mfu_uses_the_spec_peak_of_the_named_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
     monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 5e14)
     assert bench.device_peak(2048) == (5e14, "measured bf16 2048^2 matmul, best of 8")
-    # 110M params at 100k real tokens/s against the measured 5e14
-    assert bench.peak_fraction(110_000_000, 1e5, bench.device_peak(2048)[0]) == pytest.approx(6 * 1.1e13 / 5e14)
+    # 6 x 110M params x 100k real tokens/s against the measured 5e14
+    assert bench.peak_fraction(6 * 1.1e13, bench.device_peak(2048)[0]) == pytest.approx(6 * 1.1e13 / 5e14)
 
 
 def test_auto_micro_treats_cublas_alloc_failure_and_missing_headroom_as_out_of_memory(capsys):
@@ -218,16 +218,61 @@ def test_gpu_check_refuses_without_cuda_in_one_line(capsys, monkeypatch):
 
 
 def test_gpu_check_table_and_throughput_verdicts():
-    from ebslab.gpucheck import Row, table, throughput_row
+    from ebslab.gpucheck import Row, Syncs, table, throughput_row
 
     done = {"status": "completed", "samples": 1280, "train_samples_per_s": 1000.0}
-    honest = throughput_row("bert bf16 L128", done, 1.25, 1.0)  # 1280 / 1.25 s = 1024 wall: within 15%
-    assert honest.ok and honest.result == "1000 samples/s logged, 1024 wall, 1.0 host syncs/step"
+    syncs = Syncs(steps=40, reads=1, training=1, evaluations=1, in_evaluation=2, in_checkpoint=300)
+    honest = throughput_row("bert bf16 L128", done, 1.25, syncs)  # 1280 / 1.25 s = 1024 wall: within 15%
+    assert honest.ok and honest.result == ("1000 samples/s logged, 1024 wall, host syncs 303: 1 in 40 steps "
+                                           "(0.03/step, 1 reads), 2 per evaluation, 300 in checkpoints")
     assert throughput_row("x", {**done, "train_samples_per_s": 3000.0}, 1.25, None).ok is False  # queue time only
-    assert throughput_row("x", done, 1.25, 3.0).ok is False  # a host sync inside the step
+    per_step = Syncs(steps=40, reads=1, training=40)  # a host sync inside every step
+    assert throughput_row("x", done, 1.25, per_step).ok is False
+    assert throughput_row("x", done, 1.25, Syncs(steps=40, reads=1, training=2)).ok  # + the noise scale's read
     assert throughput_row("x", {**done, "status": "failed"}, 1.25, None).ok is False
     text = table([honest, Row("SIGTERM + resume", "exit 143 then 0, 160 steps", False), Row("m", "3", None)])
     lines = text.splitlines()
     assert lines[0].startswith("| check") and lines[2] == f"| {'bert bf16 L128':<16} | {honest.result} | ok |"
     assert lines[3].endswith("| FAIL |") and lines[4].endswith("| - |")
     assert lines[-1] == "3 checks, 1 failed"
+
+
+def test_gpu_check_counts_host_syncs_over_the_whole_run(tmp_path, monkeypatch):
+    """On a CPU, every host read of a tensor warns as CUDA's sync debug mode does: the check counts them from the
+    fit's start to its summary, evaluations included (it used to stop at the first evaluation), by phase."""
+    import warnings
+
+    from conftest import TINY
+    from ebslab import gpucheck
+
+    modes = []
+    monkeypatch.setattr(gpucheck, "set_sync_debug_mode", modes.append)
+    for name in ("tolist", "numpy", "item"):
+        real = getattr(torch.Tensor, name)
+
+        def reading(self, *a, _real=real, **k):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    overrides = [*TINY, "train.max_steps=6", "train.log_every_steps=3", "train.gns=false", f"out.dir={tmp_path}",
+                 "out.name=run"]
+    summary, wall, syncs = gpucheck._train_in_process(overrides, count_syncs=True)
+    assert summary["status"] in ("completed", "collapsed") and wall > 0
+    assert modes == ["warn", 0]
+    # reads at steps 3 and 6, one evaluation at step 6 (val and test: one copy of the scores each)
+    assert (syncs.steps, syncs.reads, syncs.training, syncs.evaluations, syncs.in_evaluation) == (6, 2, 2, 1, 2)
+    assert syncs.ok and syncs.total == syncs.training + syncs.in_evaluation + syncs.in_checkpoint
+
+
+def test_sync_phase_by_the_stack():
+    import sys
+
+    from ebslab.gpucheck import sync_phase
+
+    assert sync_phase(sys._getframe()) == "training"
+
+    def save_last():
+        return sync_phase(sys._getframe())
+
+    assert save_last() == "checkpoint"

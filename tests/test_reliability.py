@@ -620,3 +620,122 @@ def test_full_disk_while_writing_predictions_keeps_the_old_file_and_names_the_re
                             f"free space, then continue with `ebslab train --resume {tmp_path}`")
     assert pd.read_parquet(path)["label"].tolist() == [0, 1]
     assert [p.name for p in path.parent.iterdir()] == ["test_best.parquet"]  # no temp file left
+
+
+# ------------------------------------------------------------------------------------------------ a real full disk
+
+
+def _mount_tmpfs(where: Path, size: int) -> bool:
+    """A tmpfs of `size` bytes at `where` (root only); False where it cannot be mounted."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(where: Path) -> None:
+    """Write until the filesystem is full."""
+    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs, filled: every write on it fails with ENOSPC as a real full disk does."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, 1 << 20):
+        pytest.skip("needs root to mount a tmpfs (the injected full disk is tested above)")
+    try:
+        _fill(disk)
+        yield disk
+    finally:
+        _umount(disk)
+
+
+def _one_error_line(err: str) -> str:
+    lines = re.findall(r"ebslab: .*", err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_real_full_disk_while_checkpointing_is_one_line_exit_2_then_resume_is_exact(reference, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """safetensors reports a full disk as SafetensorError ("... (os error 28)"), not OSError: it was a traceback,
+    exit 1 and status failed. A tmpfs with room for one checkpoint but not two (root); else the same error,
+    injected where safetensors raises it."""
+    last = reference / "checkpoints" / "last"
+    checkpoint = sum(f.stat().st_size for f in last.iterdir())
+    disk = tmp_path / "disk"
+    # step 1's last/ fits; step 2's (written beside it before the swap) does not
+    mounted = _mount_tmpfs(disk, int(checkpoint * 1.6) + (256 << 10))
+    try:
+        with monkeypatch.context() as m:
+            if not mounted:
+                real_save, calls = ckpt.save_file, []
+
+                def full(tensors, filename, *a, **kw):
+                    calls.append(filename)
+                    if len(calls) == 3:  # step 2's weights
+                        raise ckpt.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                   "(os error 28)")
+                    return real_save(tensors, filename, *a, **kw)
+
+                m.setattr(ckpt, "save_file", full)
+            code = main(["train", *RUN, f"out.dir={disk}", "out.name=full"])
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2
+        run = disk / "full"
+        assert "No space left on device [ENOSPC]" in line and f"ebslab train --resume {run}" in line, line
+        assert not (run / "summary.json").exists()  # not "failed": interrupted, resumable
+        state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+        assert state["step"] == 1
+        assert not (run / "checkpoints" / ".last.tmp").exists()
+        if mounted:  # space freed
+            assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0
+        _resume(run)
+        assert_same_run(reference, run, "full disk at step 2")
+    finally:
+        if mounted:
+            _umount(disk)
+
+
+def test_predict_report_and_export_on_a_full_disk_are_one_line_exit_2_and_leave_nothing(reference, full_disk,
+                                                                                         capsys):
+    texts = full_disk.parent / "in.txt"
+    texts.write_text("a good film\na bad one\n")
+    for argv in (["predict", str(reference), str(texts), "--out", str(full_disk / "p.csv")],
+                 ["report", str(reference), "--out", str(full_disk / "report")],
+                 ["export", str(reference), "--out", str(full_disk / "export")]):
+        code = main(argv)
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2 and "No space left on device" in line, (argv[0], line)
+        left = sorted(p.name for p in full_disk.iterdir() if p.name != "filler")
+        assert left in ([], ["report"]), (argv[0], left)  # report: at most its (empty) folder
+        assert not any(full_disk.rglob("*.tmp*")), argv[0]
+
+
+def test_an_export_on_a_disk_too_small_for_its_weights_is_one_line_exit_2(reference, tmp_path, capsys):
+    """config.json fits, model.safetensors does not: safetensors' own SafetensorError, not an OSError (it was a
+    traceback)."""
+    disk = tmp_path / "small"
+    if not _mount_tmpfs(disk, 256 << 10):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        code = main(["export", str(reference), "--out", str(disk / "export")])
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2 and "No space left on device [ENOSPC]" in line and str(disk / "export") in line, line
+        assert list(disk.iterdir()) == []  # the temporary folder went with the error
+    finally:
+        _umount(disk)

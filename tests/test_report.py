@@ -208,7 +208,7 @@ def test_report_end_to_end(tmp_path, capsys):
     by_label = {r[0].replace(" (reference)", ""): r for r in gb}
     assert set(by_label) == {"batch.effective=64", "batch.effective=256", "batch.effective=1024"}
     r1024 = by_label["batch.effective=1024"]
-    assert [r1024[gh.index(h)] for h in ("started", "completed", "collapsed", "collapse rate")] == ["2", "1", "1", "50%"]
+    assert [r1024[gh.index(h)] for h in ("runs", "completed", "collapsed", "collapse rate")] == ["2", "1", "1", "50%"]
     assert r1024[gh.index("test acc (best) mean ± std")] == f"0.6500 ± {np.std([0.5, 0.8], ddof=1):.4f}"
     r64 = by_label["batch.effective=64"]
     assert r64[gh.index("test acc (best) mean ± std")] == "0.9200 ± 0.0200"
@@ -221,10 +221,11 @@ def test_report_end_to_end(tmp_path, capsys):
     line256 = [ln for ln in sig.splitlines() if ln.startswith("- batch.effective=256 vs")][0]
     d = np.array([0.85, 0.86, 0.87]) - np.array([0.90, 0.92, 0.94])  # summaries' test acc, per seed
     p_raw = stats.ttest_1samp(d, 0.0).pvalue
-    assert f"{100 * d.mean():+.2f} pt (mean of 3 per-seed differences)" in line256
+    assert f"{100 * d.mean():+.2f} pt (mean of 3 per-seed differences: -5.00 pt, -6.00 pt, -7.00 pt for seeds " \
+           "1, 2, 3)" in line256
     assert f"raw {p_raw:.2g})" in line256
     assert "McNemar" not in line256  # never the headline
-    assert "they disagree on 4 of 100 test examples per seed" in sig
+    assert "they disagree on 4, 4, 4 of 100 test examples (seed 1, 2, 3, in order)" in sig
     # vs 1024: seeds 1 (collapsed, 0.5) and 2 (0.8) pair with 64's seeds 1 and 2
     line1024 = [ln for ln in sig.splitlines() if ln.startswith("- batch.effective=1024 vs")][0]
     assert f"{100 * np.mean([0.5 - 0.90, 0.80 - 0.92]):+.2f} pt (mean of 2 per-seed" in line1024
@@ -383,8 +384,8 @@ def test_a_comparison_with_no_spread_and_no_difference_says_so(tmp_path):
         make_run(runs, f"b{seed}", ebs=256, seed=seed, val_acc=0.8, test_acc=0.9)
     md, rep = _report(tmp_path, runs)
     [c] = rep["comparisons"]
-    assert c["estimate"] == 0.0 and c["p"] == 1.0 and c["seeds_needed"] is None
-    assert "the seeds show no difference to detect" in md
+    assert c["estimate"] == 0.0 and c["p"] == 1.0 and c["p_test"] == "sign-flip"
+    assert "the 3 seeds show no spread, so neither the smallest detectable difference nor the seeds needed" in md
 
 
 def test_grouping_ignores_batch_micro_and_says_identical(tmp_path):
@@ -428,7 +429,7 @@ def test_one_seed_gives_no_p_value(tmp_path):
     make_run(runs, "a2", ebs=64, seed=2, test_acc=0.96, val_acc=0.9)
     md, rep = _report(tmp_path / "o2", runs)
     sd = math.sqrt(2 * np.var([1.0, 0.96], ddof=1))
-    need = int(st.seeds_needed(13 / 24 - 1.0, sd))
+    need = int(st.seeds_needed(0.01, sd, 0.05))  # --detect's default 1 point; no test in the family: level 0.05
     assert rep["comparisons"][0]["p"] is None and need >= 2
     assert f"would need {need} seeds" in [ln for ln in md.splitlines() if ln.startswith("- batch.effective=256")][0]
 
@@ -451,14 +452,19 @@ def test_report_json_numbers_equal_the_stats_functions(tmp_path):
     [c] = rep["comparisons"]
     d = np.array([x.mean() for x in diffs])
     assert c["differences"] == pytest.approx(list(d))
-    expect = st.seed_comparison(d, bounds=(-1.0, 1.0), n_boot=2000)
+    expect = st.seed_comparison(d, bounds=(-1.0, 1.0))
     assert c["estimate"] == pytest.approx(d.mean())
-    assert c["p"] == pytest.approx(st.paired_t_test(d)) and c["p_holm"] == pytest.approx(c["p"])  # family of 1
+    assert c["p"] == pytest.approx(st.paired_t_test(d))
+    assert c["p_holm"] == pytest.approx(c["p"]) == rep["main_effects"][0]["p_holm"]
+    assert rep["main_effects"][0]["ci"] == c["ci"]  # one test, one interval
     assert c["t_ci"] == pytest.approx([expect["t_low"], expect["t_high"]])
-    assert c["mde"] == pytest.approx(st.minimal_detectable_difference(d.std(ddof=1), 4))
-    assert c["prob_improvement"][0] == pytest.approx(np.mean(d > 0) + 0.5 * np.mean(d == 0))
+    # the main effect pairs the same two configurations: the same test, counted once in the family
+    assert c["family_size"] == 1 and rep["family_size"] == 1
+    assert rep["main_effects"][0]["same_test_as"] == "batch.effective=256 vs batch.effective=64"
+    assert c["power"]["mdd"] == pytest.approx(st.minimal_detectable_difference(d.std(ddof=1), 4, 0.05))
+    assert c["prob_improvement"] == pytest.approx(list(st.prob_of_improvement(d)))
     # the bootstrap interval: the stats function on the same per-example arrays brackets the same estimate
-    lo, hi = st.percentile_interval(st.two_level_bootstrap_mean(diffs, 2000, np.random.default_rng(7)))
+    lo, hi = st.percentile_interval(st.crossed_bootstrap_mean(np.array(diffs), 2000, np.random.default_rng(7)))
     assert c["ci"][0] == pytest.approx(lo, abs=0.02) and c["ci"][1] == pytest.approx(hi, abs=0.02)
     assert c["ci"][0] < d.mean() < c["ci"][1]
     assert c["disagreements"] == [6, 6, 6, 6] and c["examples"] == [60] * 4
@@ -508,9 +514,12 @@ def test_main_effect_pairs_by_seed_and_other_keys_and_ranks_by_size(tmp_path):
     assert e["p"] == pytest.approx(st.paired_t_test(d))
     diffs = [np.mean([vectors[(s, sc, 256)].astype(float) - vectors[(s, sc, 64)] for sc in ("none", "sqrt")], axis=0)
              for s in (1, 2, 3)]
-    lo, hi = st.percentile_interval(st.two_level_bootstrap_mean(diffs, 2000, np.random.default_rng(1)))
+    lo, hi = st.percentile_interval(st.crossed_bootstrap_mean(np.array(diffs), 2000, np.random.default_rng(1)))
     assert e["ci"][0] == pytest.approx(lo, abs=0.03) and e["ci"][1] == pytest.approx(hi, abs=0.03)
-    assert {x["p_holm"] for x in rep["main_effects"]} == set(st.holm([x["p"] for x in rep["main_effects"]]))
+    # one Holm family: the 3 comparisons against the reference and the 2 main effects
+    family = rep["comparisons"] + rep["main_effects"]
+    assert rep["family_size"] == 5
+    assert [x["p_holm"] for x in family] == pytest.approx(st.holm([x["p"] for x in family]))
     # ranked by size: the EBS effect (about -20 pt) comes before lr scaling
     assert [x["key"] for x in rep["main_effects"]] == sorted(effects, key=lambda k: -abs(effects[k]["estimate"]))
     table = md.split("## What mattered", 1)[1].split("## Runs", 1)[0]

@@ -50,9 +50,24 @@ def test_expand_grid_is_the_product_in_file_order_seed_included():
 
 
 def test_expand_grid_nested_keys_and_single_values():
-    runs = sw.expand_grid({"grid": {"model": {"name": ["a", "b"]}, "train.epochs": 3}})
+    runs = sw.expand_grid({"grid": {"model": {"name": ["a", "b"]}, "train.epochs": [3]}})
     assert runs == [{"model.name": "a", "train.epochs": 3}, {"model.name": "b", "train.epochs": 3}]
     assert sw.expand_grid({"grid": {}}) == [{}]
+
+
+def test_a_scalar_grid_value_is_refused_in_one_line_exit_2_before_any_folder(tmp_path, capsys):
+    """`batch.effective: 16` under grid: (not [16]) was once read as a one-value list by accident of the code;
+    a grid lists values, so a scalar is refused with the fix, before the sweep's folder exists."""
+    with pytest.raises(UserError, match=r"grid key 'batch.effective' must be a list of values, got 16; "
+                                        r"write 'batch.effective: \[16\]', or move it under base:"):
+        sw.expand_grid({"grid": {"batch.effective": 16}})
+    path = write_sweep(tmp_path, {"name": "scalar", "base": TINY, "grid": {"batch.effective": 16,
+                                                                           "train.seed": [1, 2]}})
+    rc = main(["sweep", str(path), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "'batch.effective' must be a list of values" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_folder_name_names_the_varying_keys_filesystem_safe():

@@ -64,6 +64,8 @@ BAD = [
     (study_with(confirm={"top_k": 5, "seeds": [11, 12]}), "confirm.top_k must be an integer in [2, trials=3]"),
     (study_with(sampler="grid"), "the grid sampler needs choice lists; optim.lr is a range"),
     (study_with(prune="median"), "unknown top-level key(s) 'prune'"),
+    (study_with(space={"optim.lr_scaling": {"choice": ["sqrt"]}}),
+     "the space holds 1 configuration(s), fewer than confirm.top_k=2: nothing to rank"),
 ]
 
 
@@ -242,7 +244,7 @@ def test_the_study_verdict_is_the_report_comparison_of_the_confirmation_runs(tmp
     if case == "clear":
         assert comp["p_holm"] < 0.05 and verdict["winner"] == "trial-0000"
         assert verdict["text"].startswith("winner: trial-0000, better than the runner-up trial-0001 by +5.50 pt on "
-                                          "test acc (mean of 4 per-seed differences on fresh seeds, 95% two-level "
+                                          "test acc (mean of 4 per-seed differences on fresh seeds, 95% crossed "
                                           f"bootstrap [{-100 * comp['ci'][1]:+.2f}, {-100 * comp['ci'][0]:+.2f}] pt")
     else:
         assert comp["p_holm"] > 0.05 and verdict["winner"] is None
@@ -292,6 +294,8 @@ FAKE_TRAIN = textwrap.dedent('''
     # a known truth: accuracy peaks at lr 1e-3; seeds add a small config-specific wobble
     acc = 0.9 - 0.1 * abs(math.log10(lr) + 3) + 0.002 * ((seed * 7 + int(-math.log10(lr) * 10)) % 3)
     status = "pruned" if lr > float(os.environ.get("FAKE_PRUNE_ABOVE", "1")) else "completed"
+    if lr == float(os.environ.get("FAKE_COLLAPSE_LR", "nan")):  # at the majority rate all along
+        status, acc = "collapsed", 0.52
     (run / "summary.json").write_text(json.dumps({"status": status, "val_best": {"acc": acc},
                                                   "test_best": {"acc": acc - 0.01}, "duration_s": 0.1}))
 ''')
@@ -365,6 +369,43 @@ def test_report_on_a_study_folder_shows_the_verdict_and_the_search_plots(tmp_pat
     assert f"## Verdict\n\n{verdict['text']}\n" in md
     assert verdict["text"].startswith(("winner: ", "indistinguishable: "))
     assert "# Confirmation runs (seed-aware report)" in md  # followed by the report of the 6 confirmation runs
+
+
+def test_a_collapsed_trial_is_never_promoted_and_the_verdict_says_there_was_nothing_to_rank(tmp_path, fake_train,
+                                                                                                monkeypatch):
+    """1e-2 is pruned and 1e-4 collapses (val 0.52, the majority rate): it ranked second of the two that finished,
+    and was promoted to the confirmation against 1e-3. Now only 1e-3 is confirmed, and the verdict says why no
+    winner can be named."""
+    monkeypatch.setenv("FAKE_PRUNE_ABOVE", "5e-3")
+    monkeypatch.setenv("FAKE_COLLAPSE_LR", "1e-4")
+    data = study_with(space={"optim.lr": {"choice": [1.0e-4, 1.0e-3, 1.0e-2]}}, sampler="grid")
+    assert main(["tune", str(write_study(tmp_path, data)), "--out", str(tmp_path / "runs")]) == 0
+    index = read_study(tmp_path / "runs" / "st")
+    trials = {t["params"]["optim.lr"]: t for t in index["trials"]}
+    assert trials[1e-4]["status"] == "collapsed" and trials[1e-4]["value"] == pytest.approx(0.52)
+    assert index["confirm"]["configs"] == [trials[1e-3]["folder"]]
+    assert {r["config"] for r in index["confirm"]["runs"]} == {trials[1e-3]["folder"]}
+    assert index["best"]["folder"] == trials[1e-3]["folder"]
+    verdict = index["verdict"]
+    assert verdict["winner"] is None
+    assert verdict["text"] == (
+        "nothing to rank: 1 distinct configuration(s) of the search learned (1 collapsed, 1 completed, 1 pruned), "
+        "and a winner needs two; the others collapsed (never left the majority-class rate), were pruned or failed: "
+        "raise trials, widen the space, or change the base (lr, epochs) so that runs learn")
+
+
+def test_nothing_to_rank_names_the_reason():
+    from ebslab.tune.verdict import nothing_to_rank
+
+    def t(lr, status="completed", value=0.8):
+        return {"params": {"optim.lr": lr}, "status": status, "value": value}
+
+    assert nothing_to_rank([t(1e-3), t(1e-4)], 3) is None
+    assert nothing_to_rank([t(1e-3), t(1e-3), t(1e-3)], 5).endswith(
+        "the 3 trial(s) tried 1 distinct configuration: raise trials or widen the space")
+    assert nothing_to_rank([t(1e-3), t(1e-3)], 1).endswith("the search space holds 1 configuration: widen it")
+    assert nothing_to_rank([t(1e-3), t(1e-4, "collapsed", 0.5)], 2).startswith(
+        "nothing to rank: 1 distinct configuration(s) of the search learned (1 collapsed, 1 completed)")
 
 
 def test_indistinguishable_top_configurations_get_no_winner(tmp_path, fake_train):
@@ -508,7 +549,7 @@ def test_a_study_whose_base_is_a_config_file_parses_and_fingerprints_the_files_k
 
 def test_shipped_study_files_are_valid():
     files = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"cpu-tiny", "exp2-ebs-gpu"}
+    assert {f.stem for f in files} >= {"cpu-minilm-tune", "exp2-ebs-gpu"}
     for f in files:
         st = tune.load_study_file(f)
         assert st.objective.startswith("val/") and st.top_k >= 2 and len(st.seeds) >= 2

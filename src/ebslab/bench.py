@@ -7,14 +7,18 @@ Two scenarios, all contestants in one process, alternating, after a warm-up (thi
   `ebslab.train.train`, run folder and all), ebslab with `batch.micro=auto`, HF `Trainer` with equal settings
   (AdamW fused, lr, linear schedule, clip 1.0, sequential order) and the users' naive loop (pad to max_length,
   default AdamW, `.item()` every micro-step). Throughput is taken between the end of step 1 and the end of
-  step N: the first step (allocations, lazy init) is not timed for anyone.
+  step N: the first step (allocations, lazy init) is not timed for anyone. Every contestant is timed by the same
+  rule (`StepClock`): the device is synchronized at those two ends only, so a clock never stops before the
+  device's work is done, and no contestant is made to wait for the device between them.
 - `experiment`: one complete small fine-tuning (2 epochs, val + test every epoch, best checkpoint kept, test on
   best), by ebslab and by HF Trainer the way its docs teach (datasets.map tokenization, eval/save strategy
   epoch, load_best_model_at_end); wall time from start to the final test metrics, cold caches then warm.
 
-tokens/s counts real tokens only (attention-mask ones), never padding. peak_fraction = 6 x non-embedding params
-x real tokens/s / the device's peak: on a GPU its dense bf16 spec peak (SPEC_BF16_PEAK_FLOPS: MFU), on a CPU (or
-a GPU not in the table) the fp32 2048x2048 matmul rate measured in this run.
+tokens/s counts real tokens only (attention-mask ones), never padding. peak_fraction = training FLOP/s / the
+device's peak, FLOPs counted as nanoGPT's estimate_mfu does: 6N + 12 L H Q T per real token of an example of T real
+tokens (N non-embedding params, L layers, H x Q = hidden width; the second term is attention's), over its peak: on
+a GPU its dense bf16 spec peak (SPEC_BF16_PEAK_FLOPS: MFU), on a CPU (or a GPU not in the table) the fp32
+2048x2048 matmul rate measured in this run.
 """
 
 from __future__ import annotations
@@ -147,8 +151,30 @@ def real_tokens(attention_mask: Any) -> int:
     return int(torch.as_tensor(attention_mask).sum().item())
 
 
-def peak_fraction(non_embedding_params: int, tokens_per_s: float, peak_flops: float) -> float:
-    return 6 * non_embedding_params * tokens_per_s / peak_flops if peak_flops else float("nan")
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs of a model."""
+
+    non_embedding_params: int
+    layers: int
+    width: int  # hidden size = attention heads x head size
+
+    @classmethod
+    def of(cls, bundle: Any) -> ModelShape:
+        config = bundle.model.encoder.config
+        return cls(bundle.non_embedding_params, config.num_hidden_layers, config.hidden_size)
+
+
+def train_flops(shape: ModelShape, tokens: float, sq_tokens: float) -> float:
+    """Training FLOPs (forward + backward) of examples with `tokens` real tokens in all and `sq_tokens` = the sum
+    over examples of (real tokens)^2: per token 6N (the weight matmuls) + 12 L H Q T (attention scores and their
+    weighted sum over the example's T tokens), as nanoGPT's estimate_mfu. 6N alone is ~11% low for BERT-base at
+    512 tokens. (ModernBERT's sliding-window layers attend to fewer than T tokens: an upper bound there.)"""
+    return 6 * shape.non_embedding_params * tokens + 12 * shape.layers * shape.width * sq_tokens
+
+
+def peak_fraction(flops_per_s: float, peak_flops: float) -> float:
+    return flops_per_s / peak_flops if peak_flops else float("nan")
 
 
 def _rss_mb() -> float:
@@ -214,6 +240,7 @@ class StepData:
     labels: np.ndarray
     timed_tokens: int  # real tokens in windows 2..N
     timed_samples: int
+    timed_sq_tokens: int = 0  # sum over the examples of windows 2..N of (real tokens)^2: the attention FLOPs
 
 
 def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, steps: int | None = None,
@@ -251,11 +278,38 @@ def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = Fals
     lengths = split.lengths[order]
     return StepData(texts=[examples.texts[split.rows[i]] for i in order], input_ids=ids,
                     labels=split.labels[order].copy(), timed_tokens=int(lengths[s.effective:].sum()),
-                    timed_samples=len(order) - s.effective)
+                    timed_samples=len(order) - s.effective,
+                    timed_sq_tokens=int((lengths[s.effective:].astype(np.int64) ** 2).sum()))
+
+
+def synchronize() -> None:
+    """Wait until the device has done the work queued so far (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """The one timing rule of the step scenario, the same for every contestant: `step_end()` after each optimizer
+    step counts it, and at the end of step 1 and of step N (only there) synchronizes the device and reads the
+    clock. A clock read without the synchronize would time only how fast the host queues work; a synchronize at
+    every step would stop the host from queueing ahead (HF Trainer's own step clock does that) and charge it."""
+
+    def __init__(self, steps: int, now: Callable[[], float] = time.perf_counter) -> None:
+        self.steps = steps
+        self.now = now
+        self.done = 0
+        self.ends: list[float] = []  # clock at the end of step 1 and of step N
+
+    def step_end(self) -> None:
+        self.done += 1
+        if self.done in (1, self.steps):
+            synchronize()
+            self.ends.append(self.now())
 
 
 def timed_rate(step_ends: list[float], data: StepData) -> tuple[float, float]:
-    """(samples/s, real tokens/s) between the end of step 1 and the end of step N."""
+    """(samples/s, real tokens/s) between the end of step 1 and the end of step N (the first and last of
+    `step_ends`)."""
     elapsed = step_ends[-1] - step_ends[0]
     return data.timed_samples / elapsed, data.timed_tokens / elapsed
 
@@ -264,10 +318,16 @@ def timed_rate(step_ends: list[float], data: StepData) -> tuple[float, float]:
 # Step scenario: the contestants
 
 
-def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> list[float]:
-    """The real `ebslab.train.train`; step ends read back from the run folder's metrics.jsonl."""
-    from ebslab.tracking import read_metrics
+def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> StepClock:
+    """The real `ebslab.train.train` with its defaults (`train.log_every_steps=auto`), timed by a callback."""
+    from ebslab.callbacks import Callback
     from ebslab.train import train
+
+    clock = StepClock(s.steps)
+
+    class Clock(Callback):
+        def on_step(self, trainer: Any, record: dict | None) -> None:
+            clock.step_end()
 
     extra: dict[str, Any] = {}
     if contestant == "ebslab-accelerate":
@@ -279,14 +339,14 @@ def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> 
     if contestant == "ebslab-torch-nogns":
         extra["train.gns"] = False
     cfg = ebslab_config(s, max_length, out_dir, f"{contestant}-L{max_length}", **extra)
-    summary = train(cfg, overwrite=True)
+    summary = train(cfg, overwrite=True, callbacks=[Clock()])
     if summary["exit_code"]:
         # a Ctrl-C or SIGTERM meant for the bench lands in the run's own stop handler, which ends the run after one
         # step and returns: without this the bench went on and failed with "ran 1 steps, expected N"
         raise KeyboardInterrupt(f"{contestant}: {summary['message']}")
     if summary["status"] not in ("completed", "collapsed"):  # tiny bench runs collapse; that is no error here
         raise RuntimeError(f"{contestant} run {summary['status']}: {summary['message']} (see {cfg.run_dir})")
-    return [r["elapsed_s"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("event") == "step"]
+    return clock
 
 
 def hf_classifier(name: str, num_labels: int = 2) -> Any:
@@ -304,21 +364,15 @@ def hf_classifier(name: str, num_labels: int = 2) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
 
 
-class _StepClock:
-    """A TrainerCallback recording the end time of each optimizer step."""
+def trainer_clock(clock: StepClock) -> Any:
+    """A TrainerCallback that hands each optimizer step's end to `clock`."""
+    from transformers import TrainerCallback
 
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
+    class Callback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            clock.step_end()
 
-        ends = self.ends = []
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                ends.append(time.perf_counter())
-
-        self.callback = Callback()
+    return Callback()
 
 
 def hf_args(s: Settings, out_dir: Path, **extra: Any) -> Any:
@@ -333,22 +387,22 @@ def hf_args(s: Settings, out_dir: Path, **extra: Any) -> Any:
     return TrainingArguments(**kwargs)
 
 
-def run_trainer(s: Settings, data: StepData, tokenizer: Any, out_dir: Path) -> list[float]:
+def run_trainer(s: Settings, data: StepData, tokenizer: Any, out_dir: Path) -> StepClock:
     """HF Trainer, equal settings, ebslab's windows (sequential sampler over the same ordered examples)."""
     import datasets
     from transformers import DataCollatorWithPadding, Trainer
 
     ds = datasets.Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels.tolist()})
-    clock = _StepClock()
+    clock = StepClock(s.steps)
     args = hf_args(s, out_dir, max_steps=s.steps, save_strategy="no", eval_strategy="no",
                    logging_strategy="no", train_sampling_strategy="sequential")
     trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds,
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[clock.callback])
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[trainer_clock(clock)])
     trainer.train()
-    return clock.ends
+    return clock
 
 
-def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> list[float]:
+def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> StepClock:
     """The users' loop: tokenize each micro-batch padded to max_length, default AdamW, mean loss / accum_steps,
     `.item()` after every micro-step."""
     from transformers import get_linear_schedule_with_warmup
@@ -359,7 +413,7 @@ def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> l
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, s.steps)
     accum = s.effective // s.micro
-    ends, running = [], 0.0
+    clock, running = StepClock(s.steps), 0.0
     for k in range(s.steps):
         for j in range(accum):
             lo = k * s.effective + j * s.micro
@@ -374,8 +428,8 @@ def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> l
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        ends.append(time.perf_counter())
-    return ends
+        clock.step_end()
+    return clock
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -533,11 +587,11 @@ def startup_figures(s: Settings, work: Path) -> dict[str, Any]:
 
 
 def _row(scenario: str, contestant: str, max_length: int, samples_per_s: float, tokens_per_s: float,
-         wall_s: float, peak_mb: float, n_params: int, peak_flops: float, **extra: Any) -> dict[str, Any]:
+         wall_s: float, peak_mb: float, flops_per_token: float, peak_flops: float, **extra: Any) -> dict[str, Any]:
     row = {"scenario": scenario, "contestant": contestant, "max_length": max_length,
            "samples_per_s": round(samples_per_s, 4), "tokens_per_s": round(tokens_per_s, 2),
            "wall_s": round(wall_s, 2), "vs_trainer": None,
-           "peak_fraction": round(peak_fraction(n_params, tokens_per_s, peak_flops), 4),
+           "peak_fraction": round(peak_fraction(flops_per_token * tokens_per_s, peak_flops), 4),
            "peak_memory_mb": round(peak_mb, 1)}
     row.update(extra)
     return row
@@ -613,7 +667,8 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
     log = out / "bench.log"
     tokenizer = load_tokenizer(s.model)
-    n_params = build_model(ModelConfig(name=s.model), 2, 0, tokenizer).non_embedding_params
+    shape = ModelShape.of(build_model(ModelConfig(name=s.model), 2, 0, tokenizer))
+    n_params = shape.non_embedding_params
     if s.warmup:
         say("warming up ...")
         _warm_up(s, tokenizer)
@@ -622,7 +677,8 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"rows": rows, "matmul_peak_flops": peak, "peak_source": peak_source,
                               "device": str(device()),
-                              "settings": dataclasses.asdict(s), "non_embedding_params": n_params}
+                              "settings": dataclasses.asdict(s), "non_embedding_params": n_params,
+                              "layers": shape.layers, "width": shape.width}
 
     # ---- step scenario
     step_contestants = [c for c in s.contestants if c in CONTESTANTS + OPTIONAL_CONTESTANTS]
@@ -643,17 +699,19 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
                 t0, c0 = time.perf_counter(), time.process_time()
                 with PeakMemory() as mem, quiet(log):
                     if contestant.startswith("ebslab"):
-                        ends = run_ebslab(s, length, work, contestant)
+                        clock = run_ebslab(s, length, work, contestant)
                     elif contestant == "hf-trainer":
-                        ends = run_trainer(s, data, tokenizer, work / "hf-step")
+                        clock = run_trainer(s, data, tokenizer, work / "hf-step")
                     else:
-                        ends = run_naive(s, data, tokenizer, length)
+                        clock = run_naive(s, data, tokenizer, length)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                if len(ends) != s.steps:
-                    raise RuntimeError(f"{contestant} ran {len(ends)} steps, expected {s.steps}")
-                sps, tps = timed_rate(ends, step_data(s, length, tokenizer, grouped=True)
-                                      if contestant == "ebslab-torch-grouped" else data)
-                row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, n_params, peak,
+                if clock.done != s.steps:
+                    raise RuntimeError(f"{contestant} ran {clock.done} steps, expected {s.steps}")
+                timed = step_data(s, length, tokenizer, grouped=True) if contestant == "ebslab-torch-grouped" \
+                    else data
+                sps, tps = timed_rate(clock.ends, timed)
+                per_token = train_flops(shape, timed.timed_tokens, timed.timed_sq_tokens) / timed.timed_tokens
+                row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, per_token, peak,
                            cpu_s=round(cpu, 1))
                 say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({wall:.0f} s wall, "
                     f"{cpu:.0f} s CPU)")
@@ -674,6 +732,7 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
                                               return_attention_mask=False)["input_ids"]]
         samples = len(train_texts) * s.experiment_epochs
         tokens = sum(lengths) * s.experiment_epochs
+        per_token = train_flops(shape, sum(lengths), sum(n * n for n in lengths)) / sum(lengths)
         say(f"experiment: {s.experiment_limit} reviews ({len(train_texts)} train), max_length "
             f"{s.experiment_length}, {s.experiment_epochs} epochs, val+test every epoch, test on best")
         ebslab_cache, hf_cache = work / "ebslab-cache", work / "hf-datasets-cache"
@@ -691,7 +750,7 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
                             metrics = experiment_trainer(s, files, work / "exp-hf", hf_cache)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                     rows.append(_row("experiment", contestant, s.experiment_length, samples / wall, tokens / wall,
-                                     wall, mem.peak_mb, n_params, peak, cache=cache, cpu_s=round(cpu, 1),
+                                     wall, mem.peak_mb, per_token, peak, cache=cache, cpu_s=round(cpu, 1),
                                      test_acc=round(metrics["test_acc"], 4)))
                     say(f"  {contestant:18} {cache}: {wall:6.1f} s wall, {cpu:.0f} s CPU, test acc "
                         f"{metrics['test_acc']:.4f}")

@@ -12,7 +12,10 @@ resumed run logs what the uninterrupted one would have. It is keyed by class nam
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -106,26 +109,73 @@ class TrackerLogging(Callback):
         trainer.tracker.log(record)
 
 
-class ProgressBar(Callback):
-    """A tqdm bar on the main process: one tick per step, the logged loss and throughput beside it."""
+def progress_every(total_steps: int) -> int:
+    """Steps between two progress lines in a non-interactive run: EBSLAB_PROGRESS_EVERY if set, else about 20
+    lines per run (every 5% of the steps)."""
+    raw = os.environ.get("EBSLAB_PROGRESS_EVERY", "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return max(1, math.ceil(total_steps / 20))
 
-    def __init__(self) -> None:
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m{rest % 60:02d}s" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(step: int, total: int, elapsed_s: float, first_step: int, record: dict[str, Any] | None) -> str:
+    """`train step 40/100 (40%) loss 0.4522 1.1 samples/s, 7m20s elapsed, ~11m00s left`: one self-contained line
+    (a log file or CI shows it as written, no carriage returns). The time left extrapolates this session's pace
+    (steps since `first_step`, the step it started or resumed at)."""
+    parts = [f"train step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    if record is not None:
+        parts.append(f"loss {record['train/loss']:.4f} {record['samples_per_s']:.1f} samples/s")
+    done = step - first_step
+    timing = f"{_duration(elapsed_s)} elapsed"
+    if 0 < done and step < total:
+        timing += f", ~{_duration(elapsed_s / done * (total - step))} left"
+    return " ".join(parts) + ", " + timing
+
+
+class ProgressBar(Callback):
+    """Progress on the main process. On a terminal: a tqdm bar, one tick per step, the logged loss and throughput
+    beside it. Elsewhere (a sweep's log file, CI, nohup): a plain line every `progress_every` steps and at the
+    last step, since a bar's carriage-return redraws turn a log into one endless line."""
+
+    def __init__(self, interactive: bool | None = None) -> None:
+        self.interactive = interactive
         self.bar: Any = None
+        self.every = 0
+        self.last_record: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        from tqdm.auto import tqdm
+        if not trainer.backend.is_main:
+            return
+        interactive = sys.stderr.isatty() if self.interactive is None else self.interactive
+        total = trainer.derived.total_steps
+        if interactive:
+            from tqdm.auto import tqdm
 
-        # in a log file (sweeps, nohup) a redraw per step would be one endless line: redraw every 30 s instead
-        interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=trainer.derived.total_steps, initial=trainer.state.step,
-                        disable=not trainer.backend.is_main, unit="step", dynamic_ncols=True, desc="train",
-                        file=sys.stderr, mininterval=0.1 if interactive else 30.0)
+            self.bar = tqdm(total=total, initial=trainer.state.step, unit="step", dynamic_ncols=True, desc="train",
+                            file=sys.stderr, mininterval=0.1)
+        else:
+            self.every = progress_every(total)
+            self.first_step, self.started = trainer.state.step, time.monotonic()
 
     def on_step(self, trainer: Trainer, record: dict[str, Any] | None) -> None:
         if record is not None:
-            self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
-                                 refresh=False)
-        self.bar.update(1)
+            self.last_record = record
+        if self.bar is not None:
+            if record is not None:
+                self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
+                                     refresh=False)
+            self.bar.update(1)
+        elif self.every:
+            step, total = trainer.state.step, trainer.derived.total_steps
+            if step % self.every == 0 or step == total:
+                print(progress_line(step, total, time.monotonic() - self.started, self.first_step,
+                                    self.last_record), file=sys.stderr, flush=True)
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         if self.bar is not None:

@@ -6,9 +6,11 @@ kept until the new one is complete, so a kill at any moment leaves one good chec
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,32 @@ def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def io_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, or the one safetensors (Rust) reports only in its message
+    ("I/O error: No space left on device (os error 28)"). None for any other error."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, SafetensorError):
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        if "I/O error" in str(exc):
+            return OSError(errno.EIO, str(exc).split("I/O error:", 1)[-1].strip())
+    return None
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        err = io_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
 class AtomicDir:
     """`with AtomicDir(target) as tmp:` write into tmp; on success tmp replaces target, else target is untouched.
 
@@ -68,8 +96,9 @@ class AtomicDir:
     def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise self._error(exc) from None
+            err = io_error(exc)
+            if err is not None:
+                raise self._error(err) from None
             return
         try:
             for f in self.tmp.iterdir():
@@ -99,7 +128,7 @@ def resolve_checkpoint(target: Path) -> Path | None:
 
 
 def save_weights(model: nn.Module, folder: Path) -> None:
-    save_file(_contiguous_state(model), str(folder / "model.safetensors"))
+    _save_file(_contiguous_state(model), folder / "model.safetensors")
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -198,7 +227,7 @@ def save_last(checkpoints: Path, model: nn.Module, optimizer: Any, scheduler: An
             # one entry per process: each rank's dropout stream (and its GPU's) continues where it stopped
             "rng": _split_state(rng_per_rank or [rng_state()], "rng", tensors),
         }
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(structure))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 

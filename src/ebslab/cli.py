@@ -1,4 +1,5 @@
-"""`ebslab train | sweep | report | bench`. Errors in what the user gave: one line, exit code 2."""
+"""The `ebslab` command: train, sweep, report, bench, predict, export, tune. Errors in what the user gave: one
+line, exit code 2."""
 
 from __future__ import annotations
 
@@ -36,24 +37,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "collapsed", "pruned") else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebslab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# every command after `train`: (name, module with add_arguments/run, one line for `ebslab --help`)
+COMMANDS = (("sweep", "ebslab.sweep", "a grid of runs from a sweep file, each run in its own folder"),
+            ("report", "ebslab.report", "tables, plots and statistics from run, sweep or study folders"),
+            ("bench", "ebslab.bench", "training throughput against HF Trainer and a naive loop"),
+            ("predict", "ebslab.predict", "labels and class probabilities for new texts, from a run folder"),
+            ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card"),
+            ("tune", "ebslab.tune", "an Optuna search from a study file, ending in a multi-seed verdict"))
+TRAIN_HELP = "one run (config file and/or key=value overrides) into its run folder"
 
-    p = sub.add_parser("train", help="one run into its run folder")
+EPILOG = """\
+examples:
+  ebslab train configs/demo.yaml                        one run -> runs/demo/
+  ebslab train model.name=tiny-bert data.limit=300      defaults + dotted overrides, no file
+  ebslab train --resume runs/demo                       continue an interrupted run
+  ebslab sweep configs/sweeps/cpu-minilm.yaml --out runs
+  ebslab report runs/cpu-minilm
+  ebslab predict runs/demo texts.txt
+  ebslab export runs/demo --out exports/demo
+  ebslab tune configs/tune/cpu-minilm-tune.yaml --out runs
+
+`ebslab COMMAND --help` lists a command's options. Config keys: docs/config.md; sweep and study files:
+docs/files.md."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebslab", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fine-tune text encoders for classification and measure which training choices matter.")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP)
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] key=value",
                    help="a YAML config file, then dotted overrides, e.g. batch.effective=256")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=_train)
 
-    for name, module, help_text in (("sweep", "ebslab.sweep", "a grid of runs, each in its own folder"),
-                                    ("report", "ebslab.report", "tables, plots and statistics from run folders"),
-                                    ("bench", "ebslab.bench", "throughput against HF Trainer and a naive loop"),
-                                    ("predict", "ebslab.predict", "labels and class probabilities for new texts"),
-                                    ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card"),
-                                    ("tune", "ebslab.tune", "an Optuna search ending in a multi-seed verdict")):
-        p = sub.add_parser(name, help=help_text)
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])
         except ImportError:
@@ -65,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # a log file: no "Loading weights" bars (carriage returns) from the HF libraries
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # options may sit between overrides (`train cfg.yaml --overwrite a=1`): argparse leaves the rest here

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ebslab.config import DataConfig, UserError
+from ebslab.config import DataConfig, UserError, short_repr
 
 # package data, so that an installed ebslab (not only a source checkout) has its default dataset offline;
 # the checkout's data/imdb is a link to this folder
@@ -100,6 +100,14 @@ def _load_imdb() -> pd.DataFrame:
     return _load_hub("stanfordnlp/imdb", ["train", "test"])
 
 
+IMDB_CLASS_NAMES = ["neg", "pos"]
+"""The IMDB label ids' names (stanfordnlp/imdb's ClassLabel; the shipped files: 0 = negative, 1 = positive)."""
+_HUB_CLASS_NAMES: dict[tuple[str, str], list[str]] = {}
+"""(hub dataset, label column) -> its ClassLabel names, when the dataset declares them (set by _load_hub)."""
+_HUB_FINGERPRINTS: dict[str, str] = {}
+"""Hub dataset name -> the `datasets` fingerprints of the splits read (set by _load_hub, read by data_fingerprint)."""
+
+
 def _load_hub(name: str, splits: list[str] | None = None) -> pd.DataFrame:
     try:
         import datasets
@@ -109,6 +117,10 @@ def _load_hub(name: str, splits: list[str] | None = None) -> pd.DataFrame:
         raise UserError(f"dataset '{name}' could not be loaded from the Hugging Face hub ({type(e).__name__}); "
                         "offline? give a local file with data.path") from None
     names = splits or [s for s in ds.keys() if s != "unsupervised"]
+    _HUB_FINGERPRINTS[name] = "+".join(f"{s}:{getattr(ds[s], '_fingerprint', '?')}" for s in names)
+    for column, feature in getattr(ds[names[0]], "features", {}).items():
+        if isinstance(getattr(feature, "names", None), list):
+            _HUB_CLASS_NAMES[(name, column)] = [str(n) for n in feature.names]
     return pd.concat([ds[s].to_pandas() for s in names], ignore_index=True)
 
 
@@ -118,6 +130,81 @@ def load_table(cfg: DataConfig) -> pd.DataFrame:
     if cfg.name == "imdb":
         return _load_imdb()
     return _load_hub(cfg.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprint: what a run trained on, so that a resume on other data is refused
+
+
+def data_files(cfg: DataConfig) -> list[Path]:
+    """The files a data config reads (data.path's file or its folder's data files; the shipped IMDB's)."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if path.is_file():
+            return [path]
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES) \
+            if path.is_dir() else []
+    if cfg.name == "imdb" and (SHIPPED_IMDB / "train.parquet").exists():
+        return [SHIPPED_IMDB / "train.parquet", SHIPPED_IMDB / "test.parquet"]
+    return []
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def class_names(cfg: DataConfig, label_names: list[str]) -> list[str] | None:
+    """What each class is, where the data says so: IMDB's neg / pos, a hub dataset's ClassLabel names. `label_names`
+    are the values found in the label column (class id k = label_names[k]); None where the data names nothing."""
+    if cfg.path:
+        return None
+    if cfg.name == "imdb" and cfg.label_column == "label":
+        declared = IMDB_CLASS_NAMES
+    else:
+        declared = _HUB_CLASS_NAMES.get((cfg.name, cfg.label_column))
+    if not declared or not all(n.isdigit() and int(n) < len(declared) for n in label_names):
+        return None
+    return [declared[int(n)] for n in label_names]
+
+
+def data_fingerprint(cfg: DataConfig, label_names: list[str]) -> tuple[str, dict[str, Any]]:
+    """(hex digest, its parts): sha256 of the data files' content (or the hub dataset's fingerprint), the split,
+    split_seed, limit, the text and label columns and the sorted label set. Where the files are does not count:
+    the same data moved elsewhere has the same fingerprint."""
+    files = data_files(cfg)
+    if files:
+        content = {f.name: _file_digest(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+    else:
+        hub = "stanfordnlp/imdb" if cfg.name == "imdb" else cfg.name
+        content = {"hub": _HUB_FINGERPRINTS.get(hub, f"{hub} (fingerprint unknown)")}
+    parts = {"content": content, "split": [float(f) for f in cfg.split], "split_seed": cfg.split_seed,
+             "limit": cfg.limit, "text_column": cfg.text_column, "label_column": cfg.label_column,
+             "labels": sorted(str(n) for n in label_names)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints' parts, in words (for the message refusing a resume)."""
+    changes = []
+    old, new = saved.get("content") or {}, now.get("content") or {}
+    if old != new:
+        edited = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        said = [f"content of {', '.join(edited[:3])}" + (" ..." if len(edited) > 3 else "")] if edited else []
+        said += [f"file(s) gone: {', '.join(gone[:3])}"] if gone else []
+        said += [f"file(s) added: {', '.join(added[:3])}"] if added else []
+        changes.append("; ".join(said) or "the dataset")
+    for key in ("split", "split_seed", "limit", "text_column", "label_column"):
+        if key in saved and saved[key] != now.get(key):
+            changes.append(f"data.{key} {short_repr(saved[key])} -> {short_repr(now.get(key))}")
+    if "labels" in saved and saved["labels"] != now.get("labels"):
+        changes.append(f"label set {short_repr(saved['labels'])} -> {short_repr(now.get('labels'))}")
+    return changes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +259,8 @@ def clean(table: pd.DataFrame, cfg: DataConfig, source: str) -> Examples:
                         "classification needs at least two")
     rare = [(n, int(c)) for n, c in zip(names, counts) if c < cfg.min_class_fraction * len(keys)]
     if rare:
-        listed = ", ".join(f"{n!r} ({c} row{'s' if c > 1 else ''})" for n, c in rare)
+        listed = ", ".join(f"{short_repr(n)} ({c} row{'s' if c > 1 else ''})" for n, c in rare[:5]) + (
+            f" and {len(rare) - 5} more" if len(rare) > 5 else "")
         raise UserError(f"{source}: label(s) {listed} hold under data.min_class_fraction="
                         f"{cfg.min_class_fraction:g} of the {len(keys)} rows, a likely typo in column "
                         f"'{cfg.label_column}'; fix those rows, or set data.min_class_fraction="

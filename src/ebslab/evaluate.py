@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ebslab.backends import Backend
+from ebslab.backends import Backend, to_device
 from ebslab.data import TokenizedSplit, collate
 from ebslab.files import atomic_write_with
 from ebslab.metrics import compute_metrics, higher_is_better
@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, split: TokenizedSplit, backend: Backend, batch_si
     parts = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = {k: v.to(backend.device, non_blocking=True)
+        batch = {k: to_device(v, backend.device)  # pinned on a GPU, as training's: the copy does not block
                  for k, v in collate(split, idx, pad_id, model_inputs).items()}
         with backend.autocast():
             logits = model(**batch).float()

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from ebslab.config import UserError, resolved_dict
 from ebslab.predict import LoadedRun, load_run, predict_texts
 
 MODELING_FILE = "modeling_ebslab.py"
+MARKER = "ebslab_export.json"
+"""What makes a folder an ebslab export (--overwrite replaces only such a folder; a checkpoint has config.json too)."""
 CLASS_NAME = "EbslabForSequenceClassification"
 MAX_PROB_DIFF = 1e-5
 MAX_ONNX_DIFF = 1e-4
@@ -53,12 +56,20 @@ def ebslab_version() -> str:
         return "unknown"
 
 
+def display_labels(run: LoadedRun) -> list[str]:
+    """Each class id's name for the pipeline: what the data calls it (IMDB: neg, pos), else the label value."""
+    from ebslab.data import class_names
+
+    return class_names(run.cfg.data, run.label_names) or run.label_names
+
+
 def hf_config(run: LoadedRun) -> Any:
     encoder = run.bundle.model.encoder
     config = copy.deepcopy(encoder.config)
-    config.num_labels = len(run.label_names)
-    config.id2label = {i: name for i, name in enumerate(run.label_names)}
-    config.label2id = {name: i for i, name in enumerate(run.label_names)}
+    labels = display_labels(run)
+    config.num_labels = len(labels)
+    config.id2label = {i: name for i, name in enumerate(labels)}
+    config.label2id = {name: i for i, name in enumerate(labels)}
     config.architectures = [CLASS_NAME]
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{CLASS_NAME}"}
     config.ebslab_pooling = run.cfg.model.pooling
@@ -100,6 +111,32 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _local_name(value: str | None) -> str | None:
+    """A path as an export may carry it: its last part only (no absolute local path leaves the machine)."""
+    return Path(value).name if value else value
+
+
+def public_config(run: LoadedRun) -> dict[str, Any]:
+    """The resolved config for the card: out.dir, data.path and a local model.name reduced to their names."""
+    config = resolved_dict(run.cfg) | {"derived": run.derived}
+    config = json.loads(json.dumps(config, default=str))
+    config["out"]["dir"] = _local_name(config["out"]["dir"])
+    config["data"]["path"] = _local_name(config["data"]["path"])
+    if Path(run.cfg.model.name).exists():
+        config["model"]["name"] = _local_name(run.cfg.model.name)
+    return config
+
+
+REMOTE_CODE_NOTE = """Loading with it runs this folder's `{modeling}` in your Python process, with your permissions. It imports only torch and transformers; an export you did not make
+yourself should be read first (any line added to that file runs at load), or pinned to a revision you have read."""
+
+PIPELINE_NOTE = """Each `pipeline(...)` load logs "The model 'EbslabForSequenceClassification' is not supported for
+text-classification. Supported models are [...]": that check knows only the stock heads; the pipeline runs this
+head as it runs theirs (the export was reloaded through `AutoModelForSequenceClassification` and checked against
+`ebslab predict` before it was written). `transformers.logging.set_verbosity(transformers.logging.CRITICAL)`
+before the call hides it."""
+
+
 def model_card(run: LoadedRun, out_name: str) -> Any:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -107,17 +144,26 @@ def model_card(run: LoadedRun, out_name: str) -> Any:
     val, test = _checkpoint_metrics(run)
     imdb = not cfg.data.path and cfg.data.name == "imdb"
     dataset_id = "stanfordnlp/imdb" if imdb else (cfg.data.name if not cfg.data.path else None)
-    dataset_name = "IMDB" if imdb else (cfg.data.path or cfg.data.name)
+    dataset_name = "IMDB" if imdb else (_local_name(cfg.data.path) or cfg.data.name)
+    local_model = Path(cfg.model.name).exists()
+    model_name = _local_name(cfg.model.name) if local_model else cfg.model.name
     base = MINILM_HUB_ID if cfg.model.name == "minilm" else (
-        None if cfg.model.name.startswith("tiny-") or Path(cfg.model.name).exists() else cfg.model.name)
+        None if cfg.model.name.startswith("tiny-") or local_model else cfg.model.name)
+    split_text = ":".join(f"{f:g}" for f in cfg.data.split)
+    pooled = "the dataset's train and test splits pooled" if imdb else "all its rows"
+    # the figures are on ebslab's own seeded re-split of the pooled data, not the dataset's official splits
+    split_names = {"validation": f"ebslab re-split validation ({split_text} of {pooled}, seed {cfg.data.split_seed})",
+                   "test": f"ebslab re-split test ({split_text} of {pooled}, seed {cfg.data.split_seed})"}
     results = []
     for split, metrics in (("validation", val), ("test", test)):
+        n = (metrics or {}).get("n")
         for name, value in (metrics or {}).items():
             if name == "n" or not isinstance(value, (int, float)) or value != value:
                 continue
             results.append(EvalResult(task_type="text-classification", task_name="Text Classification",
                                       dataset_type=dataset_id or "custom", dataset_name=dataset_name,
-                                      dataset_split=split, metric_type=name, metric_name=f"{split} {name}",
+                                      dataset_split=f"{split_names[split]}, n={n}" if n else split_names[split],
+                                      metric_type=name, metric_name=f"{split} {name}" + (f" (n={n})" if n else ""),
                                       metric_value=float(value)))
     data = ModelCardData(model_name=out_name, base_model=base, datasets=[dataset_id] if dataset_id else None,
                          library_name="transformers", pipeline_tag="text-classification",
@@ -136,13 +182,17 @@ def model_card(run: LoadedRun, out_name: str) -> Any:
         if metrics:
             rows.append(f"| {split} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
     metrics_md = "\n".join(rows) if keys else "No evaluation was recorded in the run folder."
-    split_text = ":".join(f"{f:g}" for f in cfg.data.split)
+    labels = display_labels(run)
+    label_text = ", ".join(f"{i} = `{n}`" + (f" (label value `{v}`)" if n != v else "")
+                           for i, (n, v) in enumerate(zip(labels, run.label_names)))
+    counts = " and ".join(f"{s} n={m['n']}" for s, m in (("validation", val), ("test", test)) if m and m.get("n"))
+    precision = derived.get("precision") or cfg.train.precision
     body = f"""
 # {out_name}
 
-A text classifier fine-tuned with [ebslab](https://github.com/) {ebslab_version()} from `{cfg.model.name}`
+A text classifier fine-tuned with ebslab {ebslab_version()} from `{model_name}`
 ({'`' + base + '`' if base else 'a local or randomly initialised encoder'}), exported from the run folder
-`{run.run_dir}` at its **{run.checkpoint}** checkpoint.
+`{run.run_dir.name}` at its **{run.checkpoint}** checkpoint.
 
 ## Use
 
@@ -153,11 +203,15 @@ clf(["a text"], top_k=None, truncation=True)
 ```
 
 `trust_remote_code=True` is needed: the head (dropout + linear on the `{cfg.model.pooling}` pooled vector, no
-pooler) is not any stock `...ForSequenceClassification` head; it is defined in `{MODELING_FILE}` in this folder,
-which imports only torch and transformers. Pass `truncation=True`: the model was trained on the first
-{cfg.data.max_length} tokens (the tokenizer's `model_max_length`).
+pooler) is not any stock `...ForSequenceClassification` head; it is defined in `{MODELING_FILE}` in this folder.
+{REMOTE_CODE_NOTE.format(modeling=MODELING_FILE)}
 
-Labels: {", ".join(f"{i} = `{n}`" for i, n in enumerate(run.label_names))}.
+Pass `truncation=True`: the model was trained on the first {cfg.data.max_length} tokens (the tokenizer's
+`model_max_length`).
+
+{PIPELINE_NOTE}
+
+Labels: {label_text}.
 
 ## Data
 
@@ -171,19 +225,23 @@ max_length {cfg.data.max_length}.
 - {lr_line}
 - pooling `{cfg.model.pooling}`, head dropout {cfg.model.dropout}, encoder dropout
   {cfg.model.encoder_dropout if cfg.model.encoder_dropout is not None else "pretrained default"}
-- {derived.get('epochs')} epoch(s), {derived.get('num_train')} train examples, precision {cfg.train.precision}
+- {derived.get('epochs')} epoch(s), {derived.get('num_train')} train examples, precision {precision}
 - seeds: train.seed {cfg.train.seed}, data.split_seed {cfg.data.split_seed}
 
 ## Evaluation at the exported checkpoint
 
 {metrics_md}
 
+These figures are on ebslab's own seeded re-split of the data ({split_text} of {pooled}, seed
+{cfg.data.split_seed}{f", {counts} examples" if counts else ""}), not on the dataset's official `test` split: they
+are comparable with other ebslab runs on the same split, not with leaderboard numbers.
+
 `ece`: expected calibration error (15 equal-width bins of the predicted class's probability).
 
 ## Full resolved config
 
 ```yaml
-{_yaml(resolved_dict(cfg) | {"derived": derived})}```
+{_yaml(public_config(run))}```
 """
     if imdb:
         body += f"\n## Citation (IMDB)\n\n```bibtex\n{IMDB_CITATION}\n```\n"
@@ -266,16 +324,22 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
            onnx: bool = False) -> Path:
     from ebslab.checkpoint import AtomicDir
 
+    from ebslab.files import check_folder_target
+    from ebslab.predict import run_folder_of
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"export target '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    inside = run_folder_of(out)
+    if inside is not None:
+        raise UserError(f"--out '{out}' is inside the run folder '{inside}' (its checkpoints are what --resume "
+                        "and the report read); export elsewhere")
+    check_folder_target(out.parent, "--out's parent")
     if out.exists() and not out.is_dir():
         raise UserError(f"export target '{out}' is a file; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"'{out}' is a non-empty folder that is not a model export; choose another --out "
-                        "(--overwrite only replaces exports)")
-    if not out.parent.is_dir():
-        raise UserError(f"--out '{out}': folder '{out.parent}' does not exist; create it first")
+    if out.exists() and not overwrite:
+        raise UserError(f"export target '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"'{out}' is a non-empty folder that is not an ebslab export (no {MARKER}); choose another "
+                        "--out (--overwrite only replaces exports)")
     if onnx:
         _require_onnx()
     run = load_run(run_dir, checkpoint, ["train.device=cpu"])
@@ -283,6 +347,12 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ebslab.files import storage_error
+
+        raise storage_error(out.parent, e) from None
     with AtomicDir(out) as tmp:
         config = hf_config(run)
         model = Model(config)
@@ -293,9 +363,10 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
         tokenizer.save_pretrained(str(tmp))
         shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), tmp / MODELING_FILE)
         model_card(run, out.name).save(str(tmp / "README.md"))
-        (tmp / "ebslab_export.json").write_text(json.dumps({
-            "run_dir": str(Path(run_dir).resolve()), "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
-            "labels": run.label_names}, indent=2))
+        (tmp / MARKER).write_text(json.dumps({  # the run folder's name only: no local path leaves the machine
+            "run": Path(run_dir).resolve().name, "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
+            "labels": run.label_names, "label_names": display_labels(run),
+            "data_fingerprint": run.derived.get("data_fingerprint")}, indent=2))
         diff = check_reload(tmp, run)
         if not diff <= MAX_PROB_DIFF:
             raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
@@ -305,14 +376,29 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
             if not onnx_diff <= MAX_ONNX_DIFF:
                 raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
                                    "nothing was written")
+        _publishable_modes(tmp)
     return out
+
+
+def _publishable_modes(folder: Path) -> None:
+    """Every file readable by all (0644 under the usual umask), as the tokenizer's files are: safetensors writes
+    its file 0600, which a web server or a shared model folder cannot serve."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask | 0o444)
+        elif f.is_dir():
+            f.chmod(0o777 & ~umask | 0o555)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out.dir/out.name)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the export folder (must not exist)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the export folder (must not exist; missing parent folders are created; never inside a "
+                        "run folder)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing export folder (one holding {MARKER})")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx), checked with ONNX Runtime")
 
 

@@ -27,6 +27,18 @@ def storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> Storag
     return StorageError(f"could not write '{what}' ({reason}); {hint}")
 
 
+def check_folder_target(path: str | Path, what: str) -> None:
+    """A folder can be made (or is) at `path`: it and every existing folder above it are folders, not files.
+    Checked before any work: `mkdir` would fail later with NotADirectoryError / FileExistsError."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f": '{p}' is a file"
+                raise UserError(f"{what} '{path}' is not a folder{where}; choose a folder for {what}")
+            return
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

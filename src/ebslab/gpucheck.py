@@ -48,16 +48,46 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def throughput_row(name: str, summary: dict[str, Any], wall_s: float, syncs_per_step: float | None) -> Row:
+@dataclass
+class Syncs:
+    """Host syncs over a whole run, by where they came from: the training steps, the evaluations (val + test
+    scoring, the final test included), the checkpoints (weights and state copied to the host); `reads` = the steps
+    at which the loop reads the device by design (log, evaluation and checkpoint steps)."""
+
+    steps: int = 0
+    reads: int = 0
+    training: int = 0
+    evaluations: int = 0
+    in_evaluation: int = 0
+    in_checkpoint: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.training + self.in_evaluation + self.in_checkpoint
+
+    @property
+    def ok(self) -> bool:
+        """A training step syncs only where the loop reads by design: once, or twice with a callback's read of the
+        same step (the noise scale); any other sync would be one per step."""
+        return self.training <= 2 * self.reads
+
+    def text(self) -> str:
+        per_eval = f"{self.in_evaluation / self.evaluations:.0f}" if self.evaluations else "-"
+        per_step = self.training / max(self.steps, 1)
+        return (f"host syncs {self.total}: {self.training} in {self.steps} steps ({per_step:.2f}/step, {self.reads} "
+                f"reads), {per_eval} per evaluation, {self.in_checkpoint} in checkpoints")
+
+
+def throughput_row(name: str, summary: dict[str, Any], wall_s: float, syncs: Syncs | None) -> Row:
     """Logged rate (summary) against samples over the wall time from the fit's start to its last host read (no
     evaluation in between): honest when they agree within 15%."""
     logged = summary.get("train_samples_per_s") or 0.0
     wall = summary["samples"] / wall_s if wall_s > 0 else 0.0
     ok = summary["status"] in ("completed", "collapsed") and wall > 0 and abs(logged / wall - 1) <= 0.15
     text = f"{logged:.0f} samples/s logged, {wall:.0f} wall"
-    if syncs_per_step is not None:
-        text += f", {syncs_per_step:.1f} host syncs/step"
-        ok = ok and syncs_per_step <= 1.0
+    if syncs is not None:
+        text += f", {syncs.text()}"
+        ok = ok and syncs.ok
     return Row(name, text, ok)
 
 
@@ -95,43 +125,93 @@ def build_local_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, float, float | None]:
-    import torch
+def sync_phase(frame: Any) -> str:
+    """Where a host sync came from, by the stack it was raised in: `evaluation` (ebslab.evaluate), `checkpoint`
+    (ebslab.checkpoint, or the trainer's save_last / save_best: the callbacks' state is copied there), else
+    `training`."""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if path.endswith("ebslab/evaluate.py"):
+            return "evaluation"
+        if path.endswith("ebslab/checkpoint.py") or frame.f_code.co_name in ("save_last", "save_best"):
+            return "checkpoint"
+        frame = frame.f_back
+    return "training"
 
+
+def _sync_counter(count: bool) -> Any:
     from ebslab.callbacks import Callback
-    from ebslab.config import load_config
-    from ebslab.train import train
 
     class SyncCounter(Callback):
-        """Wall time from the fit's start to the last logged step (right after its host read) and, when asked,
-        host syncs of the training steps (set-up, evaluations and the final test are not counted)."""
+        """Wall time from the fit's start to the last read of the training steps and, when `count`, every host sync
+        of the run from the fit's start to its summary (evaluations, checkpoints and the final test included), by
+        phase: torch's CUDA sync debug mode warns at each one."""
 
         def __init__(self) -> None:
-            self.steps = 0
+            self.syncs = Syncs()
+            self.read_steps: set[int] = set()
             self.started = self.last_read = 0.0
+            self.counting = False
 
         def on_fit_start(self, trainer: Any) -> None:
             self.started = time.perf_counter()
-            if count_syncs:
-                torch.cuda.set_sync_debug_mode("warn")
+            self.counting = count
+            if count:
+                set_sync_debug_mode("warn")
+
+        def sync(self, frame: Any) -> None:
+            if self.counting:
+                phase = sync_phase(frame)
+                if phase == "training":
+                    self.syncs.training += 1
+                else:
+                    setattr(self.syncs, f"in_{phase}", getattr(self.syncs, f"in_{phase}") + 1)
 
         def on_step(self, trainer: Any, record: dict | None) -> None:
-            self.steps += 1
+            self.syncs.steps += 1
             if record is not None:
                 self.last_read = time.perf_counter()
+                self.read_steps.add(trainer.state.step)
 
         def on_eval(self, trainer: Any, record: dict) -> None:
-            torch.cuda.set_sync_debug_mode(0)  # the evaluation reads its results on purpose
+            self.syncs.evaluations += 1
+            self.read_steps.add(trainer.state.step)  # the loop evaluates only at a step it has read
 
         def on_fit_end(self, trainer: Any, summary: dict) -> None:
-            torch.cuda.set_sync_debug_mode(0)
+            self.syncs.reads = len(self.read_steps)
+            if self.counting:
+                set_sync_debug_mode(0)
+            self.counting = False
 
-    counter = SyncCounter()
-    with warnings.catch_warnings(record=True) as caught:
+    return SyncCounter()
+
+
+def set_sync_debug_mode(mode: Any) -> None:
+    import torch
+
+    torch.cuda.set_sync_debug_mode(mode)
+
+
+def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, float, Syncs | None]:
+    import sys as _sys
+
+    from ebslab.config import load_config
+    from ebslab.train import train
+
+    counter = _sync_counter(count_syncs)
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" in str(message).lower():
+            counter.sync(_sys._getframe(1))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         summary = train(load_config(None, overrides), overwrite=True, callbacks=[counter])
-    syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-    return summary, counter.last_read - counter.started, (syncs / max(counter.steps, 1)) if count_syncs else None
+    return summary, counter.last_read - counter.started, counter.syncs if count_syncs else None
 
 
 def _ebslab(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:

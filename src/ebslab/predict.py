@@ -138,11 +138,29 @@ def class_probs(run: LoadedRun, split: TokenizedSplit, progress: bool | None = N
 # Input and output tables
 
 
+def text_lines(text: str) -> list[str]:
+    """One text per line: split at newlines (\\n, \\r\\n) only. str.splitlines() also splits at U+2028, form
+    feeds, \\x1c-\\x1e ..., which a review may hold: output rows would no longer match input lines."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder that `path` is in (or is), if any: a folder holding config.yaml and metrics.jsonl."""
+    p = Path(path).expanduser().resolve()
+    for folder in (p, *p.parents):
+        if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file():
+            return folder
+    return None
+
+
 def read_input(source: str, text_column: str) -> pd.DataFrame:
     """INPUT as a table with a string column `text_column`: csv/parquet/jsonl, a folder of them, a plain text
     file (one text per line), or '-' (stdin, one text per line)."""
     if source == "-":
-        lines = sys.stdin.read().splitlines()
+        lines = text_lines(sys.stdin.read())
         table, what = pd.DataFrame({text_column: lines}), "stdin"
     else:
         path = Path(source).expanduser()
@@ -152,7 +170,7 @@ def read_input(source: str, text_column: str) -> pd.DataFrame:
         if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
             if path.stat().st_size and b"\0" in path.read_bytes()[:4096]:
                 raise UserError(f"{what} is neither csv/parquet/jsonl nor plain text; give one of those")
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = text_lines(path.read_bytes().decode("utf-8", errors="replace"))
             table = pd.DataFrame({text_column: lines})
         elif path.is_file():
             if path.stat().st_size == 0:
@@ -182,14 +200,25 @@ def attach(table: pd.DataFrame, probs: np.ndarray, label_names: list[str]) -> pd
     return out
 
 
-def check_out_path(out: str | None) -> None:
+def check_out_path(out: str | None, source: str | None = None, overwrite: bool = False) -> None:
+    """--out: a new file (an existing one only with --overwrite), never the input, never inside a run folder."""
     if out is None:
         return
     path = Path(out)
     if path.suffix.lower() not in OUT_SUFFIXES:
         raise UserError(f"--out '{out}' must end in {', '.join(OUT_SUFFIXES)} (the extension picks the format)")
+    run = run_folder_of(path)
+    if run is not None:
+        raise UserError(f"--out '{out}' is inside the run folder '{run}', whose files ebslab reads back (report, "
+                        "resume); write the predictions elsewhere")
+    if source not in (None, "-") and path.exists() and path.resolve() == Path(source).expanduser().resolve():
+        raise UserError(f"--out '{out}' is the input file; give another --out")
     if not path.parent.is_dir():
         raise UserError(f"--out '{out}': folder '{path.parent}' does not exist; create it first")
+    if path.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give a file name ending in {', '.join(OUT_SUFFIXES)}")
+    if path.exists() and not overwrite:
+        raise UserError(f"--out '{out}' already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def write_table(table: pd.DataFrame, out: str | None) -> None:
@@ -228,14 +257,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help=f"only {', '.join(PREDICT_OVERRIDES)}, e.g. train.device=cpu")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--out", metavar="FILE", help="output .csv, .parquet or .jsonl (default: csv on stdout)")
+    p.add_argument("--out", metavar="FILE", help="output .csv, .parquet or .jsonl (default: csv on stdout); never "
+                                                 "inside a run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--text-column", metavar="C", help="the input's text column (default: the run's data.text_column)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ebslab.train import load_run_config
 
-    check_out_path(args.out)
+    check_out_path(args.out, args.input, args.overwrite)
     check_overrides(args.overrides)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -14,11 +14,14 @@ with the output folder on a filesystem every node sees).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -32,9 +35,10 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import UserError, VALID_KEYS, _unknown_key, flatten, load_config, read_yaml
-from ebslab.files import atomic_write_text
-from ebslab.locks import FolderLock
+from ebslab.config import (MAX_YAML_BYTES, UserError, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
+                           read_yaml)
+from ebslab.files import atomic_write_text, check_folder_target
+from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
 """Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
@@ -76,7 +80,10 @@ def _grid_of(sweep: Sweep | dict) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for key, values in flatten(grid).items():
         if not isinstance(values, (list, tuple)):
-            values = [values]  # `train.epochs: 3` in a grid = one value
+            # a scalar is a base value written in the wrong place (`batch.effective: 16` once trained every run
+            # on the defaults of what the user meant to set): refuse it rather than guess
+            raise UserError(f"sweep grid key '{key}' must be a list of values, got {format_value(values)}; "
+                            f"write '{key}: [{format_value(values)}]', or move it under base:")
         if len(values) == 0:
             raise UserError(f"sweep grid key '{key}' has an empty list of values; give at least one")
         out[key] = list(values)
@@ -199,8 +206,11 @@ def read_yaml_file(path: str | Path, kind: str) -> tuple[Any, Path]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{kind} file '{path}' does not exist")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{kind} file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} such a "
+                        "file may have; is it the right file?")
     try:
-        return yaml.safe_load(p.read_text()), p.resolve()
+        return load_yaml_text(p.read_text(), f"{kind} file '{path}'"), p.resolve()
     except yaml.YAMLError as e:
         raise UserError(f"{kind} file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
 
@@ -381,6 +391,9 @@ def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
 # Running one job: a subprocess with its output in a log (used by both executors).
 
 
+_PROGRESS = re.compile(r"\d+%\|")  # tqdm's "train:  40%|####      | 4/10 [...]"
+
+
 def _last_line(log: Path) -> str | None:
     """The last line the run printed (its error, usually), without the sweep's own `===` lines."""
     try:
@@ -389,7 +402,9 @@ def _last_line(log: Path) -> str | None:
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return None
-    lines = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("=== ")]
+    # a progress bar redraws its line with \r: its fragments are not what the run said
+    lines = [part.strip() for ln in lines for part in ln.split("\r")]
+    lines = [ln for ln in lines if ln and not ln.startswith("=== ") and not _PROGRESS.search(ln)]
     return lines[-1][:300] if lines else None
 
 
@@ -417,9 +432,11 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
         f.write(f"=== ebslab sweep {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {shlex.join(cmd)}\n")
         f.flush()
         try:
-            # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT
+            # its own session: a Ctrl-C reaches the sweep only, which forwards exactly one SIGINT; and a SIGTERM
+            # when the sweep dies however it dies (kill -9 included), so no run outlives it unnoticed
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    stdin=subprocess.DEVNULL, start_new_session=on_start is not None)
+                                    stdin=subprocess.DEVNULL, start_new_session=on_start is not None,
+                                    preexec_fn=_die_with_parent())
         except OSError as e:
             f.write(f"could not start: {e}\n")
             return 127
@@ -432,6 +449,67 @@ def run_process(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | No
             raise
         f.write(f"=== exit code {rc}\n")
     return rc
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a `preexec_fn` that asks the kernel to send the child SIGTERM when the thread that started it dies
+    (a sweep or tuner killed with -9: `ebslab train` then finishes its step, checkpoints, writes status
+    interrupted). Elsewhere None: `--resume` still finds a run left going and waits for it (`wait_for_live_runs`)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def live_run(run_dir: Path) -> dict[str, Any] | None:
+    """The holder (pid, command) of a run folder's lock while a process still holds it, else None. A run that a
+    killed sweep or tuner left going holds its lock until it ends (the kernel drops it then, however it ends)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {"pid": None}
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def wait_for_live_runs(run_dirs: list[Path], stopping: Callable[[], bool] = lambda: False,
+                       poll_s: float = 0.5) -> list[Path]:
+    """`--resume` after the sweep (or tuner) was killed: wait for each run that is still going, so that it is
+    never started a second time beside itself nor recorded as failed. Returns the folders waited for; their
+    action is then decided from what they left (resumed, or skipped if they finished)."""
+    waited = []
+    for run_dir in run_dirs:
+        holder = live_run(run_dir)
+        if holder is None:
+            continue
+        waited.append(Path(run_dir))
+        print(f"{Path(run_dir).name}: still running as pid {holder.get('pid', '?')} (left by a sweep or tuner "
+              "that was killed); waiting for it to end", flush=True)
+        while live_run(run_dir) is not None and not stopping():
+            time.sleep(poll_s)
+    return waited
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 60.0, send: bool = True) -> None:
@@ -648,8 +726,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, out_help: str, resume_hel
     (`ebslab sweep`, `ebslab tune`), with each command's own words for what they mean there."""
     parser.add_argument("--out", default="runs", help=out_help)
     parser.add_argument("--resume", action="store_true", help=resume_help)
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local subprocesses (default) or Ray tasks (RAY_ADDRESS = an existing cluster)")
+    parser.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                        help="local subprocesses (default), Ray tasks (RAY_ADDRESS = an existing cluster) or Slurm "
+                             "jobs (submitit; the options below)")
     parser.add_argument("--parallel", type=int, default=1, help=parallel_help)
 
 
@@ -660,8 +739,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       parallel_help="local executor: runs at once (default 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
-    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray executor: GPUs per run (default 0)")
-    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray executor: CPUs per run (default 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray, slurm executors: GPUs per run (default 0)")
+    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray, slurm executors: CPUs per run (default 1)")
+    from ebslab import slurm
+
+    slurm.add_arguments(parser, resources=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -670,9 +752,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     if args.gpus_per_run < 0 or args.cpus_per_run < 0:
         raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
+    if args.executor == "slurm":
+        from ebslab import slurm
+
+        args.slurm = slurm.options_from_args(args)  # before any folder exists
     sweep = load_sweep(args.sweep_file)
     validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sweep_dir(args.out, sweep, args.smoke).resolve()
+    check_folder_target(root, "--out")
     # one sweep per folder: a second one would `train --resume` runs the first is still writing
     with FolderLock(root, "sweep"):
         return _run_locked(args, sweep, root)
@@ -680,9 +767,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
     jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
+    if args.resume and wait_for_live_runs([j.run_dir for j in jobs]):
+        jobs = plan(sweep, args.out, resume=True, smoke=args.smoke)  # from what the runs left
     runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
     where = (f"local x {args.parallel}" if args.executor == "local"
+             else args.slurm.describe() if args.executor == "slurm"
              else f"ray ({args.cpus_per_run:g} cpu, {args.gpus_per_run:g} gpu per run)")
     print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on {where}; "
           + ", ".join(f"{n} {a}" for a, n in actions.items() if n), flush=True)
@@ -693,6 +783,10 @@ def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
     try:
         if args.executor == "ray":
             runner.run_ray(args.gpus_per_run, args.cpus_per_run)
+        elif args.executor == "slurm":
+            from ebslab import slurm
+
+            slurm.run_sweep(runner, args.slurm)
         else:
             runner.run_local(args.parallel)
     except KeyboardInterrupt:

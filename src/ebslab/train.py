@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import shutil
 import signal
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,19 +31,20 @@ import torch.nn.functional as F
 import yaml
 
 from ebslab import checkpoint as ckpt
-from ebslab.backends import Backend, make_backend
+from ebslab import stats
+from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
-from ebslab.config import Config, Derived, UserError, derive, load_config, resolved_dict
-from ebslab.data import (DataBundle, collate, data_source, epoch_order, length_grouped, load_data, load_examples,
-                         shard_window, windows)
+from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
+from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
+                         length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
+from ebslab.files import check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
 from ebslab.tracking import NullTracker, Tracker, check_trackers, open_trackers, truncate_metrics
 
-COLLAPSE_MARGIN = 0.02  # val acc within 2 points of the majority-class rate counts as collapsed
 
 
 @dataclass
@@ -68,10 +72,12 @@ class TrainerState:
     best_step: int = -1
     best_epoch: int = -1
     evals_without_gain: int = 0
-    ever_above_majority: bool = False
-    collapse_warned: bool = False
+    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + stats.collapse_margin
+    collapse_warned: bool = False  # the "fell_back" warning was given
     last_eval_step: int = -1
     last_val_acc: float | None = None
+    max_val_acc: float | None = None
+    last_val: dict[str, float] | None = None
     scaler: dict[str, Any] | None = None  # fp16 loss scale (GPU), so a resumed run skips the same steps
     callbacks: dict[str, Any] = field(default_factory=dict)  # Callbacks.state_dict(): their averages and sums
 
@@ -79,11 +85,47 @@ class TrainerState:
     def from_dict(cls, saved: dict[str, Any]) -> TrainerState:
         """From trainer_state.json; checkpoints written before `since_eval` had names hold [loss sum, correct,
         count]. Raises TypeError or ValueError for a state this version cannot read."""
+        if not isinstance(saved, dict):
+            raise TypeError(f"a mapping, not {type(saved).__name__}")
         since = saved.get("since_eval", {})
         if isinstance(since, list):
             since = dict(zip(("loss_sum", "correct", "count"), since, strict=True))
+        if not isinstance(since, dict):
+            raise TypeError(f"since_eval: a mapping, not {type(since).__name__}")
+        for name, value in since.items():
+            _check_type(f"since_eval.{name}", value, float)
+        hints = typing.get_type_hints(cls)
+        for name, value in saved.items():
+            if name != "since_eval" and name in hints:
+                _check_type(name, value, hints[name])
         return cls(**{**saved, "since_eval": TrainSums(**since)})
 
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """TypeError unless `value` (read from JSON) has the type `tp` of a TrainerState field."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok and args and args[1] is float:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} "
+                        f"{str(value)[:40]!r}")
 
 
 class StopRequest:
@@ -176,8 +218,8 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
         raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
     try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        saved = load_yaml_text(path.read_text(), f"'{path}'")
+    except (yaml.YAMLError, UnicodeDecodeError):
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")
@@ -238,6 +280,7 @@ class Trainer:
         self.tracker: Tracker = NullTracker()
         self.lock: FolderLock | None = None  # the run folder's, held by the main process
         self.gns_reason = "off"  # set by setup(): the start-up line says whether and why
+        self.fingerprint: tuple[str, dict] = ("", {})  # the data's (data_fingerprint), set by setup()
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -253,7 +296,12 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, resume_dir = self.cfg, self.resume_dir
+        check_folder_target(resume_dir or cfg.run_dir, "--resume" if resume_dir else "out.dir/out.name")
         backend = self.backend = make_backend(cfg.train)
+        if resume_dir is not None:  # first: a run still going says so (the lock), a finished one has nothing to do
+            if backend.is_main:
+                self.lock = FolderLock(resume_dir, "run").acquire()
+            _check_unfinished(resume_dir)
         seed_everything(cfg.train.seed)
         if cfg.batch.micro != "auto":  # fail in a second, not after loading and tokenizing the data
             derive(cfg, num_train=1, world_size=backend.world_size)
@@ -265,12 +313,13 @@ class Trainer:
         bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
         saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
         micro = resolve_micro(cfg, backend.world_size, saved_derived)
-        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision)
+        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision,
+                                        backend.device.type)
+        self.fingerprint = data_fingerprint(cfg.data, data.label_names)
         check_trackers(cfg.track)
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
-            if backend.is_main:
-                self.lock = FolderLock(run_dir, "run").acquire()
+            _check_same_data(run_dir, saved_derived, self.fingerprint)
             _check_resumable(run_dir, saved_derived, derived)
         elif backend.is_main:
             self.lock = prepare_run_dir(run_dir, self.overwrite)
@@ -289,14 +338,20 @@ class Trainer:
         self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
         if backend.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml",
-                                   yaml.safe_dump(resolved_dict(cfg, derived), sort_keys=False))
+            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
             ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                             "majority_rate": data.majority_rate})
-            self.tracker = open_trackers(cfg.track, run_dir, resolved_dict(cfg, derived))
+            self.tracker = open_trackers(cfg.track, run_dir, self.resolved())
             print(_startup_text(self), flush=True)
         for message in data.warnings:
             self.warn("data", message)
+
+    def resolved(self) -> dict[str, Any]:
+        """config.yaml: the config, the derived values and the data's fingerprint (`derived.data_fingerprint`,
+        with its parts in `derived.data_fingerprint_parts` for the message that refuses a resume on other data)."""
+        out = resolved_dict(self.cfg, self.derived)
+        out["derived"]["data_fingerprint"], out["derived"]["data_fingerprint_parts"] = self.fingerprint
+        return out
 
     def _resume(self) -> None:
         last = ckpt.resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -308,9 +363,9 @@ class Trainer:
                                      self.backend.rank)
         try:
             self.state = TrainerState.from_dict(saved_state)
-        except (TypeError, ValueError):
-            raise UserError(f"'{self.run_dir}': trainer_state.json does not match this version of ebslab; start "
-                            "again with --overwrite") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"'{self.run_dir}': trainer_state.json is damaged or from another version of ebslab "
+                            f"({str(e)[:120]}); start again with --overwrite") from None
         self.backend.load_scaler_state(self.state.scaler)
         self.started -= self.state.elapsed_s  # duration_s counts the interrupted sessions too
         if self.backend.is_main:
@@ -344,9 +399,9 @@ class Trainer:
                 window_sums = torch.zeros(5, device=backend.device)  # loss sum, correct, count, stop, bad grad
                 window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                 for i, mb in enumerate(micro_batches):
-                    batch = {k: _to_device(v, backend.device) for k, v in
+                    batch = {k: to_device(v, backend.device) for k, v in
                              collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
-                    labels = _to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
+                    labels = to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
                     weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
                     last_micro = i == len(micro_batches) - 1
                     with contextlib.nullcontext() if last_micro else backend.no_sync(model):
@@ -437,7 +492,7 @@ class Trainer:
         eval_due = bool(every and step % every == 0) or crossed or \
             (not (every or every_examples) and epoch_done) or step == self.derived.total_steps
         save_due = epoch_done or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-        log_due = step % cfg.train.log_every_steps == 0 or epoch_done
+        log_due = step % self.derived.log_every_steps == 0 or epoch_done
         return log_due, eval_due, save_due
 
     # --------------------------------------------------------------------------------------------------------
@@ -456,13 +511,16 @@ class Trainer:
                 self.evaluate()
             self.save_last()
             test_best, test_last = self._final_test()
-        if status == "completed" and _collapsed(self.state, self.data):
+        history = _history(self.state, self.data)
+        if status == "completed" and history["collapsed"]:
             status = "collapsed"
-            message = (f"val acc {self.state.last_val_acc:.4f} is at the majority-class rate "
-                       f"{self.data.majority_rate:.4f}" + ("" if self.state.ever_above_majority else
-                                                           " and never rose above it"))
-            if not self.state.collapse_warned:
-                self.warn("collapsed", message)
+            message = (f"val acc never rose above {self.data.majority_rate + history['margin']:.4f} (the majority-class "
+                       f"rate {self.data.majority_rate:.4f} + {history['margin']:.4f}, what chance reaches on "
+                       f"{len(self.data.val)} val examples); best {history['best']:.4f}")
+            self.warn("collapsed", message)
+        elif status == "completed" and history["fell_back"]:
+            message = (f"learned (best val acc {history['best']:.4f}), then fell back to {history['last']:.4f} at the "
+                       f"last evaluation (majority-class rate {self.data.majority_rate:.4f})")
         return self._write_summary(self._summary(status, message, test_best, test_last), 0)
 
     def _final_test(self) -> tuple[dict | None, dict]:
@@ -510,6 +568,10 @@ class Trainer:
             "val_best": state.best_val, "test_best": test_best,
             "test_last": test_last if self.cfg.eval.test_on in ("last", "both") else None,
             "majority_rate": self.data.majority_rate, "dropped_empty": self.data.dropped_empty,
+            # the status over the whole validation history (stats.run_history): fell_back = learned, then back
+            # at the majority-class rate at the last evaluation (the run stays `completed`)
+            "fell_back": _history(state, self.data)["fell_back"], "val_last": state.last_val,
+            "val_max_acc": state.max_val_acc, "collapse_margin": _history(state, self.data)["margin"],
         }
 
     # --------------------------------------------------------------------------------------------------------
@@ -542,13 +604,16 @@ class Trainer:
         self.callbacks.on_eval(self, record)  # the tracker logging, last, writes the line
         state.since_eval = TrainSums()
         state.last_eval_step = state.step
-        state.last_val_acc = val.acc
-        if val.acc > data.majority_rate + COLLAPSE_MARGIN:
+        # (a checkpoint from before max_val_acc: its last evaluation is the best known)
+        state.max_val_acc = max(a for a in (state.max_val_acc, state.last_val_acc, val.acc) if a is not None)
+        state.last_val_acc, state.last_val = val.acc, val.metrics()
+        if val.acc > data.majority_rate + stats.collapse_margin(data.majority_rate, len(data.val)):
             state.ever_above_majority = True
         elif state.ever_above_majority and not state.collapse_warned:
             state.collapse_warned = True
-            self.warn("collapsed", f"val acc fell to {val.acc:.4f}, the majority-class rate "
-                                   f"{data.majority_rate:.4f}, at step {state.step}")
+            self.warn("fell_back", f"val acc fell to {val.acc:.4f}, the majority-class rate "
+                                   f"{data.majority_rate:.4f}, at step {state.step} (best so far "
+                                   f"{state.max_val_acc:.4f})")
         if improves(val, state.best_val, self.cfg.eval.select_by):
             state.best_val = val.metrics()
             state.best_step, state.best_epoch = state.step, math.ceil(state.step / self.derived.steps_per_epoch)
@@ -594,25 +659,49 @@ class Trainer:
 # Helpers of the loop
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A non-blocking copy to the GPU is asynchronous only from pinned host memory (else it is a synchronous one)."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
 def _to_host(tensor: torch.Tensor) -> list:
     """Device to host: the training loop's only wait for the device (a function, so tests can count calls)."""
     return tensor.tolist()
 
 
-def _collapsed(state: TrainerState, data: DataBundle) -> bool:
-    return state.last_val_acc is not None and state.last_val_acc <= data.majority_rate + COLLAPSE_MARGIN
+def _history(state: TrainerState, data: DataBundle) -> dict[str, Any]:
+    """stats.run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
+    chance does on this val set; fell_back = it did, and the last evaluation is back at that rate."""
+    accs = [a for a in (state.max_val_acc, state.last_val_acc) if a is not None]  # the best, then the last
+    return stats.run_history(accs, data.majority_rate, len(data.val))
 
 
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
     if backend.is_main:
         save_predictions(run_dir, name, result)
+
+
+FINISHED = ("completed", "collapsed", "diverged", "pruned")
+
+
+def _check_unfinished(run_dir: Path) -> None:
+    """`--resume` of a run that finished: nothing to resume (it would test the weights again and rewrite the
+    run's files)."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status in FINISHED:
+        raise UserError(f"run '{run_dir}' already finished (status {status}): there is nothing to resume; its "
+                        "results are in summary.json (start it again with `ebslab train ... --overwrite`)")
+
+
+def _check_same_data(run_dir: Path, saved: dict, fingerprint: tuple[str, dict]) -> None:
+    """Refuse to resume on data other than the run started with (a run folder from before fingerprints: unknown,
+    allowed)."""
+    digest, parts = fingerprint
+    if not saved.get("data_fingerprint") or saved["data_fingerprint"] == digest:
+        return
+    saved_parts = saved.get("data_fingerprint_parts")
+    changes = fingerprint_changes(saved_parts, parts) if isinstance(saved_parts, dict) else []
+    raise UserError(f"cannot resume '{run_dir}': its data changed since it started ("
+                    + ("; ".join(changes) or "fingerprint differs") + "); restore the data it trained on, or start "
+                    "a new run on the new data")
 
 
 def _check_resumable(run_dir: Path, saved: dict, derived: Derived) -> None:
@@ -655,4 +744,18 @@ def _startup_text(trainer: Trainer) -> str:
     if cfg.data.group_by_length:
         head.append("data.group_by_length=true: windows hold similar lengths (the example order differs from "
                     "the default)")
-    return "\n".join(head + [derived.describe(cfg), f"gradient noise scale {trainer.gns_reason}"])
+    return "\n".join(head + [derived.describe(cfg), _host_read_text(trainer),
+                             f"gradient noise scale {trainer.gns_reason}"])
+
+
+def _host_read_text(trainer: Trainer) -> str:
+    """When the host waits for the device: the resolved `train.log_every_steps`, and whether skipping a step with a
+    non-finite gradient needs a read of its own every step (an optimizer without a fused kernel)."""
+    cfg, every, device = trainer.cfg, trainer.derived.log_every_steps, trainer.backend.device
+    why = f" (train.log_every_steps=auto on {device.type})" if cfg.train.log_every_steps == "auto" else ""
+    text = (f"host reads the device every {every} step{'s' if every != 1 else ''}{why}: step lines, stop signals "
+            "and non-finite checks at those steps, evaluations and checkpoints")
+    if not skip_on_device(trainer.optimizer):  # with fp16 too: GradScaler reads its inf flag for such an optimizer
+        text += (f"; {type(inner_optimizer(trainer.optimizer)).__name__} has no fused kernel on "
+                 f"{device.type}: skipping a step with a non-finite gradient reads the device every step")
+    return text

@@ -87,22 +87,43 @@ def ddp_options(model: nn.Module) -> dict[str, Any]:
             "gradient_as_bucket_view": True, "broadcast_buffers": False}
 
 
+def inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer itself: Accelerate's AcceleratedOptimizer wraps one in `.optimizer`."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def skip_on_device(optimizer: Any) -> bool:
+    """Whether `step_or_skip` decides on the device: true for fused Adam/AdamW (the kernel takes the flag as
+    GradScaler hands it its own); false for an optimizer without a fused kernel on this device, where the skip is a
+    host read every step (the start-up text says so)."""
+    return bool(getattr(inner_optimizer(optimizer), "_step_supports_amp_scaling", False))
+
+
 def step_or_skip(optimizer: Any, skip: torch.Tensor | None, kernel: Any = None) -> None:
     """`optimizer.step()`, a no-op where `skip` is 1, decided on the device: no host read per step (the loop reads
     the device only every log line). Fused Adam/AdamW (`kernel`, the torch optimizer inside a wrapper) take the
     flag as GradScaler hands them theirs: the kernel returns untouched where it is 1 and the step count is taken
-    back by it, so weights, moments and bias correction are exactly as before the step."""
-    kernel = optimizer if kernel is None else kernel
+    back by it, so weights, moments and bias correction are exactly as before the step. Without a fused kernel
+    the flag is read on the host, every step (`skip_on_device` is false; the start-up text says so)."""
+    kernel = inner_optimizer(optimizer) if kernel is None else kernel
     if skip is None:
         optimizer.step()
-    elif getattr(kernel, "_step_supports_amp_scaling", False):
+    elif skip_on_device(kernel):
         kernel.found_inf = skip
         try:
             optimizer.step()
         finally:
             del kernel.found_inf
-    elif not skip.item():  # an optimizer without a fused kernel (none that ebslab builds): one host read per step
+    elif not skip.item():  # no fused kernel (Adam/AdamW on a device torch has none for): a host read per step
         optimizer.step()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch to the device. A non-blocking copy to a GPU is asynchronous only from pinned host memory (from
+    pageable memory the host waits for it), so batches are pinned first there."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def scaler_scale(scaler: Any) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ebslab import sweep as sw
 from ebslab.config import UserError
+from ebslab.files import check_folder_target
 from ebslab.locks import FolderLock
 from ebslab.tune.search import mask_url, open_storage
 from ebslab.tune.studyfile import Study, fingerprint_changes, load_study_file
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "taken (the database hands each trial to one worker). Default: a SQLite file "
                              "OUT/NAME/study.db, and OUT/NAME is locked to this tuner (a second one is refused, "
                              "naming the first; a lock left by a dead process is taken over)")
+    from ebslab import slurm
+
+    slurm.add_arguments(parser)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock | None]:
@@ -50,8 +54,13 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.executor == "slurm":
+        from ebslab import slurm
+
+        args.slurm = slurm.options_from_args(args)
     study = load_study_file(args.study_file)
     root = (Path(args.out) / study.name).resolve()
+    check_folder_target(root, "--out")
     default_db = root / "study.db"
     url = args.storage or f"sqlite:///{default_db}"
     lock = FolderLock(root, "study") if args.storage is None else None
@@ -115,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) -> int:
-    runner = Runner(args.executor, args.parallel)
+    runner = Runner(args.executor, args.parallel, slurm=getattr(args, "slurm", None), root=root)
     runner.start()
     tuner = Tuner(study, root, storage, url, runner)
     space = ", ".join(p.key for p in study.space)

@@ -78,6 +78,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def space_size(space: list[Param]) -> float:
+    """How many distinct configurations the space holds (inf with a float range)."""
+    sizes = [len(p.choices) if p.kind == "choice" else int(p.high) - int(p.low) + 1 if p.kind == "int"
+             else math.inf for p in space]
+    return math.prod(sizes)
+
+
 def parse_param(key: str, spec: Any, where: str) -> Param:
     if key not in VALID_KEYS:
         raise UserError(f"study {where} space: {sw._unknown_key(key)}")
@@ -209,6 +216,10 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 2 <= top_k <= trials:
         raise UserError(f"study {where}: confirm.top_k must be an integer in [2, trials={trials}] (a winner is "
                         f"named against the runner-up), got {top_k!r}")
+    size = space_size(space)
+    if size < top_k:
+        raise UserError(f"study {where}: the space holds {size} configuration(s), fewer than confirm.top_k={top_k}: "
+                        f"nothing to rank; widen it (more choices or a range)")
     if not isinstance(seeds, list) or len(seeds) < 2 or any(
             not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32 for s in seeds) or \
             len(set(seeds)) != len(seeds):

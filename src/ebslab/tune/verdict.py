@@ -44,9 +44,10 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
     label = rp.pair_label(groups[second], groups[first])[0]
     comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
     lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
-    kind = "paired t-interval" if comp["ci_note"] is not None else "two-level bootstrap"
+    kind = "paired t-interval" if comp["ci_note"] is not None else "crossed bootstrap"
     numbers = (f"{rp._fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
-               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; paired t-test over seeds "
+               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; "
+               f"{'paired t-test' if comp['p_test'] == 't' else 'exact sign-flip test (every seed tied)'} over seeds "
                f"p = {rp._fmt_p(comp['p_holm'])})")
     significant = comp["p_holm"] < rp.ALPHA
     won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate
@@ -62,6 +63,29 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
                          "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
 
 
+def nothing_to_rank(trials: list[dict], space_size: float) -> str | None:
+    """Why the confirmation cannot name a winner before it runs, or None: fewer than two distinct configurations
+    of the search learned (completed with a value; a collapsed trial, at the majority-class rate, is never
+    promoted). `trials` are study.json's entries."""
+    learned = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials
+               if t["status"] == "completed" and _number(t["value"])}
+    if len(learned) >= 2:
+        return None
+    tried = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials}
+    counts = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    if space_size < 2:
+        why = f"the search space holds {space_size:g} configuration: widen it"
+    elif len(tried) < 2:
+        why = f"the {len(trials)} trial(s) tried {len(tried)} distinct configuration: raise trials or widen the space"
+    else:
+        why = ("the others collapsed (never left the majority-class rate), were pruned or failed: raise trials, "
+               "widen the space, or change the base (lr, epochs) so that runs learn")
+    return (f"nothing to rank: {len(learned)} distinct configuration(s) of the search learned ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), and a winner needs two; {why}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report section (read from study.json and the run folders only).
 
@@ -71,8 +95,12 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     optimization history and parameter importances (Optuna's own plots, from study.json)."""
     from ebslab.report import build_report
 
-    index = json.loads((study_dir / "study.json").read_text())
-    metric = index["objective"].split("/", 1)[1]
+    try:
+        index = json.loads((study_dir / "study.json").read_text())
+        metric = index["objective"].split("/", 1)[1]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"'{study_dir / 'study.json'}' is damaged ({type(e).__name__}: {str(e)[:100]}); rewrite it "
+                        "with `ebslab tune STUDY.yaml --resume` (it is rebuilt from the study's storage)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     confirm_dir = study_dir / "confirm"
     # on the study's metric: the verdict in study.json is this report's comparison
@@ -120,18 +148,26 @@ def _fmt_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+# Fewer completed trials than this: the parameter importance plot carries a caveat (fANOVA on a handful of
+# points ranks noise as readily as an effect).
+FEW_TRIALS_FOR_IMPORTANCE = 20
+
+
 def _study_plots(index: dict, out_dir: Path) -> list[Path]:
-    """Optuna's matplotlib plots on an in-memory copy of the search rebuilt from study.json."""
+    """Optuna's matplotlib plots on an in-memory copy of the search rebuilt from study.json, relabelled in the
+    report's style: trials by folder and status, examples seen (not Optuna's "Step"), and a caveat on parameter
+    importance from few trials."""
     import optuna
     from optuna.distributions import json_to_distribution
     from optuna.trial import TrialState
 
-    from ebslab.report import _plt, save_figure
+    from ebslab import figures
 
-    plt = _plt()  # the Agg backend before Optuna draws: no display needed
+    plt = figures.pyplot()  # the Agg backend before Optuna draws: no display needed
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     dists = {k: json_to_distribution(v) for k, v in index["space"].items()}
     study = optuna.create_study(direction=index["direction"])
+    names: dict[str, str] = {}  # Optuna's "Trial<n>" (its order here) -> trial-NNNN (status)
     for t in index["trials"]:
         state = {"completed": TrialState.COMPLETE, "collapsed": TrialState.COMPLETE,
                  "pruned": TrialState.PRUNED}.get(t["status"], TrialState.FAIL)
@@ -139,9 +175,29 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
             state = TrialState.FAIL
         if set(t["params"]) != set(dists):
             continue
+        names[f"Trial{len(names)}"] = f"{t.get('folder', f'trial {len(names)}')} ({t['status']})"
         study.add_trial(optuna.create_trial(
             state=state, value=t["value"] if state == TrialState.COMPLETE else None, params=t["params"],
             distributions=dists, intermediate_values={int(k): v for k, v in t["intermediate"].items()}))
+    objective = index["objective"]
+    completed = sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
+    labels = {
+        "search_history": dict(
+            title="Objective by trial", xlabel="Trial (in the order the search ran them)",
+            ylabel=figures.metric_label(objective),
+            legend_title=None,
+            entries={"Objective Value": f"a completed trial's {objective} (best checkpoint)",
+                     "Best Value": "best so far"}),
+        "param_importances": dict(
+            title="Parameter importance", xlabel="Importance (share of the objective's variance, fANOVA)",
+            ylabel="Searched config key", legend_title=None, entries={}, legend=False,
+            caveat=(f"From {completed} completed trial(s): a rough ranking at best; importances need tens of "
+                    f"trials to settle." if completed < FEW_TRIALS_FOR_IMPORTANCE else None)),
+        "intermediate_values": dict(
+            title="Objective during training by trial", xlabel="Training examples seen",
+            ylabel=figures.metric_label(objective),
+            legend_title="one line per trial; a line that stops was pruned there", entries=names),
+    }
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
@@ -155,5 +211,19 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
             except Exception:  # e.g. importances need two completed trials and a parameter that varies
                 continue
             fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
-            out.append(save_figure(fig, out_dir / f"{name}.png", dpi=100))
+            spec = labels[name]
+            legend = ax.get_legend()
+            if legend is not None:  # rename Optuna's entries on the artists, then let style() draw the legend
+                for artist in ax.get_children():
+                    text = artist.get_label() if hasattr(artist, "get_label") else ""
+                    if text in spec["entries"]:
+                        artist.set_label(spec["entries"][text])
+            if name == "search_history":
+                from matplotlib.ticker import MaxNLocator
+
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
+            figures.style(ax, title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"],
+                          legend_title=spec["legend_title"], caveat=spec.get("caveat"),
+                          legend=spec.get("legend", True))
+            out.append(figures.save(fig, out_dir / f"{name}.png"))
     return out

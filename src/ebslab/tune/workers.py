@@ -20,8 +20,8 @@ from typing import Any, Callable
 from ebslab import sweep as sw
 from ebslab.config import UserError
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
-from ebslab.tune.studyfile import Study, _number
-from ebslab.tune.verdict import confirmation_verdict
+from ebslab.tune.studyfile import Study, _number, space_size
+from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
 
 CONFIRM_SUFFIX = "/confirm"
 POLL_S = 2.0
@@ -122,10 +122,11 @@ class Task:
 
 
 class Runner:
-    """Runs `ebslab train` commands in subprocesses (local) or Ray tasks, and stops them on Ctrl-C."""
+    """Runs `ebslab train` commands in subprocesses (local), Ray tasks or Slurm jobs, and stops them on Ctrl-C."""
 
-    def __init__(self, executor: str, parallel: int):
+    def __init__(self, executor: str, parallel: int, slurm: Any = None, root: Path | None = None):
         self.executor, self.parallel = executor, parallel
+        self.slurm_options, self.root, self.slurm_jobs = slurm, root, None
         self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
@@ -137,6 +138,11 @@ class Runner:
         self.ray_refs: set = set()
 
     def start(self) -> None:
+        if self.executor == "slurm":  # each trial one Slurm job (ebslab.slurm)
+            from ebslab.slurm import TuneJobs
+
+            self.slurm_jobs = TuneJobs(self.slurm_options, Path(self.root) / "slurm", Path(self.root).name)
+            return
         if self.executor != "ray":
             return
         try:
@@ -156,6 +162,8 @@ class Runner:
 
     def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
         env = {**env, **self.env_extra}
+        if self.slurm_jobs is not None:
+            return self.slurm_jobs.run(cmd, env, log)
         if self.executor == "ray":
             import ray
 
@@ -189,6 +197,8 @@ class Runner:
             self.stopping = True
             procs = list(self.procs.values())
         sw.stop_processes(procs)
+        if self.slurm_jobs is not None:
+            self.slurm_jobs.cancel_all()
         if self.ray_refs:
             import ray
 
@@ -244,11 +254,12 @@ class Tuner:
         return not busy and len(self.fresh_search_trials()) >= self.spec.trials
 
     def top_configs(self) -> list:
-        """The top_k completed search trials by the objective (distinct parameters), best first."""
+        """The top_k completed search trials by the objective (distinct parameters), best first; a collapsed
+        trial (at the majority-class rate all along) is never promoted, whatever its rank."""
         from optuna.trial import TrialState
 
         done = [t for t in self.search.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+                if t.value is not None and math.isfinite(t.value) and t.user_attrs.get("status") != "collapsed"]
         sign = -1.0 if self.spec.direction == "maximize" else 1.0
         done.sort(key=lambda t: (sign * t.value, t.number))
         top, seen = [], set()
@@ -298,6 +309,10 @@ class Tuner:
         job = sw.Job(index=task.trial.number, folder=Path(task.folder).name, overrides=task.overrides,
                      run_dir=run_dir, log=run_dir.parent / f"{run_dir.name}.log",
                      group=sw.run_group(task.overrides, self.spec.name))
+        # a trial re-queued from a worker that was killed: its run may still be going (never run it twice at once)
+        sw.wait_for_live_runs([run_dir], lambda: self.runner.stopping)
+        if self.runner.stopping:
+            return
         job.action = sw.resume_action(run_dir)
         if job.action == "skip":  # finished before the worker that ran it could tell the study
             status = (sw.read_summary(run_dir) or {}).get("status", "completed")
@@ -432,6 +447,11 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
         (i for i, t in enumerate(_ranked(trials, spec.direction)) if t["folder"] == c), 10**9))
     verdict = confirmation_verdict(root, spec.metric) if runs and \
         all(r["status"] not in ("running", "waiting", "interrupted") for r in runs) else None
+    search_done = len(trials) >= spec.trials and all(t["status"] in ("completed", "collapsed", "pruned", "failed")
+                                                     for t in trials)
+    note = nothing_to_rank(trials, space_size(spec.space)) if search_done else None
+    if note:  # said before any confirmation run, and kept after them
+        verdict = {**(verdict or {"table": []}), "winner": None, "text": note}
     ranked = _ranked(trials, spec.direction)
     return {
         "name": spec.name, "study_file": str(spec.path) if spec.path else None, "storage": mask_url(storage_url),
@@ -449,5 +469,5 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
 
 
 def _ranked(trials: list[dict], direction: str) -> list[dict]:
-    done = [t for t in trials if t["status"] in ("completed", "collapsed") and _number(t["value"])]
+    done = [t for t in trials if t["status"] == "completed" and _number(t["value"])]  # collapsed: never the best
     return sorted(done, key=lambda t: ((-1 if direction == "maximize" else 1) * t["value"], t["number"]))

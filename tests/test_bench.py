@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ebslab import bench  # noqa: E402
-from ebslab.config import UserError  # noqa: E402
+from ebslab.errors import UserError  # noqa: E402
 
 NUMERIC = ("max_length", "samples_per_s", "tokens_per_s", "wall_s", "peak_fraction", "peak_memory_mb")
 

@@ -56,7 +56,7 @@ def test_bad_attn_implementation_is_a_user_error(train_run, capsys):
 
 def test_precision_auto_is_fp32_on_cpu_and_bf16_refused(monkeypatch):
     from ebslab.backends import resolve_precision
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="train.precision=bf16 is refused on CPU"):

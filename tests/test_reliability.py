@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 import ebslab.callbacks
 import ebslab.checkpoint as ckpt
 from ebslab.cli import main
+from ebslab.errors import StorageError
+from ebslab.files import atomic_write_json
 from ebslab.tracking import JsonlTracker, read_metrics, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,14 +393,14 @@ def test_full_disk_gives_one_line_and_keeps_the_last_good_checkpoint(reference, 
 
 def test_full_disk_while_writing_a_summary_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    ckpt.atomic_write_json(path, {"status": "completed"})
+    atomic_write_json(path, {"status": "completed"})
 
     def no_space(*_a):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt.os, "replace", no_space)
-    with pytest.raises(ckpt.StorageError, match="No space left on device"):
-        ckpt.atomic_write_json(path, {"status": "failed"})
+    with pytest.raises(StorageError, match="No space left on device"):
+        atomic_write_json(path, {"status": "failed"})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "completed"}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
@@ -553,7 +555,7 @@ def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path)
             pass
 
     tracker.file = FullDisk()
-    with pytest.raises(ckpt.StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
+    with pytest.raises(StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
         tracker.log({"event": "step", "step": 2})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
 
@@ -612,7 +614,7 @@ def test_full_disk_while_writing_predictions_keeps_the_old_file_and_names_the_re
 
     save_predictions(tmp_path, "test_best", result([0, 1]))
     monkeypatch.setattr(os, "replace", lambda *_a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
-    with pytest.raises(ckpt.StorageError) as e:
+    with pytest.raises(StorageError) as e:
         save_predictions(tmp_path, "test_best", result([1, 0]))
     monkeypatch.undo()
     path = tmp_path / "predictions" / "test_best.parquet"

@@ -14,7 +14,7 @@ import yaml
 from scipy import stats
 
 from ebslab import report
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling: str = "none",

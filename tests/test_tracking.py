@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import hang_after
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.tracking import (JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers,
                              read_metrics)
 

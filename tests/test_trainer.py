@@ -14,7 +14,8 @@ import yaml
 from conftest import TINY, read_jsonl
 from ebslab import sweep as sw
 from ebslab.callbacks import Callback
-from ebslab.config import UserError, flatten, load_config
+from ebslab.errors import UserError
+from ebslab.config import flatten, load_config
 from ebslab.train import TrainerState, TrainSums, load_run_config, train
 
 

@@ -822,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     s = quick_settings() if args.quick else Settings()
     if args.model:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -21,11 +21,8 @@ from typing import Any, Collection, Literal, Union
 
 import yaml
 
+from ebslab.errors import UserError
 from ebslab.metrics import METRICS
-
-
-class UserError(Exception):
-    """A problem in what the user gave (path, key, value): reported as one line, exit code 2."""
 
 
 @dataclass

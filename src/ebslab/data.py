@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ebslab.config import DataConfig, UserError, short_repr
+from ebslab.config import DataConfig, short_repr
+from ebslab.errors import UserError
 
 # package data, so that an installed ebslab (not only a source checkout) has its default dataset offline;
 # the checkout's data/imdb is a link to this folder

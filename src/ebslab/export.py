@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ebslab.config import UserError, resolved_dict
+from ebslab.errors import UserError
+from ebslab.config import resolved_dict
 from ebslab.predict import LoadedRun, load_run, predict_texts
 
 MODELING_FILE = "modeling_ebslab.py"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 LOCK_NAME = ".ebslab.lock"
 

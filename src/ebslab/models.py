@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.config import ModelConfig, UserError
+from ebslab.errors import UserError
+from ebslab.config import ModelConfig
 
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-modernbert")
 

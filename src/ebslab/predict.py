@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ebslab.config import Config, UserError, load_config
+from ebslab.errors import UserError
+from ebslab.config import Config, load_config
 from ebslab.data import DATA_SUFFIXES, TokenizedSplit, _read_file, _read_path, collate, tokenize
 from ebslab.files import atomic_write_with
 

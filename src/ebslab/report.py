@@ -36,7 +36,8 @@ import yaml
 from scipy import stats as sps
 
 from ebslab import ebs_study, replicates, stats
-from ebslab.config import UserError, flatten as config_flatten
+from ebslab.errors import UserError
+from ebslab.config import flatten as config_flatten
 from ebslab.files import check_folder_target
 from ebslab.metrics import METRICS, higher_is_better, metric_value
 
@@ -1479,7 +1480,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                                                      for w in r.warnings))
     md.append("")
 
-    from ebslab.checkpoint import atomic_write_json, atomic_write_text  # here: the report needs no torch otherwise
+    from ebslab.files import atomic_write_json, atomic_write_text
 
     atomic_write_json(out_dir / "report.json", _json_num(result))
     report = out_dir / "report.md"

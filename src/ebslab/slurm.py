@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 try:  # the job's callable must be a Checkpointable for submitit to checkpoint and requeue it
     from submitit.helpers import Checkpointable, DelayedSubmission

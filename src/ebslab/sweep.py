@@ -35,8 +35,9 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import (MAX_YAML_BYTES, UserError, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
+from ebslab.config import (MAX_YAML_BYTES, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
                            read_yaml)
+from ebslab.errors import UserError
 from ebslab.files import atomic_write_text, check_folder_target
 from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
 

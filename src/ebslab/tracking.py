@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 class Tracker(Protocol):
@@ -39,7 +39,7 @@ class JsonlTracker:
             self.file.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
             self.file.flush()
         except OSError as e:  # a full disk: one line and the way back (a torn last line is skipped on resume)
-            from ebslab.checkpoint import storage_error
+            from ebslab.files import storage_error
 
             raise storage_error(self.path, e, self.path.parent) from None
 
@@ -139,7 +139,7 @@ class WandbTracker:
             import wandb
         except ImportError as e:  # wandb is an optional dependency
             raise UserError("track: wandb needs the wandb package: pip install 'ebslab[track]'") from e
-        from ebslab.checkpoint import atomic_write_text
+        from ebslab.files import atomic_write_text
 
         run_dir = Path(run_dir)
         # the run folder remembers its W&B run: `--resume` continues that run instead of starting a second one

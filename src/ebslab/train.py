@@ -34,11 +34,12 @@ from ebslab import checkpoint as ckpt
 from ebslab import stats
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
-from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
+from ebslab.errors import UserError
+from ebslab.config import Config, Derived, derive, load_config, load_yaml_text, resolved_dict
 from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
                          length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
-from ebslab.files import check_folder_target
+from ebslab.files import atomic_write_json, atomic_write_text, check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
 from ebslab.models import ModelBundle, build_model, load_tokenizer
@@ -338,8 +339,8 @@ class Trainer:
         self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
         if backend.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
-            ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
+            atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
                                                             "majority_rate": data.majority_rate})
             self.tracker = open_trackers(cfg.track, run_dir, self.resolved())
             print(_startup_text(self), flush=True)
@@ -541,7 +542,7 @@ class Trainer:
     def _write_summary(self, summary: dict[str, Any], exit_code: int) -> dict[str, Any]:
         self.callbacks.on_fit_end(self, summary)
         if self.backend.is_main:
-            ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
             self.tracker.close()
             if exit_code == 0:
                 print(_summary_text(self.run_dir, summary), flush=True)
@@ -553,7 +554,7 @@ class Trainer:
         """An unexpected error after set-up: the summary says `failed` and why (the error is raised on)."""
         if self.backend.is_main and self.run_dir.exists():
             summary = self._summary("failed", f"{type(error).__name__}: {error}")
-            ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
 
     def _summary(self, status: str, message: str | None, test_best: dict | None = None,
                  test_last: dict | None = None) -> dict[str, Any]:

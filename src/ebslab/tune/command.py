@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ebslab import sweep as sw
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.files import check_folder_target
 from ebslab.locks import FolderLock
 from ebslab.tune.search import mask_url, open_storage

@@ -10,7 +10,7 @@ import warnings
 from typing import Any, Callable
 
 from ebslab.callbacks import Callback
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.tune.studyfile import Study, _number
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "EBSLAB_TUNE_STORAGE", "EBSLAB_TUNE_STUDY", "EBSLAB_TUNE_TRIAL"

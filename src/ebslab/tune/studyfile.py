@@ -11,7 +11,8 @@ from typing import Any
 
 
 from ebslab import sweep as sw
-from ebslab.config import UserError, VALID_KEYS, flatten, load_config, read_yaml
+from ebslab.errors import UserError
+from ebslab.config import VALID_KEYS, flatten, load_config, read_yaml
 from ebslab.metrics import METRICS, higher_is_better
 
 TOP_KEYS = ("name", "base", "space", "objective", "trials", "sampler", "pruner", "confirm", "seed", "heartbeat_s")

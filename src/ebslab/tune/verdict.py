@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.metrics import higher_is_better
 from ebslab.tune.studyfile import _number
 
@@ -138,7 +138,7 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     if report is not None:
         text += "\n\n" + report.read_text().replace("# ebslab report", "# Confirmation runs (seed-aware report)", 1)
     path = out_dir / "report.md"
-    from ebslab.checkpoint import atomic_write_text
+    from ebslab.files import atomic_write_text
 
     atomic_write_text(path, text)
     return path

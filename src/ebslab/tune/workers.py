@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ebslab import sweep as sw
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
 from ebslab.tune.studyfile import Study, _number, space_size
 from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
@@ -394,7 +394,7 @@ class Tuner:
     def write_index(self) -> dict[str, Any]:
         with self.index_lock:
             index = build_index(self.spec, self.search, self.confirm, self.root, self.storage_url)
-            from ebslab.checkpoint import atomic_write_json
+            from ebslab.files import atomic_write_json
 
             atomic_write_json(self.root / "study.json", index)
             return index

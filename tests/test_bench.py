@@ -224,7 +224,7 @@ def _small_step_settings(small_imdb, **kw):
 
 
 def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch, fsync_log):
-    from ebslab.tracking import read_metrics
+    from ebslab.runfolder import read_jsonl as read_metrics
 
     seen = {}
     real = bench.run_ebslab

@@ -33,7 +33,8 @@ import ebslab.checkpoint as ckpt
 from ebslab.cli import main
 from ebslab.errors import StorageError
 from ebslab.files import atomic_write_json
-from ebslab.tracking import JsonlTracker, read_metrics, truncate_metrics
+from ebslab.runfolder import read_jsonl as read_metrics
+from ebslab.tracking import JsonlTracker, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # 75 examples -> 59 train: 4 windows of 16 per epoch, the last one short (11); 8 steps in all
@@ -542,7 +543,8 @@ def test_checkpoints_hold_only_safetensors_and_json(reference):
 
 
 def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path):
-    from ebslab.tracking import JsonlTracker, read_metrics
+    from ebslab.runfolder import read_jsonl as read_metrics
+    from ebslab.tracking import JsonlTracker
 
     tracker = JsonlTracker(tmp_path / "metrics.jsonl")
     tracker.log({"event": "step", "step": 1})
@@ -587,10 +589,10 @@ def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_
     figures = sorted((tmp_path / "report").glob("*.png"))
     assert figures  # the report's plots are among the files checked
 
-    from ebslab.report import _plt, save_figure
+    from ebslab.figures import pyplot, save
 
-    fig, _ = _plt().subplots()
-    save_figure(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
+    fig, _ = pyplot().subplots()
+    save(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
     assert (tmp_path / "alone.pdf").read_bytes().startswith(b"%PDF")
 
     written = [metrics, tmp_path / "predictions" / "test_best.parquet", root / "sweep.json",

@@ -25,6 +25,7 @@ from conftest import hang_after, install_fake_train
 
 from ebslab import slurm
 from ebslab import sweep as sw
+from ebslab import sweep_command
 from ebslab.cli import main
 
 submitit = pytest.importorskip("submitit")
@@ -45,7 +46,7 @@ def read_index(folder: Path) -> dict[str, dict]:
 
 def sweep_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    sw.add_arguments(parser)
+    sweep_command.add_arguments(parser)
     return parser.parse_args(["sweep.yaml", *argv])
 
 

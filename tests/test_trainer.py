@@ -16,7 +16,8 @@ from ebslab import sweep as sw
 from ebslab.callbacks import Callback
 from ebslab.errors import UserError
 from ebslab.config import flatten, load_config
-from ebslab.train import TrainerState, TrainSums, load_run_config, train
+from ebslab.runfolder import load_run_config
+from ebslab.train import TrainerState, TrainSums, train
 
 
 def _cfg(tmp_path, name, *overrides):

@@ -21,6 +21,7 @@ import yaml
 from conftest import hang_after, install_fake_train
 
 from ebslab import sweep as sw
+from ebslab import sweep_command
 from ebslab import tune
 from ebslab.cli import main
 from ebslab.config import VALID_KEYS
@@ -93,7 +94,7 @@ def test_tune_and_sweep_share_their_run_options_with_their_own_help():
     import argparse
 
     parsed, helps = [], []
-    for mod, first in ((sw, "grid.yaml"), (tune, "study.yaml")):
+    for mod, first in ((sweep_command, "grid.yaml"), (tune, "study.yaml")):
         parser = argparse.ArgumentParser()
         mod.add_arguments(parser)
         parsed.append(vars(parser.parse_args([first, "--out", "o", "--resume", "--executor", "ray",

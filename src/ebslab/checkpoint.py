@@ -24,6 +24,7 @@ from torch import nn
 from ebslab.config import default_flat, flatten
 from ebslab.errors import UserError
 from ebslab.files import StorageError, fsync_dir, storage_error
+from ebslab.runfolder import read_trainer_state
 
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
@@ -265,7 +266,7 @@ def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, ra
     try:
         tensors = load_file(str(folder / "optimizer.safetensors"))
         structure = json.loads((folder / "optimizer.json").read_text())
-        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        trainer_state = read_trainer_state(folder)
         weights = load_file(str(folder / "model.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -25,7 +25,10 @@ import yaml
 from scipy import stats
 
 from ebslab.config import as_trained
+from ebslab.figures import pyplot, save
 from ebslab.metrics import higher_is_better
+from ebslab.replicates import changes_training
+from ebslab.runfolder import with_logged_precision
 
 
 @dataclass
@@ -45,8 +48,6 @@ class StudyRun:
 
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     """One run folder -> StudyRun (config.yaml, metrics.jsonl and summary.json only)."""
-    from ebslab.report import with_logged_precision  # (report imports this module)
-
     path = Path(path)
     config = with_logged_precision(path, yaml.safe_load((path / "config.yaml").read_text()))
     effective = int(config["batch"]["effective"])
@@ -316,9 +317,7 @@ def paragraph(study: EbsStudy) -> str:
 
 
 def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
-    from ebslab.report import _plt, save_figure
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in study.rows:
         pts = [(e, s) for e, s in zip(row.examples, row.steps) if s is not None]
@@ -339,13 +338,11 @@ def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
     ax.set_title(f"steps vs examples to val/{study.metric} {study.target:.4g}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 def plot_b_simple(runs: Sequence[StudyRun], path: Path) -> Path:
-    from ebslab.report import _plt, save_figure
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors: dict[int, Any] = {}
     for run in sorted(runs, key=lambda r: (r.effective_batch, r.seed)):
@@ -363,7 +360,7 @@ def plot_b_simple(runs: Sequence[StudyRun], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None, metric: str = "acc",
@@ -420,10 +417,9 @@ def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None
 def group_by_other_keys(runs: Sequence[StudyRun]) -> dict[str, list[StudyRun]]:
     """Runs by the values of the config keys that vary besides batch.effective and the seed (a fit mixes only
     runs that differ in EBS): {"optim.lr_scaling=sqrt": [...], ...}; one group "" when nothing else varies."""
-    from ebslab.report import _in_group  # the report's keys that do not change training (it imports this module)
 
     def ignored(key: str) -> bool:
-        return key == "batch.effective" or not _in_group(key)
+        return key == "batch.effective" or not changes_training(key)
 
     keys = sorted({k for r in runs for k in r.config if not ignored(k)
                    and len({repr(x.config.get(k)) for x in runs}) > 1})

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ebslab.errors import UserError
+from ebslab.runfolder import is_run_folder, load_run_config, read_labels
 from ebslab.config import Config, load_config
 from ebslab.data import DATA_SUFFIXES, TokenizedSplit, _read_file, _read_path, collate, tokenize
 from ebslab.files import atomic_write_with
@@ -73,7 +74,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: list[str]
     from ebslab.backends.torch import pick_device
     from ebslab.checkpoint import load_weights
     from ebslab.models import build_model, load_tokenizer
-    from ebslab.train import load_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -83,10 +83,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: list[str]
     if overrides:
         saved = {k: v for k, v in cfg.to_dict().items()}
         cfg = load_config(saved, overrides)
-    try:
-        label_names = [str(n) for n in json.loads((run_dir / "labels.json").read_text())["names"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"run '{run_dir}' has no readable labels.json; the run did not get past start-up") from None
+    label_names = read_labels(run_dir)
     weights = checkpoint_folder(run_dir, checkpoint)
     device = pick_device(cfg.train.device, 0)
     from transformers.utils import logging as hf_logging
@@ -152,7 +149,7 @@ def run_folder_of(path: str | Path) -> Path | None:
     """The run folder that `path` is in (or is), if any: a folder holding config.yaml and metrics.jsonl."""
     p = Path(path).expanduser().resolve()
     for folder in (p, *p.parents):
-        if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file():
+        if is_run_folder(folder):
             return folder
     return None
 
@@ -265,8 +262,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ebslab.train import load_run_config
-
     check_out_path(args.out, args.input, args.overwrite)
     check_overrides(args.overrides)
     run_dir = Path(args.run_dir)

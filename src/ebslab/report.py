@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import yaml
 from scipy import stats as sps
 
-from ebslab import ebs_study, replicates, stats
+from ebslab import ebs_study, replicates, runfolder, stats
 from ebslab.errors import UserError
 from ebslab.config import flatten as config_flatten
 from ebslab.files import check_folder_target
-from ebslab.metrics import METRICS, higher_is_better, metric_value
+from ebslab.metrics import METRICS, higher_is_better, metric_value, run_history
 
 OK_STATUS = "completed"
 # A configuration is what is trained: keys that provably do not change it never split one (ebslab.replicates).
@@ -94,26 +93,6 @@ def varying_keys(flat_configs: Sequence[dict[str, Any]], exclude: Iterable[str] 
         if len(values) > 1:
             result.append(k)
     return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """JSON objects, one per line; a torn (unparsable) line, e.g. the last one of a killed run, is skipped."""
-    records: list[dict] = []
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return records
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-    return records
 
 
 def format_duration(seconds: float | None) -> str:
@@ -241,13 +220,7 @@ class Run:
 
     def load_predictions(self, which: str = "best"):
         if which not in self.predictions:
-            import pandas as pd
-
-            path = self.path / "predictions" / f"test_{which}.parquet"
-            try:
-                self.predictions[which] = pd.read_parquet(path)
-            except Exception:  # missing or unreadable file: no paired test for this run
-                self.predictions[which] = None
+            self.predictions[which] = runfolder.read_predictions(self.path, which)
         return self.predictions[which]
 
 
@@ -263,7 +236,7 @@ def diverged_score(run: Run, metric: str) -> float:
 
 def history_status(summary: dict, records: Sequence[dict]) -> tuple[str, bool] | None:
     """(status, fell_back) of a run folder written before summary.json judged the whole validation history:
-    stats.run_history over its eval lines' val/acc, with the majority rate and val size from summary.json. None
+    run_history over its eval lines' val/acc, with the majority rate and val size from summary.json. None
     when the summary already judged it, the run did not finish, or what it needs was not recorded."""
     status = summary.get("status")
     if "fell_back" in summary or status not in ("completed", "collapsed"):
@@ -274,7 +247,7 @@ def history_status(summary: dict, records: Sequence[dict]) -> tuple[str, bool] |
     accs = [a for a in accs if not math.isnan(a)]
     if math.isnan(majority) or math.isnan(n_val) or not accs:
         return None
-    h = stats.run_history(accs, majority, int(n_val))
+    h = run_history(accs, majority, int(n_val))
     if status == "collapsed" and not h["collapsed"]:
         return "completed", h["fell_back"]
     if status == "completed" and h["collapsed"]:
@@ -327,45 +300,11 @@ def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
     return found
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def with_logged_precision(path: Path, config: dict) -> dict:
-    """A run folder written before config.yaml recorded derived.precision: train.precision=auto resolved as the
-    sweep's log beside the folder (<folder>.log) printed it at start-up ("precision fp32 (train.precision=auto)"),
-    so such a run groups with runs that asked for that precision. Unchanged when that is not known."""
-    derived = config.get("derived")
-    if (config.get("train") or {}).get("precision", "auto") != "auto" or not isinstance(derived, dict) \
-            or derived.get("precision"):
-        return config
-    import re
-
-    try:
-        log = path.parent.joinpath(f"{path.name}.log").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return config
-    seen = set(re.findall(r"precision (\w+) \(train\.precision=auto\)", log))
-    if len(seen) != 1:  # never printed, or resumed on another kind of device: not one answer
-        return config
-    return {**config, "derived": {**derived, "precision": seen.pop()}}
-
-
 def load_run(path: Path, name: str | None = None) -> Run:
     path = Path(path)
-    config: dict = {}
-    try:
-        loaded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            config = with_logged_precision(path, loaded)
-    except (FileNotFoundError, yaml.YAMLError):
-        pass
-    summary = _read_json(path / "summary.json")
-    records = read_jsonl(path / "metrics.jsonl")
+    config = runfolder.read_config(path) or {}
+    summary = runfolder.read_summary(path)
+    records = runfolder.read_metrics(path)
     fell_back = False
     if summary is None:
         status, message = "incomplete", "no summary.json (still running, or killed)"
@@ -1154,20 +1093,6 @@ def curve(group_runs_: Sequence[Run], metric: str) -> tuple[np.ndarray, np.ndarr
     return xs, means, stds
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Lay out at the standard size, write (durably, as every report file) and close a figure (closing keeps a
-    report over many plots from holding them all): ebslab.figures.save."""
-    from ebslab import figures
-
-    return figures.save(fig, path, dpi=dpi)
-
-
-def _plt():
-    from ebslab.figures import pyplot
-
-    return pyplot()
-
-
 def curve_runs(g: Group, head_metric: str = "acc", exclude_collapsed: bool = False) -> list[Run]:
     """The runs a configuration's curve averages: one per seed the tables count (its representative run), so
     that n in the legend is the table's n; all runs when none is scored."""
@@ -1197,7 +1122,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path, title: str, he
     figures.style(ax, title=title, xlabel="Epoch (passes over the train split)",
                   ylabel=figures.metric_label(metric),
                   legend_title="line: mean over seeds; band: ± 1 std; dot: an evaluation")
-    return save_figure(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
@@ -1234,7 +1159,7 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
                   xlabel="Effective batch size (examples per optimizer step, log scale)",
                   ylabel="Test accuracy, best checkpoint (fraction correct)",
                   legend_title="bar: 95% confidence interval of the mean")
-    return save_figure(fig, path)
+    return figures.save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1510,11 +1435,6 @@ def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
     check_folder_target(out, "--out")
-    if len(dirs) == 1 and (dirs[0] / "study.json").is_file():  # an `ebslab tune` study: verdict, search, plots
-        from ebslab.tune import report_study
-
-        print(report_study(dirs[0], Path(out)))
-        return 0
     metric = getattr(args, "metric", "acc")
     detect = getattr(args, "detect", None)
     if detect is not None and metric == "acc":

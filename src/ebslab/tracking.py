@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from ebslab.errors import UserError
+from ebslab.runfolder import read_jsonl
 
 
 class Tracker(Protocol):
@@ -47,25 +48,13 @@ class JsonlTracker:
         self.file.close()
 
 
-def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    if not Path(path).exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
-
-
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
     if not path.exists():
         return
     from ebslab.files import atomic_write_text
 
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= after_step]
     # durable: a power cut right after the resume must not leave an empty or half-written log
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import yaml
 
 from ebslab import checkpoint as ckpt
-from ebslab import stats
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.errors import UserError
@@ -42,8 +41,10 @@ from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.files import atomic_write_json, atomic_write_text, check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
+from ebslab.metrics import collapse_margin, run_history
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
+from ebslab.runfolder import load_run_config, read_summary
 from ebslab.tracking import NullTracker, Tracker, check_trackers, open_trackers, truncate_metrics
 
 
@@ -73,7 +74,7 @@ class TrainerState:
     best_step: int = -1
     best_epoch: int = -1
     evals_without_gain: int = 0
-    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + stats.collapse_margin
+    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + collapse_margin
     collapse_warned: bool = False  # the "fell_back" warning was given
     last_eval_step: int = -1
     last_val_acc: float | None = None
@@ -212,19 +213,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> FolderLock:
             if child.name != LOCK_NAME:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     return lock
-
-
-def load_run_config(run_dir: Path) -> tuple[Config, dict]:
-    path = run_dir / "config.yaml"
-    if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
-    try:
-        saved = load_yaml_text(path.read_text(), f"'{path}'")
-    except (yaml.YAMLError, UnicodeDecodeError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")
-    return load_config(saved), saved.get("derived", {})
 
 
 def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False,
@@ -569,7 +557,7 @@ class Trainer:
             "val_best": state.best_val, "test_best": test_best,
             "test_last": test_last if self.cfg.eval.test_on in ("last", "both") else None,
             "majority_rate": self.data.majority_rate, "dropped_empty": self.data.dropped_empty,
-            # the status over the whole validation history (stats.run_history): fell_back = learned, then back
+            # the status over the whole validation history (run_history): fell_back = learned, then back
             # at the majority-class rate at the last evaluation (the run stays `completed`)
             "fell_back": _history(state, self.data)["fell_back"], "val_last": state.last_val,
             "val_max_acc": state.max_val_acc, "collapse_margin": _history(state, self.data)["margin"],
@@ -608,7 +596,7 @@ class Trainer:
         # (a checkpoint from before max_val_acc: its last evaluation is the best known)
         state.max_val_acc = max(a for a in (state.max_val_acc, state.last_val_acc, val.acc) if a is not None)
         state.last_val_acc, state.last_val = val.acc, val.metrics()
-        if val.acc > data.majority_rate + stats.collapse_margin(data.majority_rate, len(data.val)):
+        if val.acc > data.majority_rate + collapse_margin(data.majority_rate, len(data.val)):
             state.ever_above_majority = True
         elif state.ever_above_majority and not state.collapse_warned:
             state.collapse_warned = True
@@ -666,10 +654,10 @@ def _to_host(tensor: torch.Tensor) -> list:
 
 
 def _history(state: TrainerState, data: DataBundle) -> dict[str, Any]:
-    """stats.run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
+    """run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
     chance does on this val set; fell_back = it did, and the last evaluation is back at that rate."""
     accs = [a for a in (state.max_val_acc, state.last_val_acc) if a is not None]  # the best, then the last
-    return stats.run_history(accs, data.majority_rate, len(data.val))
+    return run_history(accs, data.majority_rate, len(data.val))
 
 
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
@@ -683,10 +671,7 @@ FINISHED = ("completed", "collapsed", "diverged", "pruned")
 def _check_unfinished(run_dir: Path) -> None:
     """`--resume` of a run that finished: nothing to resume (it would test the weights again and rewrite the
     run's files)."""
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
+    status = (read_summary(run_dir) or {}).get("status")
     if status in FINISHED:
         raise UserError(f"run '{run_dir}' already finished (status {status}): there is nothing to resume; its "
                         "results are in summary.json (start it again with `ebslab train ... --overwrite`)")

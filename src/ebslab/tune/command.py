@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) 
           f"seeds {study.seeds}; storage {mask_url(url)}; into {root}", flush=True)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, sw._raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, sw.raise_interrupt)
     try:
         index = tuner.run()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ebslab import sweep as sw
 from ebslab.errors import UserError
+from ebslab.runfolder import read_summary
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
 from ebslab.tune.studyfile import Study, _number, space_size
 from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
@@ -315,7 +316,7 @@ class Tuner:
             return
         job.action = sw.resume_action(run_dir)
         if job.action == "skip":  # finished before the worker that ran it could tell the study
-            status = (sw.read_summary(run_dir) or {}).get("status", "completed")
+            status = (read_summary(run_dir) or {}).get("status", "completed")
         else:
             sweep = dataclasses.replace(self.spec.sweep, base_values={**self.spec.sweep.base_values,
                                                                       **self.spec.fixed_overrides()})
@@ -333,7 +334,7 @@ class Tuner:
             status, _ = sw._final_status(run_dir, rc, started, job.log)
             if self.runner.stopping or status == "interrupted":
                 return  # left RUNNING: --resume finds its worker gone and continues it from its checkpoint
-        summary = sw.read_summary(run_dir) or {}
+        summary = read_summary(run_dir) or {}
         value = (summary.get("val_best") or {}).get(self.spec.metric)
         task.trial.set_user_attr("status", status)
         if status == "pruned":
@@ -410,7 +411,7 @@ def _trial_status(t, run_dir: Path) -> str:
     if t.state == TrialState.FAIL:
         return t.user_attrs.get("status", "failed")
     if t.state == TrialState.RUNNING:
-        summary = sw.read_summary(run_dir) or {}
+        summary = read_summary(run_dir) or {}
         return "interrupted" if summary.get("status") == "interrupted" or not _alive(t.user_attrs.get("worker")) \
             else "running"
     return "waiting"
@@ -431,7 +432,7 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
                        "value": t.value, "status": _trial_status(t, root / folder),
                        "optuna_numbers": sorted(x.number for x in ts),
                        "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                       "duration_s": (sw.read_summary(root / folder) or {}).get("duration_s")})
+                       "duration_s": (read_summary(root / folder) or {}).get("duration_s")})
     runs = []
     for t in confirm.get_trials(deepcopy=False):
         if t.user_attrs.get("duplicate") or "config" not in t.params:

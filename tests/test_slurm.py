@@ -382,7 +382,7 @@ def test_a_cancelled_job_is_a_failed_run_with_slurms_state_and_the_others_comple
     cancelled = index["train.seed=2"]
     assert cancelled["status"] == "failed"
     assert cancelled["message"].startswith(f"Slurm job {job_id} CANCELLED: ")
-    assert cancelled["message"].endswith(sw._last_line(root / "train.seed=2.log"))
+    assert cancelled["message"].endswith(sw.last_line(root / "train.seed=2.log"))
     assert f"failed      train.seed=2  (Slurm job {job_id} CANCELLED" in capsys.readouterr().out
 
 

@@ -22,7 +22,7 @@ import torch
 from ebslab.errors import UserError
 from ebslab.runfolder import is_run_folder, load_run_config, read_labels
 from ebslab.config import Config, load_config
-from ebslab.data import DATA_SUFFIXES, TokenizedSplit, _read_file, _read_path, collate, tokenize
+from ebslab.data import DATA_SUFFIXES, TokenizedSplit, read_file, read_path, collate, tokenize
 from ebslab.files import atomic_write_with
 
 # only these may differ from the run's config at prediction time: they move the work, never its numbers
@@ -173,9 +173,9 @@ def read_input(source: str, text_column: str) -> pd.DataFrame:
         elif path.is_file():
             if path.stat().st_size == 0:
                 raise UserError(f"{what} is empty; give at least one text")
-            table = _read_file(path)
+            table = read_file(path)
         else:
-            table = _read_path(str(path))
+            table = read_path(str(path))
     if text_column not in table.columns:
         cols = ", ".join(map(str, table.columns)) or "none"
         raise UserError(f"{what} has no text column '{text_column}' (columns: {cols}); pass --text-column NAME")

@@ -448,7 +448,7 @@ def pair_label(a: Group, b: Group) -> tuple[str, str]:
     return fa, fb
 
 
-def _fmt_p(p: float) -> str:
+def fmt_p(p: float) -> str:
     if math.isnan(p):
         return "n/a"
     if p < 0.001:
@@ -604,27 +604,27 @@ def compare(d: Sequence[float], metric: str) -> dict:
     return out
 
 
-def _json_num(v: Any) -> Any:
+def json_num(v: Any) -> Any:
     if isinstance(v, (float, np.floating)):
         v = float(v)
         return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, dict):
-        return {k: _json_num(x) for k, x in v.items()}
+        return {k: json_num(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_num(x) for x in v]
+        return [json_num(x) for x in v]
     return v
 
 
 
-def _fmt_diff(v: float, metric: str) -> str:
+def fmt_diff(v: float, metric: str) -> str:
     if v is None or math.isnan(v):
         return "n/a"
     return f"{100 * v:+.2f} pt" if metric == "acc" else f"{v:+.4f}"
 
 
-def _fmt_ci(lo: float, hi: float, metric: str) -> str:
+def fmt_ci(lo: float, hi: float, metric: str) -> str:
     if math.isnan(lo) or math.isnan(hi):
         return "n/a"
     if metric == "acc":
@@ -861,7 +861,7 @@ def add_power(tests: Sequence[dict], detect: float, spread_sd: float) -> tuple[i
 
 
 def _pt(v: float, metric: str) -> str:
-    return _fmt_diff(v, metric).lstrip("+")
+    return fmt_diff(v, metric).lstrip("+")
 
 
 def _fmt_range(lo: float, hi: float, metric: str | None) -> str:
@@ -884,11 +884,11 @@ def p_clause(c: dict) -> str:
     sig = c["p_holm"] < ALPHA
     if c["p_test"] == "sign-flip":
         test = (f"every seed gave the same difference, so the t statistic is undefined: exact sign-flip test over "
-                f"seeds p = {_fmt_p(c['p_holm'])} (Holm; raw {_fmt_p(c['p'])})")
+                f"seeds p = {fmt_p(c['p_holm'])} (Holm; raw {fmt_p(c['p'])})")
     else:
-        test = (f"paired t-test over seeds p = {_fmt_p(c['p_holm'])} (Holm; raw {_fmt_p(c['p'])}); exact sign-flip "
-                f"p = {_fmt_p(c['p_sign_flip'])}")
-    return (f"{test}, the smallest a sign-flip test over {c['n_seeds']} seeds allows being {_fmt_p(c['p_min'])}; "
+        test = (f"paired t-test over seeds p = {fmt_p(c['p_holm'])} (Holm; raw {fmt_p(c['p'])}); exact sign-flip "
+                f"p = {fmt_p(c['p_sign_flip'])}")
+    return (f"{test}, the smallest a sign-flip test over {c['n_seeds']} seeds allows being {fmt_p(c['p_min'])}; "
             f"{'significant' if sig else 'not significant'} at {ALPHA:g} over the {c['family_size']} test(s) "
             f"corrected together")
 
@@ -896,7 +896,7 @@ def p_clause(c: dict) -> str:
 def power_sentence(c: dict, metric: str) -> str:
     pw = c["power"]
     detect = _pt(pw["detect"], metric)
-    level = f"level {_fmt_p(pw['alpha'])} (Holm's first step over {c['family_size']} test(s))"
+    level = f"level {fmt_p(pw['alpha'])} (Holm's first step over {c['family_size']} test(s))"
     if math.isnan(c["sd"]) or c["sd"] == 0:
         return (f"Power: the {c['n_seeds']} seeds show no spread, so neither the smallest detectable difference nor "
                 f"the seeds needed to detect {detect} can be sized; more seeds would show the spread.")
@@ -920,20 +920,20 @@ def comparison_sentences(c: dict, metric: str, spread_sd: float) -> list[str]:
     missing = missing_sentence(c)
     if c["n_seeds"] == 0:
         return [f"{head}: no seed with a test {metric} in both: no comparison."] + ([missing] if missing else [])
-    est = _fmt_diff(c["estimate"], metric)
+    est = fmt_diff(c["estimate"], metric)
     if c["n_seeds"] == 1:
         pw = c["power"]
         detect = _pt(pw["detect"], metric)
         how = (f"with the seed-to-seed spread seen in this report (sd of a difference ≈ {_pt(spread_sd, metric)}), "
-               f"detecting {detect} with 80% power at level {_fmt_p(pw['alpha'])} would need "
+               f"detecting {detect} with 80% power at level {fmt_p(pw['alpha'])} would need "
                f"{_fmt_seeds(pw['seeds_needed'])} seeds"
                if not math.isnan(pw["seeds_needed"]) else "run at least 3 seeds per configuration to measure the spread")
         lines = [f"{head}: {est} on one seed (seed {_fmt_value(c['seeds'][0])}). One seed cannot separate the "
                  f"configurations: no p-value. {how[0].upper() + how[1:]}."]
     else:
-        boot = _fmt_ci(*c["ci"], metric) if c["ci_note"] is None else f"n/a ({c['ci_note']})"
-        tci = _fmt_ci(*c["t_ci"], metric) if c["t_ci_note"] is None else f"n/a ({c['t_ci_note']})"
-        per_seed = ", ".join(_fmt_diff(v, metric) for v in c["differences"])
+        boot = fmt_ci(*c["ci"], metric) if c["ci_note"] is None else f"n/a ({c['ci_note']})"
+        tci = fmt_ci(*c["t_ci"], metric) if c["t_ci_note"] is None else f"n/a ({c['t_ci_note']})"
+        per_seed = ", ".join(fmt_diff(v, metric) for v in c["differences"])
         lines = [f"{head}: {est} (mean of {c['n_seeds']} per-seed differences: {per_seed} for seeds "
                  f"{_seed_list(c['seeds'])}), 95% crossed bootstrap {boot}, paired t {tci}; "
                  f"{p_better_clause(c['prob_improvement'], c['a'], c['n_seeds'])}; {p_clause(c)}.",
@@ -943,7 +943,7 @@ def comparison_sentences(c: dict, metric: str, spread_sd: float) -> list[str]:
         shown = str(examples[0]) if len(set(examples)) == 1 else _seed_list(examples)
         lines.append(f"Secondary (within seed): they disagree on {_seed_list(c['disagreements'])} of {shown} test "
                      f"examples (seed {_seed_list(c['disagreement_seeds'])}, in order); "
-                     "McNemar p per seed " + ", ".join(_fmt_p(p) for p in c["mcnemar_p"]) + ".")
+                     "McNemar p per seed " + ", ".join(fmt_p(p) for p in c["mcnemar_p"]) + ".")
     if missing:
         lines.append(missing)
     return lines
@@ -1054,12 +1054,12 @@ def main_effects_table(effects: Sequence[dict], metric: str) -> str:
               "95% t-interval", "p (Holm)", "test", "P(better) [Clopper-Pearson 95%]", "seeds"]
     rows = []
     for e in effects:
-        boot = _fmt_ci(*e["ci"], metric) if e["ci_note"] is None else f"n/a ({e['ci_note']})"
-        tci = _fmt_ci(*e["t_ci"], metric) if e["t_ci_note"] is None else f"n/a ({e['t_ci_note']})"
-        p = "n/a (one seed)" if e["n_seeds"] < 2 else _fmt_p(e["p_holm"])
-        test = {"t": "paired t", "sign-flip": f"sign-flip (tie; min {_fmt_p(e['p_min'])})"}.get(e["p_test"], "")
+        boot = fmt_ci(*e["ci"], metric) if e["ci_note"] is None else f"n/a ({e['ci_note']})"
+        tci = fmt_ci(*e["t_ci"], metric) if e["t_ci_note"] is None else f"n/a ({e['t_ci_note']})"
+        p = "n/a (one seed)" if e["n_seeds"] < 2 else fmt_p(e["p_holm"])
+        test = {"t": "paired t", "sign-flip": f"sign-flip (tie; min {fmt_p(e['p_min'])})"}.get(e["p_test"], "")
         pb = e["prob_improvement"]
-        rows.append([e["key"], f"{e['level']} vs {e['vs']}", _fmt_diff(e["estimate"], metric), boot, tci, p, test,
+        rows.append([e["key"], f"{e['level']} vs {e['vs']}", fmt_diff(e["estimate"], metric), boot, tci, p, test,
                      "" if math.isnan(pb[0]) else f"{pb[0]:.2f} [{pb[1]:.2f}, {pb[2]:.2f}]", str(e["n_seeds"])])
     return md_table(header, rows, ["l", "l", "r", "l", "l", "r", "l", "r", "r"])
 
@@ -1287,7 +1287,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
            f"corrected together as one family. Each p is a paired t-test over seeds, or, where every seed gives the "
            f"same difference (t undefined), the exact sign-flip test over seeds, whose smallest possible p is "
            f"2 / 2^seeds (0.25 at 3 seeds, 0.0625 at 5). Power is sized at Holm's first level "
-           f"({_fmt_p(result['power_level'])}) for a difference of {_pt(result['detect'], metric)} "
+           f"({fmt_p(result['power_level'])}) for a difference of {_pt(result['detect'], metric)} "
            f"(`--detect`), with its range over the 95% interval of the seed-to-seed spread."]
     md.append("")
 
@@ -1362,7 +1362,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                   f"bootstrap ({n_boot} seeded resamples of the seeds and of one set of test examples that every "
                   f"seed shares) sits next to the paired t-interval; p Holm-corrected over the report's "
                   f"{result['family_size']} test(s) (comparisons and main effects). Power: 80% at Holm's first level "
-                  f"{_fmt_p(result['power_level'])}, for a true difference of {_pt(result['detect'], metric)} "
+                  f"{fmt_p(result['power_level'])}, for a true difference of {_pt(result['detect'], metric)} "
                   f"(`--detect`).")
         md.append("")
         for c in result["comparisons"]:
@@ -1407,7 +1407,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
 
     from ebslab.files import atomic_write_json, atomic_write_text
 
-    atomic_write_json(out_dir / "report.json", _json_num(result))
+    atomic_write_json(out_dir / "report.json", json_num(result))
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(md))
     return report

@@ -35,11 +35,11 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import (MAX_YAML_BYTES, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
+from ebslab.config import (MAX_YAML_BYTES, VALID_KEYS, unknown_key, flatten, load_config, load_yaml_text,
                            read_yaml)
 from ebslab.errors import UserError
 from ebslab.files import atomic_write_text, check_folder_target
-from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
+from ebslab.locks import LOCK_NAME, FolderLock, read_holder
 from ebslab.runfolder import read_summary
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
@@ -151,7 +151,7 @@ def run_group(overrides: dict[str, Any], sweep_name: str) -> str:
 
 def _check_key(key: str, where: str) -> None:
     if key not in VALID_KEYS:
-        raise UserError(f"sweep {where}: {_unknown_key(key)}")
+        raise UserError(f"sweep {where}: {unknown_key(key)}")
     if key in SET_BY_SWEEP:
         raise UserError(f"sweep {where}: '{key}' is set by the sweep (use --out DIR; folders are named after "
                         f"the grid); remove it")
@@ -183,7 +183,7 @@ def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
         base_values = flatten(base)
         for key in base_values:
             if key not in VALID_KEYS:
-                raise UserError(f"sweep {where} base: {_unknown_key(key)}")
+                raise UserError(f"sweep {where} base: {unknown_key(key)}")
     elif isinstance(base, str):
         candidates = [Path(base)] if Path(base).is_absolute() else (
             ([path.parent / base] if path else []) + [Path.cwd() / base])
@@ -388,7 +388,7 @@ def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
 _PROGRESS = re.compile(r"\d+%\|")  # tqdm's "train:  40%|####      | 4/10 [...]"
 
 
-def _last_line(log: Path) -> str | None:
+def last_line(log: Path) -> str | None:
     """The last line the run printed (its error, usually), without the sweep's own `===` lines."""
     try:
         with open(log, "rb") as f:
@@ -402,13 +402,13 @@ def _last_line(log: Path) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-def _final_status(run_dir: Path, returncode: int, started: float, log: Path | None = None) -> tuple[str, str | None]:
+def final_status(run_dir: Path, returncode: int, started: float, log: Path | None = None) -> tuple[str, str | None]:
     """The run's status from the summary.json this attempt wrote; failed if it wrote none."""
     summary = read_summary(run_dir)
     fresh = summary is not None and (run_dir / "summary.json").stat().st_mtime >= started - 1
     if fresh:
         return str(summary.get("status", "failed")), summary.get("message")
-    last = _last_line(log) if log is not None else None
+    last = last_line(log) if log is not None else None
     if returncode == 0:
         return "failed", "the run exited 0 but wrote no summary.json"
     return "failed", f"exit code {returncode}" + (f": {last}" if last else "")
@@ -479,7 +479,7 @@ def live_run(run_dir: Path) -> dict[str, Any] | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_holder(fd) or {"pid": None}
+            return read_holder(fd) or {"pid": None}
         except OSError:
             return None
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -552,7 +552,7 @@ def connect_ray(ray: Any, address: str | None) -> None:
                         f"{RAY_AUTH_HINT}") from None
 
 
-def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
+def ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
     """(exit code, start, end): the time the run ran, not the time it waited for a free CPU/GPU."""
     started = time.time()
     # the worker's own interpreter: on a cluster the driver's path may not exist on the node
@@ -596,7 +596,7 @@ class SweepRunner:
     def finished(self, job: Job, returncode: int, ended: float | None = None) -> None:
         job.returncode = returncode
         job.duration_s = round((ended or time.time()) - (job.started or time.time()), 2)
-        job.status, job.message = _final_status(job.run_dir, returncode, job.started or 0, job.log)
+        job.status, job.message = final_status(job.run_dir, returncode, job.started or 0, job.log)
         self.write_index()
         print(f"[{self.done_count()}/{len(self.todo)}] {job.status:<11} {job.folder}"
               + (f"  ({job.message})" if job.status not in DONE and job.message else ""), flush=True)
@@ -660,7 +660,7 @@ class SweepRunner:
             connect_ray(ray, os.environ.get("RAY_ADDRESS"))
             started_here = True
         try:
-            task = ray.remote(_ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
+            task = ray.remote(ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
             refs = {}
             for job in self.todo:
                 cmd = train_command(self.sweep, job, self.smoke)

@@ -21,7 +21,7 @@ from ebslab import sweep as sw
 from ebslab.errors import UserError
 from ebslab.runfolder import read_summary
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
-from ebslab.tune.studyfile import Study, _number, space_size
+from ebslab.tune.studyfile import Study, is_number, space_size
 from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
 
 CONFIRM_SUFFIX = "/confirm"
@@ -153,7 +153,7 @@ class Runner:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
             self.ray_started = True
-        self.ray_task = ray.remote(sw._ray_task).options(num_cpus=1, max_retries=0)
+        self.ray_task = ray.remote(sw.ray_task).options(num_cpus=1, max_retries=0)
 
     def close(self) -> None:
         if self.ray_started:
@@ -331,7 +331,7 @@ class Tuner:
                 rc = self.runner.run(cmd, env, job.log)
             finally:
                 beat.close()
-            status, _ = sw._final_status(run_dir, rc, started, job.log)
+            status, _ = sw.final_status(run_dir, rc, started, job.log)
             if self.runner.stopping or status == "interrupted":
                 return  # left RUNNING: --resume finds its worker gone and continues it from its checkpoint
         summary = read_summary(run_dir) or {}
@@ -339,7 +339,7 @@ class Tuner:
         task.trial.set_user_attr("status", status)
         if status == "pruned":
             task.study.tell(task.trial, state=TrialState.PRUNED)
-        elif status in ("completed", "collapsed") and _number(value):
+        elif status in ("completed", "collapsed") and is_number(value):
             task.study.tell(task.trial, float(value))
         else:
             task.study.tell(task.trial, state=TrialState.FAIL)
@@ -470,5 +470,5 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
 
 
 def _ranked(trials: list[dict], direction: str) -> list[dict]:
-    done = [t for t in trials if t["status"] == "completed" and _number(t["value"])]  # collapsed: never the best
+    done = [t for t in trials if t["status"] == "completed" and is_number(t["value"])]  # collapsed: never the best
     return sorted(done, key=lambda t: ((-1 if direction == "maximize" else 1) * t["value"], t["number"]))

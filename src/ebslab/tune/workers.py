@@ -66,6 +66,7 @@ def fail_stale(study) -> list[int]:
     from optuna.trial import TrialState
 
     fail_stale_trials(study)
+    # Optuna has no public accessor for a study's storage nor a trial's id in it: its own callback takes both
     storage, failed = study._storage, []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker")):
@@ -84,6 +85,16 @@ def fail_stale(study) -> list[int]:
 
 def is_retry(t) -> bool:
     return "failed_trial" in t.system_attrs
+
+
+def frozen_trial(study, number: int):
+    """The study's record (FrozenTrial) of its trial `number`, through Optuna's public API."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def trial_id(storage, study, number: int) -> int:
+    """The storage's id of the study's trial `number` (Optuna's Trial has no public id)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
 class Heartbeat:
@@ -232,7 +243,7 @@ class Tuner:
         if not waiting and len(self.fresh_search_trials()) >= self.spec.trials:
             return None
         trial = self.search.ask(self.distributions)
-        frozen = self.search._storage.get_trial(trial._trial_id)
+        frozen = frozen_trial(self.search, trial.number)
         if not is_retry(frozen):
             # trial numbers are given out atomically: the slots are the first `trials` fresh ones
             slot = sum(1 for t in self.search.get_trials(deepcopy=False)
@@ -288,7 +299,7 @@ class Tuner:
         trial = self.confirm.ask({"config": od.CategoricalDistribution(sorted(set(folders))),
                                   "seed": od.CategoricalDistribution(self.spec.seeds)})
         params = dict(trial.params)
-        frozen = self.confirm._storage.get_trial(trial._trial_id)
+        frozen = frozen_trial(self.confirm, trial.number)
         if not is_retry(frozen) and any(t.number < trial.number and t.params == params and not is_retry(t)
                                         and not t.user_attrs.get("duplicate")
                                         for t in self.confirm.get_trials(deepcopy=False)):
@@ -325,7 +336,7 @@ class Tuner:
             if task.kind == "search":
                 env.update({ENV_STORAGE: self.storage_url, ENV_STUDY: self.spec.name,
                             ENV_TRIAL: str(task.trial.number)})
-            beat = Heartbeat(self.storage, task.trial._trial_id)
+            beat = Heartbeat(self.storage, trial_id(self.storage, task.study, task.trial.number))
             started = time.time()
             try:
                 rc = self.runner.run(cmd, env, job.log)
@@ -343,7 +354,7 @@ class Tuner:
             task.study.tell(task.trial, float(value))
         else:
             task.study.tell(task.trial, state=TrialState.FAIL)
-        told = task.study._storage.get_trial(task.trial._trial_id)
+        told = frozen_trial(task.study, task.trial.number)
         print(f"{task.kind} {task.folder}: {status}" + (f", {self.spec.objective} {told.value:.4f}"
                                                          if told.value is not None else ""), flush=True)
         self.write_index()

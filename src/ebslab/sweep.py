@@ -38,8 +38,8 @@ import yaml
 from ebslab.config import (MAX_YAML_BYTES, VALID_KEYS, unknown_key, flatten, load_config, load_yaml_text,
                            read_yaml)
 from ebslab.errors import UserError
-from ebslab.files import atomic_write_text, check_folder_target
-from ebslab.locks import LOCK_NAME, FolderLock, read_holder
+from ebslab.files import atomic_write_text
+from ebslab.locks import LOCK_NAME, read_holder
 from ebslab.runfolder import read_summary
 
 DONE = ("completed", "collapsed", "diverged", "pruned")

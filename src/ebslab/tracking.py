@@ -11,7 +11,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from ebslab.errors import UserError
 from ebslab.runfolder import read_jsonl

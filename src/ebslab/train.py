@@ -34,7 +34,7 @@ from ebslab import checkpoint as ckpt
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.errors import UserError
-from ebslab.config import Config, Derived, derive, load_config, load_yaml_text, resolved_dict
+from ebslab.config import Config, Derived, derive, resolved_dict
 from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
                          length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions

@@ -9,7 +9,8 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ebslab.autobatch import candidates, largest_micro  # noqa: E402
-from ebslab.config import UserError, derive, load_config  # noqa: E402
+from ebslab.errors import UserError  # noqa: E402
+from ebslab.config import derive, load_config  # noqa: E402
 
 
 def memory_limit(max_fits, seen=None):

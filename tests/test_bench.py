@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ebslab import bench  # noqa: E402
-from ebslab.config import UserError  # noqa: E402
+from ebslab.errors import UserError  # noqa: E402
 
 NUMERIC = ("max_length", "samples_per_s", "tokens_per_s", "wall_s", "peak_fraction", "peak_memory_mb")
 
@@ -224,7 +224,7 @@ def _small_step_settings(small_imdb, **kw):
 
 
 def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch, fsync_log):
-    from ebslab.tracking import read_metrics
+    from ebslab.runfolder import read_jsonl as read_metrics
 
     seen = {}
     real = bench.run_ebslab

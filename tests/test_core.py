@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, read_jsonl
 from ebslab.callbacks import Callback
-from ebslab.config import Config, OptimConfig, UserError, derive, load_config, scaled_betas_eps, scaled_lr
+from ebslab.errors import UserError
+from ebslab.config import Config, OptimConfig, derive, load_config, scaled_betas_eps, scaled_lr
 from ebslab.data import collate, epoch_order, shard_window, split_indices, windows
 
 NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0", "train.epochs=2"]

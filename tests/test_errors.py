@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ebslab.cli import main
-from ebslab.config import VALID_KEYS, DataConfig, UserError, load_config
+from ebslab.errors import UserError
+from ebslab.config import VALID_KEYS, DataConfig, load_config
 from ebslab.data import clean, load_table
 
 TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=60", "batch.effective=16", "batch.micro=8",

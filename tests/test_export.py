@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
 
 def split_texts(run_dir):
     from ebslab.data import load_examples, split_indices
-    from ebslab.train import load_run_config
+    from ebslab.runfolder import load_run_config
 
     cfg, _ = load_run_config(run_dir)
     examples = load_examples(cfg.data, "test")

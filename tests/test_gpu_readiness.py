@@ -56,7 +56,7 @@ def test_bad_attn_implementation_is_a_user_error(train_run, capsys):
 
 def test_precision_auto_is_fp32_on_cpu_and_bf16_refused(monkeypatch):
     from ebslab.backends import resolve_precision
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="train.precision=bf16 is refused on CPU"):
@@ -75,9 +75,9 @@ def test_encoder_weights_load_in_fp32_from_a_bf16_checkpoint(tmp_path):
     from transformers import AutoModel
 
     from ebslab.config import ModelConfig
-    from ebslab.models import _tiny_config, load_encoder
+    from ebslab.models import tiny_config, load_encoder
 
-    bf16 = AutoModel.from_config(_tiny_config("tiny-bert", 3000), add_pooling_layer=False).to(torch.bfloat16)
+    bf16 = AutoModel.from_config(tiny_config("tiny-bert", 3000), add_pooling_layer=False).to(torch.bfloat16)
     bf16.save_pretrained(tmp_path)
     encoder = load_encoder(ModelConfig(name=str(tmp_path)), 3000)
     assert {p.dtype for p in encoder.parameters()} == {torch.float32}
@@ -88,13 +88,13 @@ def test_ddp_options_search_unused_parameters_only_for_a_pooler():
 
     from ebslab.backends import ddp_options
     from ebslab.config import ModelConfig
-    from ebslab.models import EncoderClassifier, _tiny_config, build_model, load_tokenizer
+    from ebslab.models import EncoderClassifier, tiny_config, build_model, load_tokenizer
 
     bundle = build_model(ModelConfig(name="tiny-bert"), 2, 1, load_tokenizer("tiny-bert"))
     assert bundle.model.unused_parameter_names() == []
     assert ddp_options(bundle.model) == {"find_unused_parameters": False, "gradient_as_bucket_view": True,
                                          "broadcast_buffers": False}
-    with_pooler = EncoderClassifier(AutoModel.from_config(_tiny_config("tiny-bert", 3000)), 2, "cls", 0,
+    with_pooler = EncoderClassifier(AutoModel.from_config(tiny_config("tiny-bert", 3000)), 2, "cls", 0,
                                     ("input_ids", "attention_mask"))
     assert with_pooler.unused_parameter_names() == ["encoder.pooler.dense.weight", "encoder.pooler.dense.bias"]
     assert ddp_options(with_pooler)["find_unused_parameters"] is True

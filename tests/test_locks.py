@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY, hang_after
 
 from ebslab.cli import main
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.locks import LOCK_NAME, FolderLock
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

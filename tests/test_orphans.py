@@ -240,8 +240,8 @@ def test_a_failed_runs_message_is_what_it_said_never_a_progress_bar_fragment(tmp
     log = tmp_path / "run.log"
     log.write_text("=== ebslab sweep 2026-01-01\n$ python -m ebslab train\nloading data\n"
                    "\rtrain:   0%|          | 0/8 [00:00<?, ?step/s]\rtrain:  38%|###8      | 3/8 [00:04<00:06]")
-    status, message = sw._final_status(tmp_path / "run", -9, time.time(), log)
+    status, message = sw.final_status(tmp_path / "run", -9, time.time(), log)
     assert (status, message) == ("failed", "exit code -9: loading data")
     log.write_text("ebslab: error: run folder 'x' is in use by pid 1\n\rtrain:  38%|###8      | 3/8\n=== exit code 2\n")
-    assert sw._final_status(tmp_path / "run", 2, time.time(), log)[1] == \
+    assert sw.final_status(tmp_path / "run", 2, time.time(), log)[1] == \
         "exit code 2: ebslab: error: run folder 'x' is in use by pid 1"

@@ -31,7 +31,10 @@ from safetensors.torch import load_file
 import ebslab.callbacks
 import ebslab.checkpoint as ckpt
 from ebslab.cli import main
-from ebslab.tracking import JsonlTracker, read_metrics, truncate_metrics
+from ebslab.errors import StorageError
+from ebslab.files import atomic_write_json
+from ebslab.runfolder import read_jsonl as read_metrics
+from ebslab.tracking import JsonlTracker, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # 75 examples -> 59 train: 4 windows of 16 per epoch, the last one short (11); 8 steps in all
@@ -391,14 +394,14 @@ def test_full_disk_gives_one_line_and_keeps_the_last_good_checkpoint(reference, 
 
 def test_full_disk_while_writing_a_summary_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    ckpt.atomic_write_json(path, {"status": "completed"})
+    atomic_write_json(path, {"status": "completed"})
 
     def no_space(*_a):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt.os, "replace", no_space)
-    with pytest.raises(ckpt.StorageError, match="No space left on device"):
-        ckpt.atomic_write_json(path, {"status": "failed"})
+    with pytest.raises(StorageError, match="No space left on device"):
+        atomic_write_json(path, {"status": "failed"})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "completed"}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
@@ -540,7 +543,8 @@ def test_checkpoints_hold_only_safetensors_and_json(reference):
 
 
 def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path):
-    from ebslab.tracking import JsonlTracker, read_metrics
+    from ebslab.runfolder import read_jsonl as read_metrics
+    from ebslab.tracking import JsonlTracker
 
     tracker = JsonlTracker(tmp_path / "metrics.jsonl")
     tracker.log({"event": "step", "step": 1})
@@ -553,7 +557,7 @@ def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path)
             pass
 
     tracker.file = FullDisk()
-    with pytest.raises(ckpt.StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
+    with pytest.raises(StorageError, match=r"metrics.jsonl' \(No space left on device \[ENOSPC\]\).*--resume"):
         tracker.log({"event": "step", "step": 2})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
 
@@ -585,10 +589,10 @@ def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_
     figures = sorted((tmp_path / "report").glob("*.png"))
     assert figures  # the report's plots are among the files checked
 
-    from ebslab.report import _plt, save_figure
+    from ebslab.figures import pyplot, save
 
-    fig, _ = _plt().subplots()
-    save_figure(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
+    fig, _ = pyplot().subplots()
+    save(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
     assert (tmp_path / "alone.pdf").read_bytes().startswith(b"%PDF")
 
     written = [metrics, tmp_path / "predictions" / "test_best.parquet", root / "sweep.json",
@@ -612,7 +616,7 @@ def test_full_disk_while_writing_predictions_keeps_the_old_file_and_names_the_re
 
     save_predictions(tmp_path, "test_best", result([0, 1]))
     monkeypatch.setattr(os, "replace", lambda *_a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
-    with pytest.raises(ckpt.StorageError) as e:
+    with pytest.raises(StorageError) as e:
         save_predictions(tmp_path, "test_best", result([1, 0]))
     monkeypatch.undo()
     path = tmp_path / "predictions" / "test_best.parquet"

@@ -14,7 +14,7 @@ import yaml
 from scipy import stats
 
 from ebslab import report
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling: str = "none",
@@ -112,9 +112,11 @@ def test_flatten_and_varying_keys():
 
 
 def test_read_jsonl_tolerates_torn_last_line(tmp_path):
+    from ebslab.runfolder import read_jsonl
+
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"event": "eval", "val/acc": 0.5}\n{"event": "eval", "val/acc": 0.6}\n{"event": "ev')
-    recs = report.read_jsonl(p)
+    recs = read_jsonl(p)
     assert [r["val/acc"] for r in recs] == [0.5, 0.6]
 
 

@@ -136,8 +136,8 @@ def test_t_branch_power_and_detect(tmp_path):
                                              stats.minimal_detectable_difference(sd_hi, 4, level)])
     assert pw["seeds_needed"] == stats.seeds_needed(0.02, d.std(ddof=1), level)
     block = _block(md, "- batch.effective=256 vs")
-    assert f"paired t-test over seeds p = {report._fmt_p(c['p_holm'])} (Holm; raw {report._fmt_p(c['p'])})" in block
-    assert f"exact sign-flip p = {report._fmt_p(stats.sign_flip_p(d))}" in block
+    assert f"paired t-test over seeds p = {report.fmt_p(c['p_holm'])} (Holm; raw {report.fmt_p(c['p'])})" in block
+    assert f"exact sign-flip p = {report.fmt_p(stats.sign_flip_p(d))}" in block
     assert "the smallest a sign-flip test over 4 seeds allows being 0.12" in block
     assert "over the 1 test(s) corrected together" in block
     assert f"detecting 2.00 pt with 80% power needs {int(pw['seeds_needed'])} seeds" in block

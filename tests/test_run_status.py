@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import read_jsonl
-from ebslab import stats
+from ebslab import metrics
 from ebslab.evaluate import EvalResult
 from ebslab.train import Trainer
 
@@ -45,7 +45,7 @@ def test_status_from_the_whole_validation_history(train_run, monkeypatch, histor
     evals = [r["val/acc"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
     assert evals == pytest.approx(history)
     assert summary["majority_rate"] == pytest.approx(0.52)
-    assert summary["collapse_margin"] == pytest.approx(stats.collapse_margin(0.52, 25))
+    assert summary["collapse_margin"] == pytest.approx(metrics.collapse_margin(0.52, 25))
     assert (summary["status"], summary["fell_back"]) == (status, fell_back)
     assert summary["val_max_acc"] == pytest.approx(max(history))
     assert summary["val_last"]["acc"] == pytest.approx(history[-1])

@@ -25,6 +25,7 @@ from conftest import hang_after, install_fake_train
 
 from ebslab import slurm
 from ebslab import sweep as sw
+from ebslab import sweep_command
 from ebslab.cli import main
 
 submitit = pytest.importorskip("submitit")
@@ -45,7 +46,7 @@ def read_index(folder: Path) -> dict[str, dict]:
 
 def sweep_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    sw.add_arguments(parser)
+    sweep_command.add_arguments(parser)
     return parser.parse_args(["sweep.yaml", *argv])
 
 
@@ -381,7 +382,7 @@ def test_a_cancelled_job_is_a_failed_run_with_slurms_state_and_the_others_comple
     cancelled = index["train.seed=2"]
     assert cancelled["status"] == "failed"
     assert cancelled["message"].startswith(f"Slurm job {job_id} CANCELLED: ")
-    assert cancelled["message"].endswith(sw._last_line(root / "train.seed=2.log"))
+    assert cancelled["message"].endswith(sw.last_line(root / "train.seed=2.log"))
     assert f"failed      train.seed=2  (Slurm job {job_id} CANCELLED" in capsys.readouterr().out
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
-from ebslab import stats
+from ebslab import metrics, stats
 
 # Accuracy ~0.90, seed-to-seed spread ~0.5 point, two models agreeing on ~93% of the test examples. Example i has
 # a difficulty z_i shared by every model and seed (errors are correlated across runs: the test set is crossed
@@ -246,17 +246,17 @@ def test_power_summary_carries_the_uncertainty_of_the_spread():
 
 def test_run_history_three_histories():
     # best then dip (300 reviews: 30 val examples, majority 0.533): learned, fell back at the end
-    dip = stats.run_history([0.6, 0.767, 0.533], 16 / 30, 30)
+    dip = metrics.run_history([0.6, 0.767, 0.533], 16 / 30, 30)
     assert not dip["collapsed"] and dip["fell_back"] and dip["best"] == 0.767 and dip["last"] == 0.533
     # never learned: never above 0.567 (17 of 30), within what chance gives on 30 examples
-    never = stats.run_history([0.5, 0.567, 0.533, 0.567], 16 / 30, 30)
+    never = metrics.run_history([0.5, 0.567, 0.533, 0.567], 16 / 30, 30)
     assert never["collapsed"] and not never["fell_back"]
     # learned, lower at the end (tune confirmation run: 100 val examples, majority 0.51, best 0.62)
-    lower = stats.run_history([0.55, 0.62, 0.53], 0.51, 100)
+    lower = metrics.run_history([0.55, 0.62, 0.53], 0.51, 100)
     assert not lower["collapsed"] and lower["fell_back"]
-    assert not stats.run_history([0.55, 0.62, 0.60], 0.51, 100)["fell_back"]
+    assert not metrics.run_history([0.55, 0.62, 0.60], 0.51, 100)["fell_back"]
     # the margin: the one-sided 95% point of a majority-rate classifier's accuracy on n examples
-    assert stats.collapse_margin(0.5, 100) == pytest.approx(1.6449 * 0.05, abs=1e-4)
+    assert metrics.collapse_margin(0.5, 100) == pytest.approx(1.6449 * 0.05, abs=1e-4)
     assert never["margin"] == pytest.approx(1.6449 * math.sqrt(16 / 30 * 14 / 30 / 30), abs=1e-4)
 
 
@@ -268,7 +268,7 @@ def test_collapse_margin_keeps_a_no_learning_run_collapsed_by_simulation():
     labels_major = rng.random((20_000, 120)) < 0.525
     flips = rng.random((20_000, 120)) < 0.1
     acc = np.where(flips, ~labels_major, labels_major).mean(axis=1)
-    assert np.mean(acc > 0.525 + stats.collapse_margin(0.525, 120)) <= 0.05
+    assert np.mean(acc > 0.525 + metrics.collapse_margin(0.525, 120)) <= 0.05
 
 
 def test_bootstrap_paths_agree():

@@ -22,7 +22,8 @@ import yaml
 from ebslab import sweep as sw
 from ebslab.checkpoint import LAST_FILES
 from ebslab.cli import main
-from ebslab.config import UserError, load_config, parse_override
+from ebslab.errors import UserError
+from ebslab.config import load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "tiny-bert", "data.limit": 64, "train.epochs": 1, "batch.effective": 8, "batch.micro": 8,

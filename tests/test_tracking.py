@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import hang_after
 
-from ebslab.config import UserError
-from ebslab.tracking import (JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers,
-                             read_metrics)
+from ebslab.errors import UserError
+from ebslab.runfolder import read_jsonl as read_metrics
+from ebslab.tracking import JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers
 
 RECORDS = [
     {"event": "step", "step": 1, "epoch": 0, "micro_step": 4, "train/loss": 0.69, "lr": 5e-5, "grad_norm": 1.5},

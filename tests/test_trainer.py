@@ -14,8 +14,10 @@ import yaml
 from conftest import TINY, read_jsonl
 from ebslab import sweep as sw
 from ebslab.callbacks import Callback
-from ebslab.config import UserError, flatten, load_config
-from ebslab.train import TrainerState, TrainSums, load_run_config, train
+from ebslab.errors import UserError
+from ebslab.config import flatten, load_config
+from ebslab.runfolder import load_run_config
+from ebslab.train import TrainerState, TrainSums, train
 
 
 def _cfg(tmp_path, name, *overrides):
@@ -174,3 +176,23 @@ def test_flatten_is_one_rule_for_config_sweep_checkpoint_and_report():
     assert report.flatten(nested) == flatten(nested, skip=())  # the report keeps derived.* (it groups by them)
     assert report.flatten({"track": ["jsonl", "wandb"]}) == {"track": ("jsonl", "wandb")}
     assert sw.flatten is flatten
+
+
+def test_two_instances_of_one_callback_class_keep_their_own_saved_state():
+    from ebslab.callbacks import Callbacks
+
+    class Counter(Callback):
+        def __init__(self, n):
+            self.n = n
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    saved = Callbacks([Counter(3), Counter(7)]).state_dict()
+    assert saved == {"Counter": {"n": 3}, "Counter#2": {"n": 7}}
+    restored = Callbacks([Counter(0), Counter(0)])
+    restored.load_state_dict(saved)
+    assert [cb.n for cb in restored] == [3, 7]

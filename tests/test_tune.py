@@ -21,6 +21,7 @@ import yaml
 from conftest import hang_after, install_fake_train
 
 from ebslab import sweep as sw
+from ebslab import sweep_command
 from ebslab import tune
 from ebslab.cli import main
 from ebslab.config import VALID_KEYS
@@ -93,7 +94,7 @@ def test_tune_and_sweep_share_their_run_options_with_their_own_help():
     import argparse
 
     parsed, helps = [], []
-    for mod, first in ((sw, "grid.yaml"), (tune, "study.yaml")):
+    for mod, first in ((sweep_command, "grid.yaml"), (tune, "study.yaml")):
         parser = argparse.ArgumentParser()
         mod.add_arguments(parser)
         parsed.append(vars(parser.parse_args([first, "--out", "o", "--resume", "--executor", "ray",
@@ -535,6 +536,16 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     tune.fail_stale(study)
     assert study.trials[t2.number].state.name == "FAIL"
     assert study.trials[-1].state.name == "WAITING" and study.trials[-1].params == t2.params
+
+
+def test_a_study_whose_base_is_a_config_file_parses_and_fingerprints_the_files_keys(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": {"name": "tiny-bert"}, "data": {"limit": 64, "max_length": 32},
+                                    "batch": {"effective": 8, "micro": 8}, "train": {"epochs": 1}}))
+    st = tune.load_study_file(write_study(tmp_path, study_with(base=str(base))))
+    assert st.sweep.base_file == base.resolve()
+    assert st.fingerprint["base"] == {"model.name": "tiny-bert", "data.limit": 64, "data.max_length": 32,
+                                      "batch.effective": 8, "batch.micro": 8, "train.epochs": 1}
 
 
 def test_shipped_study_files_are_valid():

@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from ebslab.config import Config, UserError
+from ebslab.errors import UserError
+from ebslab.config import Config
 
 Probe = Callable[[int], None]
 HEADROOM = 0.85  # a probed step may use this fraction of the device's memory

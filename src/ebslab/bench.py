@@ -353,11 +353,11 @@ def hf_classifier(name: str, num_labels: int = 2) -> Any:
     """The model the HF way: AutoModelForSequenceClassification (tiny models built from ebslab's configs)."""
     from transformers import AutoModelForSequenceClassification
 
-    from ebslab.models import TINY_MODELS, _tiny_config, load_tokenizer, minilm_path
+    from ebslab.models import TINY_MODELS, tiny_config, load_tokenizer, minilm_path
 
     if name in TINY_MODELS:
         torch.manual_seed(0)
-        config = _tiny_config(name, len(load_tokenizer(name)))
+        config = tiny_config(name, len(load_tokenizer(name)))
         config.num_labels = num_labels
         return AutoModelForSequenceClassification.from_config(config)
     source = minilm_path() if name == "minilm" else name
@@ -822,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     s = quick_settings() if args.quick else Settings()
     if args.model:

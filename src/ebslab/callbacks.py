@@ -7,7 +7,8 @@ itself a callback, runs last so those keys reach metrics.jsonl.
 
 A callback that accumulates over steps (moving averages, sums) returns that from `state_dict` and takes it back in
 `load_state_dict`: the trainer saves it with its own state in every checkpoint and restores it on resume, so a
-resumed run logs what the uninterrupted one would have. It is keyed by class name and saved from the main process.
+resumed run logs what the uninterrupted one would have. It is keyed by class name (`Name#2` for a second
+instance of one class) and saved from the main process.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ebslab.train import Trainer
+# the training loop (ebslab.train.Trainer) sits above its callbacks: they see it only through its attributes
+Trainer = Any
 
 
 class Callback:
@@ -83,18 +84,28 @@ class Callbacks(list):
         for cb in self:
             cb.on_fit_end(trainer, summary)
 
+    def state_keys(self) -> list[str]:
+        """Each callback's key in the saved state: its class name, then `Name#2`, `Name#3` for further instances of
+        one class in list order, so two instances never share (or overwrite) one state."""
+        keys, seen = [], {}
+        for cb in self:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return keys
+
     def state_dict(self) -> dict[str, Any]:
         states = {}
-        for cb in self:
+        for key, cb in zip(self.state_keys(), self):
             state = cb.state_dict()
             if state is not None:
-                states[type(cb).__name__] = state
+                states[key] = state
         return states
 
     def load_state_dict(self, states: dict[str, Any]) -> None:
-        for cb in self:
-            if type(cb).__name__ in states:
-                cb.load_state_dict(states[type(cb).__name__])
+        for key, cb in zip(self.state_keys(), self):
+            if key in states:
+                cb.load_state_dict(states[key])
 
 
 class TrackerLogging(Callback):

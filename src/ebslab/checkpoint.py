@@ -21,9 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ebslab.config import UserError, default_flat, flatten
-# the atomic writers live in a module without torch (the sweep uses them); re-exported for callers here
-from ebslab.files import StorageError, _fsync_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, storage_error  # noqa: F401
+from ebslab.config import default_flat, flatten
+from ebslab.errors import UserError
+from ebslab.files import StorageError, fsync_dir, storage_error
+from ebslab.runfolder import read_trainer_state
 
 LAST_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
 # config keys that may change between a checkpoint and its resume: they move or relabel a run, never its numbers
@@ -104,13 +105,13 @@ class AtomicDir:
             for f in self.tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
             if self.target.exists():
                 shutil.rmtree(self.old, ignore_errors=True)
                 os.replace(self.target, self.old)
             # else: a kill fell between the renames last time; .old is the only good copy until tmp is in place
             os.replace(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
+            fsync_dir(self.target.parent)
         except OSError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise self._error(e) from None
@@ -265,7 +266,7 @@ def load_last(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, ra
     try:
         tensors = load_file(str(folder / "optimizer.safetensors"))
         structure = json.loads((folder / "optimizer.json").read_text())
-        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        trainer_state = read_trainer_state(folder)
         weights = load_file(str(folder / "model.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
     from ebslab.config import load_config
-    from ebslab.train import load_run_config, train
+    from ebslab.runfolder import load_run_config
+    from ebslab.train import train
 
     extra: dict = {}
     if os.environ.get("EBSLAB_TUNE_STUDY"):  # a trial of `ebslab tune`: it reports to its Optuna trial
@@ -37,8 +38,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "collapsed", "pruned") else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    """`ebslab report`: a tune study's folder (study.json) gets the study's report (verdict, search, plots); run
+    and sweep folders get the runs' report."""
+    from ebslab import report
+    from ebslab.files import check_folder_target
+
+    dirs = [Path(d) for d in args.dirs]
+    if len(dirs) == 1 and (dirs[0] / "study.json").is_file():
+        from ebslab.tune import report_study
+
+        out = args.out if getattr(args, "out", None) is not None else dirs[0]
+        check_folder_target(out, "--out")
+        print(report_study(dirs[0], Path(out)))
+        return 0
+    return report.run(args)
+
+
 # every command after `train`: (name, module with add_arguments/run, one line for `ebslab --help`)
-COMMANDS = (("sweep", "ebslab.sweep", "a grid of runs from a sweep file, each run in its own folder"),
+COMMANDS = (("sweep", "ebslab.sweep_command", "a grid of runs from a sweep file, each run in its own folder"),
             ("report", "ebslab.report", "tables, plots and statistics from run, sweep or study folders"),
             ("bench", "ebslab.bench", "training throughput against HF Trainer and a naive loop"),
             ("predict", "ebslab.predict", "labels and class probabilities for new texts, from a run folder"),
@@ -81,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=_report if name == "report" else mod.run)
     return parser
 
 

@@ -21,11 +21,8 @@ from typing import Any, Collection, Literal, Union
 
 import yaml
 
+from ebslab.errors import UserError
 from ebslab.metrics import METRICS
-
-
-class UserError(Exception):
-    """A problem in what the user gave (path, key, value): reported as one line, exit code 2."""
 
 
 @dataclass
@@ -394,7 +391,7 @@ def suggest_key(key: str) -> str | None:
     return None
 
 
-def _unknown_key(key: str) -> UserError:
+def unknown_key(key: str) -> UserError:
     near = suggest_key(key)
     hint = f"; did you mean '{near}'?" if near else f"; valid keys: {', '.join(VALID_KEYS)}"
     return UserError(f"unknown config key '{key}'{hint}")
@@ -588,7 +585,7 @@ def build_config(values: dict[str, Any]) -> Config:
     cfg = Config()
     for key, value in values.items():
         if key not in VALID_KEYS:
-            raise _unknown_key(key)
+            raise unknown_key(key)
         *sections, name = key.split(".")
         node = cfg
         for s in sections:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ebslab.config import DataConfig, UserError, short_repr
+from ebslab.config import DataConfig, short_repr
+from ebslab.errors import UserError
 
 # package data, so that an installed ebslab (not only a source checkout) has its default dataset offline;
 # the checkout's data/imdb is a link to this folder
@@ -33,7 +34,7 @@ DATA_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json
 # Loading a table
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def read_file(path: Path) -> pd.DataFrame:
     kind = DATA_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"data file '{path}' is not parquet, csv or jsonl; give one of those")
@@ -77,17 +78,17 @@ def _duplicated_columns(path: Path, kind: str) -> list[str]:
             "each is unique" for n in repeated]
 
 
-def _read_path(path_text: str) -> pd.DataFrame:
+def read_path(path_text: str) -> pd.DataFrame:
     path = Path(path_text).expanduser()
     if not path.exists():
         raise UserError(f"data.path '{path_text}' does not exist; give a parquet/csv/jsonl file or a folder of them")
     if path.is_file():
-        return _read_file(path)
+        return read_file(path)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise UserError(f"data.path '{path_text}' holds no .parquet, .csv or .jsonl file")
     # A folder's files (train/val/test or shards) are pooled and re-split 8:1:1 (the IMDB protocol ebslab grew from).
-    tables = [_read_file(f) for f in files]
+    tables = [read_file(f) for f in files]
     table = pd.concat(tables, ignore_index=True)
     table.attrs["warnings"] = [w for t in tables for w in t.attrs.get("warnings", [])]
     return table
@@ -126,7 +127,7 @@ def _load_hub(name: str, splits: list[str] | None = None) -> pd.DataFrame:
 
 def load_table(cfg: DataConfig) -> pd.DataFrame:
     if cfg.path:
-        return _read_path(cfg.path)
+        return read_path(cfg.path)
     if cfg.name == "imdb":
         return _load_imdb()
     return _load_hub(cfg.name)

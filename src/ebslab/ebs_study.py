@@ -29,14 +29,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import yaml
 from scipy import optimize, stats
 
 from ebslab.config import as_trained
+from ebslab.figures import pyplot, save
 from ebslab.metrics import higher_is_better
+from ebslab.replicates import changes_training
+from ebslab.runfolder import with_logged_precision
 
 CONFIDENCE = 0.95
 BUDGET_END = 0.9  # a crossing past this share of the run's budget is "at the end of the budget"
@@ -75,8 +78,6 @@ def _examples_at(step: int, effective: int, derived: dict) -> int:
 
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     """One run folder -> StudyRun (config.yaml, metrics.jsonl and summary.json only)."""
-    from ebslab.report import with_logged_precision  # (report imports this module)
-
     path = Path(path)
     config = with_logged_precision(path, yaml.safe_load((path / "config.yaml").read_text()))
     effective = int(config["batch"]["effective"])
@@ -638,9 +639,7 @@ def plain_log_ticks(axis: Any) -> None:
 def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
     from matplotlib.lines import Line2D
 
-    from ebslab.report import _plt, save_figure
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     handles = []
     for row in study.rows:
@@ -669,7 +668,7 @@ def plot_tradeoff(study: EbsStudy, path: Path) -> Path:
     ax.set_title(f"Steps vs. Examples to Val/{study.metric.capitalize()} {study.target:.3g}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(handles=handles, fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 def plot_b_simple(runs: Sequence[StudyRun], study: EbsStudy, path: Path) -> Path:
@@ -677,9 +676,7 @@ def plot_b_simple(runs: Sequence[StudyRun], study: EbsStudy, path: Path) -> Path
     mean at the logged steps, a cross where each run reached the target."""
     from matplotlib.lines import Line2D
 
-    from ebslab.report import _plt, save_figure
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     handles = []
     positive = True
@@ -714,7 +711,7 @@ def plot_b_simple(runs: Sequence[StudyRun], study: EbsStudy, path: Path) -> Path
     ax.set_title("Gradient Noise Scale During Training")
     ax.grid(alpha=0.3, which="both")
     ax.legend(handles=handles, fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 def plot_critical_batch_curve(study: EbsStudy, path: Path) -> Path:
@@ -723,9 +720,8 @@ def plot_critical_batch_curve(study: EbsStudy, path: Path) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from ebslab.report import _plt, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ebs = [r.effective_batch for r in study.rows]
     top, bottom = max(ebs) * 8, min(ebs) / 8
@@ -754,7 +750,7 @@ def plot_critical_batch_curve(study: EbsStudy, path: Path) -> Path:
                        Line2D([], [], color="tab:orange", marker="^", ls="", label="above (or below) the range run"),
                        Line2D([], [], color="tab:blue", lw=1.5, label="95% profile interval (clipped at the axes)"),
                        Patch(color="tab:blue", alpha=0.15, label="EBS range run")], fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -807,23 +803,29 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
     return "\n".join(md), study.to_json()
 
 
+class BestLr(Protocol):
+    """Which runs of an EBS were at its best lr (the lr study, which builds on this module, provides it)."""
+
+    def applies(self, runs: Sequence[StudyRun]) -> bool: ...
+
+    def runs_at_best_lr(self, runs: Sequence[StudyRun]) -> tuple[list[StudyRun], str | None]: ...
+
+
 def report_section(run_dirs: Sequence[Path], out_dir: Path, target: float | None = None,
-                   metric: str = "acc") -> tuple[list[str], dict[str, Any] | None]:
+                   metric: str = "acc", best_lr: BestLr | None = None) -> tuple[list[str], dict[str, Any] | None]:
     """`ebslab report`'s one call: (markdown lines, `ebs_study` for report.json or None) from the run folders;
     runs that did not complete are left out of the fit. When the runs vary optim.lr too, each EBS keeps only its
-    runs at the best lr the lr study found."""
-    from ebslab import lr_study
-
+    runs at the best lr that `best_lr` (the lr study) found."""
     runs = [load_study_run(d, metric) for d in run_dirs]
     done = [r for r in runs if r.status == "completed"]
-    lr_varies = lr_study.applies(done)
+    lr_varies = best_lr is not None and best_lr.applies(done)
     groups = group_by_other_keys(done, also_ignore=("optim.lr",) if lr_varies else ())
     lines: list[str] = []
     studies: dict[str, Any] = {}
     for i, (label, members) in enumerate(groups.items()):
         note = None
         if lr_varies:
-            members, note = lr_study.runs_at_best_lr(members)
+            members, note = best_lr.runs_at_best_lr(members)
         result = section(members, out_dir, target, metric, title=label,
                          prefix="ebs" if len(groups) == 1 else f"ebs{i + 1}", lr_note=note)
         if result is not None:
@@ -842,10 +844,8 @@ def group_by_other_keys(runs: Sequence[StudyRun], also_ignore: Sequence[str] = (
     """Runs by the values of the config keys that vary besides batch.effective, the seed and the keys that do not
     change training (a fit mixes only runs that differ in EBS): {"optim.lr_scaling=sqrt": [...], ...}; one group
     "" when nothing else varies."""
-    from ebslab.report import _in_group  # the report's keys that do not change training (it imports this module)
-
     def ignored(key: str) -> bool:
-        return key == "batch.effective" or key in also_ignore or not _in_group(key)
+        return key == "batch.effective" or key in also_ignore or not changes_training(key)
 
     keys = sorted({k for r in runs for k in r.config if not ignored(k)
                    and len({repr(x.config.get(k)) for x in runs}) > 1})

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ebslab.config import UserError, resolved_dict
+from ebslab.errors import UserError
+from ebslab.runfolder import read_metrics, read_summary
+from ebslab.config import resolved_dict
 from ebslab.predict import LoadedRun, load_run, predict_texts
 
 MODELING_FILE = "modeling_ebslab.py"
@@ -86,22 +88,13 @@ def _modeling_class() -> type:
 
 def _checkpoint_metrics(run: LoadedRun) -> tuple[dict | None, dict | None]:
     """(val, test) metrics of the exported checkpoint, from the run folder."""
-    try:
-        summary = json.loads((run.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(run.run_dir)
+    if summary is None:
         return None, None
     if run.checkpoint == "best":
         return summary.get("val_best"), summary.get("test_best")
     val = None
-    try:
-        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
+    for rec in read_metrics(run.run_dir):
         if rec.get("event") == "eval":
             val = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("val/")}
     return val, summary.get("test_last")

@@ -12,11 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ebslab.config import UserError
-
-
-class StorageError(UserError):
-    """The disk refused a write (full, read-only, quota): one line, the previous files are left intact."""
+from ebslab.errors import StorageError, UserError
 
 
 def storage_error(what: Path, e: OSError, run_dir: Path | None = None) -> StorageError:
@@ -39,7 +35,7 @@ def check_folder_target(path: str | Path, what: str) -> None:
             return
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -69,7 +65,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None], run_dir: Path |
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -94,7 +94,7 @@ def throughput_row(name: str, summary: dict[str, Any], wall_s: float, syncs: Syn
 def require_cuda() -> None:
     import torch
 
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     if not torch.cuda.is_available():
         raise UserError("make gpu-check needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
@@ -305,7 +305,7 @@ def run_checks(out: Path, steps: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ebslab.config import UserError
+    from ebslab.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m ebslab.gpucheck", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one)")

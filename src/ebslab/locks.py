@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 LOCK_NAME = ".ebslab.lock"
 
@@ -37,7 +37,7 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(_read_holder(fd))
+            holder = _describe(read_holder(fd))
             os.close(fd)
             raise UserError(f"{self.what} folder '{self.folder}' is in use by {holder}; wait for it to end or "
                             f"stop it first (a lock left by a process that died is taken over)") from None
@@ -67,7 +67,7 @@ class FolderLock:
         self.release()
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def read_holder(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):

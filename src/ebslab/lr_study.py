@@ -269,9 +269,9 @@ def plot(study: LrStudy, runs: Sequence[Any], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     from ebslab.ebs_study import plain_log_ticks
-    from ebslab.report import _plt, save_figure
+    from ebslab.figures import pyplot, save
 
-    plt = _plt()
+    plt = pyplot()
     lr, ebs, score = _points(runs, study.metric)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     handles = []
@@ -297,7 +297,7 @@ def plot(study: LrStudy, runs: Sequence[Any], path: Path) -> Path:
     ax.set_title("Validation Score vs. Learning Rate per EBS")
     ax.grid(alpha=0.3, which="both")
     ax.legend(handles=handles, fontsize=7)
-    return save_figure(fig, path, dpi=90)
+    return save(fig, path, dpi=90)
 
 
 def section(runs: Sequence[Any], out_dir: Path, metric: str = "acc", title: str = "",

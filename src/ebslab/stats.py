@@ -35,45 +35,12 @@ from scipy import stats as sps
 N_BOOT = 10_000
 ALPHA = 0.05
 POWER = 0.8
-# A run "learned" when its best validation accuracy beats the majority-class rate by more than a classifier that
-# learned nothing reaches by chance on n_val examples: the one-sided 95% point of its accuracy,
-# z_0.95 x sqrt(p (1 - p) / n_val).
-COLLAPSE_LEVEL = 0.05
 # When the test examples take few distinct columns (the per-seed differences of one example: accuracy over a few
 # seeds gives patterns of -1, 0, 1), a resample is one multinomial over the distinct columns, which is exact and
 # costs O(columns) instead of O(examples); with more than examples / _MULTINOMIAL_SHARE columns, by index.
 _MULTINOMIAL_SHARE = 16  # a binomial draw costs ~16 index draws
 _CHUNK_CELLS = 4_000_000  # rows x columns per chunk of resampled indices (32 MB of int64)
 _EXACT_SIGN_FLIP_MAX = 16  # up to 2^16 sign vectors enumerated; beyond, a seeded Monte Carlo of 2^16 draws
-
-
-# ---------------------------------------------------------------------------------------------- run status
-
-
-def collapse_margin(majority_rate: float, n_val: int, level: float = COLLAPSE_LEVEL) -> float:
-    """How far above the majority-class rate a validation accuracy must be to show the run learned: the
-    one-sided (1 - level) point of a majority-rate classifier's accuracy on n_val examples (normal approximation
-    of the binomial). 120 examples at majority 0.525: 0.075; 5,000 at 0.5: 0.012."""
-    p = min(max(float(majority_rate), 0.0), 1.0)
-    return float(sps.norm.isf(level)) * math.sqrt(p * (1.0 - p) / max(int(n_val), 1))
-
-
-def run_history(val_accs: Sequence[float], majority_rate: float, n_val: int,
-                level: float = COLLAPSE_LEVEL) -> dict:
-    """A run's status from its whole validation history (not its last evaluation).
-
-    collapsed: no evaluation ever beat majority_rate + collapse_margin (the run never learned);
-    fell_back: it learned, and its last evaluation is back at or below that line. Returns {collapsed, fell_back,
-    best, last, margin}; with no evaluation, not collapsed (nothing says it failed to learn).
-    """
-    accs = [float(a) for a in val_accs if a is not None and not math.isnan(float(a))]
-    margin = collapse_margin(majority_rate, n_val, level)
-    if not accs:
-        return {"collapsed": False, "fell_back": False, "best": math.nan, "last": math.nan, "margin": margin}
-    line = majority_rate + margin
-    learned = max(accs) > line
-    return {"collapsed": not learned, "fell_back": learned and accs[-1] <= line, "best": max(accs),
-            "last": accs[-1], "margin": margin}
 
 
 # ---------------------------------------------------------------------------------------------- tests over seeds

@@ -35,10 +35,12 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.config import (MAX_YAML_BYTES, UserError, VALID_KEYS, _unknown_key, flatten, load_config, load_yaml_text,
+from ebslab.config import (MAX_YAML_BYTES, VALID_KEYS, unknown_key, flatten, load_config, load_yaml_text,
                            read_yaml)
-from ebslab.files import atomic_write_text, check_folder_target
-from ebslab.locks import LOCK_NAME, FolderLock, _read_holder
+from ebslab.errors import UserError
+from ebslab.files import atomic_write_text
+from ebslab.locks import LOCK_NAME, read_holder
+from ebslab.runfolder import read_summary
 
 DONE = ("completed", "collapsed", "diverged", "pruned")
 """Statuses of a run that finished: skipped by --resume. `pruned`: a search stopped it early on purpose."""
@@ -149,7 +151,7 @@ def run_group(overrides: dict[str, Any], sweep_name: str) -> str:
 
 def _check_key(key: str, where: str) -> None:
     if key not in VALID_KEYS:
-        raise UserError(f"sweep {where}: {_unknown_key(key)}")
+        raise UserError(f"sweep {where}: {unknown_key(key)}")
     if key in SET_BY_SWEEP:
         raise UserError(f"sweep {where}: '{key}' is set by the sweep (use --out DIR; folders are named after "
                         f"the grid); remove it")
@@ -181,7 +183,7 @@ def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
         base_values = flatten(base)
         for key in base_values:
             if key not in VALID_KEYS:
-                raise UserError(f"sweep {where} base: {_unknown_key(key)}")
+                raise UserError(f"sweep {where} base: {unknown_key(key)}")
     elif isinstance(base, str):
         candidates = [Path(base)] if Path(base).is_absolute() else (
             ([path.parent / base] if path else []) + [Path.cwd() / base])
@@ -289,14 +291,6 @@ def validate_sweep(sweep: Sweep, smoke: bool = False) -> list[dict[str, Any]]:
     return runs
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def resume_action(run_dir: Path) -> str:
     """What `--resume` does with a run folder: skip | resume | retry | new.
 
@@ -394,7 +388,7 @@ def job_env(sweep: Sweep, job: Job) -> dict[str, str]:
 _PROGRESS = re.compile(r"\d+%\|")  # tqdm's "train:  40%|####      | 4/10 [...]"
 
 
-def _last_line(log: Path) -> str | None:
+def last_line(log: Path) -> str | None:
     """The last line the run printed (its error, usually), without the sweep's own `===` lines."""
     try:
         with open(log, "rb") as f:
@@ -408,13 +402,13 @@ def _last_line(log: Path) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-def _final_status(run_dir: Path, returncode: int, started: float, log: Path | None = None) -> tuple[str, str | None]:
+def final_status(run_dir: Path, returncode: int, started: float, log: Path | None = None) -> tuple[str, str | None]:
     """The run's status from the summary.json this attempt wrote; failed if it wrote none."""
     summary = read_summary(run_dir)
     fresh = summary is not None and (run_dir / "summary.json").stat().st_mtime >= started - 1
     if fresh:
         return str(summary.get("status", "failed")), summary.get("message")
-    last = _last_line(log) if log is not None else None
+    last = last_line(log) if log is not None else None
     if returncode == 0:
         return "failed", "the run exited 0 but wrote no summary.json"
     return "failed", f"exit code {returncode}" + (f": {last}" if last else "")
@@ -485,7 +479,7 @@ def live_run(run_dir: Path) -> dict[str, Any] | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_holder(fd) or {"pid": None}
+            return read_holder(fd) or {"pid": None}
         except OSError:
             return None
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -558,7 +552,7 @@ def connect_ray(ray: Any, address: str | None) -> None:
                         f"{RAY_AUTH_HINT}") from None
 
 
-def _ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
+def ray_task(cmd: list[str], env_add: dict[str, str], log: str, cwd: str | None) -> tuple[int, float, float]:
     """(exit code, start, end): the time the run ran, not the time it waited for a free CPU/GPU."""
     started = time.time()
     # the worker's own interpreter: on a cluster the driver's path may not exist on the node
@@ -602,7 +596,7 @@ class SweepRunner:
     def finished(self, job: Job, returncode: int, ended: float | None = None) -> None:
         job.returncode = returncode
         job.duration_s = round((ended or time.time()) - (job.started or time.time()), 2)
-        job.status, job.message = _final_status(job.run_dir, returncode, job.started or 0, job.log)
+        job.status, job.message = final_status(job.run_dir, returncode, job.started or 0, job.log)
         self.write_index()
         print(f"[{self.done_count()}/{len(self.todo)}] {job.status:<11} {job.folder}"
               + (f"  ({job.message})" if job.status not in DONE and job.message else ""), flush=True)
@@ -666,7 +660,7 @@ class SweepRunner:
             connect_ray(ray, os.environ.get("RAY_ADDRESS"))
             started_here = True
         try:
-            task = ray.remote(_ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
+            task = ray.remote(ray_task).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
             refs = {}
             for job in self.todo:
                 cmd = train_command(self.sweep, job, self.smoke)
@@ -717,7 +711,8 @@ class SweepRunner:
         return "\n".join(lines)
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """A SIGTERM handler: `kill` of a sweep or a study stops it as Ctrl-C does (its runs stop cleanly)."""
     raise KeyboardInterrupt
 
 
@@ -730,75 +725,3 @@ def add_run_arguments(parser: argparse.ArgumentParser, out_help: str, resume_hel
                         help="local subprocesses (default), Ray tasks (RAY_ADDRESS = an existing cluster) or Slurm "
                              "jobs (submitit; the options below)")
     parser.add_argument("--parallel", type=int, default=1, help=parallel_help)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_file", help="the sweep YAML (name, base, grid)")
-    add_run_arguments(parser, out_help="runs go to OUT/NAME/<folder> (default: runs)",
-                      resume_help="continue a sweep: skip completed runs, resume interrupted ones, retry failed ones",
-                      parallel_help="local executor: runs at once (default 1)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every combination with 1 epoch on 64 examples, into OUT/NAME-smoke/")
-    parser.add_argument("--gpus-per-run", type=float, default=0, help="ray, slurm executors: GPUs per run (default 0)")
-    parser.add_argument("--cpus-per-run", type=float, default=1, help="ray, slurm executors: CPUs per run (default 1)")
-    from ebslab import slurm
-
-    slurm.add_arguments(parser, resources=False)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`ebslab sweep`: 0 if every run finished, 1 if any failed; a UserError (exit 2) before any run starts."""
-    if args.parallel < 1:
-        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
-    if args.gpus_per_run < 0 or args.cpus_per_run < 0:
-        raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
-    if args.executor == "slurm":
-        from ebslab import slurm
-
-        args.slurm = slurm.options_from_args(args)  # before any folder exists
-    sweep = load_sweep(args.sweep_file)
-    validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
-    root = sweep_dir(args.out, sweep, args.smoke).resolve()
-    check_folder_target(root, "--out")
-    # one sweep per folder: a second one would `train --resume` runs the first is still writing
-    with FolderLock(root, "sweep"):
-        return _run_locked(args, sweep, root)
-
-
-def _run_locked(args: argparse.Namespace, sweep: Sweep, root: Path) -> int:
-    jobs = plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
-    if args.resume and wait_for_live_runs([j.run_dir for j in jobs]):
-        jobs = plan(sweep, args.out, resume=True, smoke=args.smoke)  # from what the runs left
-    runner = SweepRunner(sweep, jobs, root, args.smoke, args.executor)
-    actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
-    where = (f"local x {args.parallel}" if args.executor == "local"
-             else args.slurm.describe() if args.executor == "slurm"
-             else f"ray ({args.cpus_per_run:g} cpu, {args.gpus_per_run:g} gpu per run)")
-    print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on {where}; "
-          + ", ".join(f"{n} {a}" for a, n in actions.items() if n), flush=True)
-    runner.write_index()
-    previous = None
-    if threading.current_thread() is threading.main_thread():  # `kill` of the sweep = Ctrl-C: runs stop cleanly
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        if args.executor == "ray":
-            runner.run_ray(args.gpus_per_run, args.cpus_per_run)
-        elif args.executor == "slurm":
-            from ebslab import slurm
-
-            slurm.run_sweep(runner, args.slurm)
-        else:
-            runner.run_local(args.parallel)
-    except KeyboardInterrupt:
-        for job in runner.todo:
-            if job.returncode is None and job.status in ("running", "queued"):
-                job.status = "interrupted"
-        runner.write_index()
-        print(runner.table())
-        print("interrupted: continue with --resume", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(runner.table())
-    return 0 if all(j.status in DONE for j in jobs) else 1

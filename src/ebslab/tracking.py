@@ -11,9 +11,10 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
+from ebslab.runfolder import read_jsonl
 
 
 class Tracker(Protocol):
@@ -39,24 +40,12 @@ class JsonlTracker:
             self.file.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
             self.file.flush()
         except OSError as e:  # a full disk: one line and the way back (a torn last line is skipped on resume)
-            from ebslab.checkpoint import storage_error
+            from ebslab.files import storage_error
 
             raise storage_error(self.path, e, self.path.parent) from None
 
     def close(self) -> None:
         self.file.close()
-
-
-def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    if not Path(path).exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
@@ -65,7 +54,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
         return
     from ebslab.files import atomic_write_text
 
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= after_step]
     # durable: a power cut right after the resume must not leave an empty or half-written log
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -139,7 +128,7 @@ class WandbTracker:
             import wandb
         except ImportError as e:  # wandb is an optional dependency
             raise UserError("track: wandb needs the wandb package: pip install 'ebslab[track]'") from e
-        from ebslab.checkpoint import atomic_write_text
+        from ebslab.files import atomic_write_text
 
         run_dir = Path(run_dir)
         # the run folder remembers its W&B run: `--resume` continues that run instead of starting a second one

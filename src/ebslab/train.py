@@ -31,18 +31,20 @@ import torch.nn.functional as F
 import yaml
 
 from ebslab import checkpoint as ckpt
-from ebslab import stats
 from ebslab.backends import Backend, inner_optimizer, make_backend, skip_on_device, to_device
 from ebslab.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
-from ebslab.config import Config, Derived, UserError, derive, load_config, load_yaml_text, resolved_dict
+from ebslab.errors import UserError
+from ebslab.config import Config, Derived, derive, resolved_dict
 from ebslab.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
                          length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.evaluate import EvalResult, evaluate, improves, save_predictions
-from ebslab.files import check_folder_target
+from ebslab.files import atomic_write_json, atomic_write_text, check_folder_target
 from ebslab.gns import GradientNoiseScale, gns_decision
 from ebslab.locks import LOCK_NAME, FolderLock
+from ebslab.metrics import collapse_margin, run_history
 from ebslab.models import ModelBundle, build_model, load_tokenizer
 from ebslab.optim import build_optimizer, build_scheduler
+from ebslab.runfolder import load_run_config, read_summary
 from ebslab.tracking import NullTracker, Tracker, check_trackers, open_trackers, truncate_metrics
 
 
@@ -54,6 +56,11 @@ class TrainSums:
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
+
+
+# The loop's device-side sums, one slot each, read by the host in one transfer (by name: SUMS.index)
+SUMS = ("loss", "correct", "count", "stop", "bad_grad")
+LOSS, CORRECT, COUNT, STOP, BAD_GRAD = (SUMS.index(name) for name in SUMS)
 
 
 @dataclass
@@ -72,7 +79,7 @@ class TrainerState:
     best_step: int = -1
     best_epoch: int = -1
     evals_without_gain: int = 0
-    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + stats.collapse_margin
+    ever_above_majority: bool = False  # some evaluation beat the majority-class rate + collapse_margin
     collapse_warned: bool = False  # the "fell_back" warning was given
     last_eval_step: int = -1
     last_val_acc: float | None = None
@@ -213,19 +220,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> FolderLock:
     return lock
 
 
-def load_run_config(run_dir: Path) -> tuple[Config, dict]:
-    path = run_dir / "config.yaml"
-    if not path.is_file() or not (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"'{run_dir}' is not an ebslab run folder (no config.yaml / metrics.jsonl)")
-    try:
-        saved = load_yaml_text(path.read_text(), f"'{path}'")
-    except (yaml.YAMLError, UnicodeDecodeError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise UserError(f"'{path}' is not a valid ebslab config (not a YAML mapping); restore it or start a new run")
-    return load_config(saved), saved.get("derived", {})
-
-
 def train(cfg: Config, resume_dir: Path | None = None, overwrite: bool = False,
           callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
     """One run into its folder. Returns the summary (also written to summary.json) with its `exit_code`."""
@@ -281,6 +275,7 @@ class Trainer:
         self.lock: FolderLock | None = None  # the run folder's, held by the main process
         self.gns_reason = "off"  # set by setup(): the start-up line says whether and why
         self.fingerprint: tuple[str, dict] = ("", {})  # the data's (data_fingerprint), set by setup()
+        self.saved_derived: dict | None = None  # a resumed run's config.yaml `derived`, set by setup()
 
     def add_callback(self, callback: Callback) -> None:
         """Attach a callback before the progress bar and the tracker logging, so its keys are logged."""
@@ -295,6 +290,16 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Named steps, in order; every user error surfaces before the run folder step creates anything."""
+        self._setup_backend()
+        tokenizer = self._setup_data()
+        self._setup_model(tokenizer)
+        self._setup_run_folder()
+        self._setup_training()
+        self._write_run_files()
+
+    def _setup_backend(self) -> None:
+        """The backend; on --resume, the lock (a run still going says so) and a finished run's refusal."""
         cfg, resume_dir = self.cfg, self.resume_dir
         check_folder_target(resume_dir or cfg.run_dir, "--resume" if resume_dir else "out.dir/out.name")
         backend = self.backend = make_backend(cfg.train)
@@ -306,26 +311,40 @@ class Trainer:
         if cfg.batch.micro != "auto":  # fail in a second, not after loading and tokenizing the data
             derive(cfg, num_train=1, world_size=backend.world_size)
 
-        # --- data, model, derived values: every user error surfaces here, before a run folder exists
-        examples = load_examples(cfg.data, data_source(cfg.data))  # a wrong path or column before any model
+    def _setup_data(self) -> Any:
+        """The examples (a wrong path or column fails before any model), the tokenizer and the tokenized splits."""
+        cfg = self.cfg
+        examples = load_examples(cfg.data, data_source(cfg.data))
         tokenizer = load_tokenizer(cfg.model.name)
-        data = self.data = load_data(cfg.data, tokenizer, examples)
-        bundle = self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
-        saved_derived = load_run_config(resume_dir)[1] if resume_dir is not None else None
-        micro = resolve_micro(cfg, backend.world_size, saved_derived)
-        derived = self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision,
-                                        backend.device.type)
+        self.data = load_data(cfg.data, tokenizer, examples)
+        return tokenizer
+
+    def _setup_model(self, tokenizer: Any) -> None:
+        """The model, the derived values (micro-batch, accum_steps, steps, precision) and the data's fingerprint."""
+        cfg, backend, data = self.cfg, self.backend, self.data
+        self.bundle = build_model(cfg.model, data.num_labels, cfg.train.seed, tokenizer, cfg.data.max_length)
+        self.saved_derived = load_run_config(self.resume_dir)[1] if self.resume_dir is not None else None
+        micro = resolve_micro(cfg, backend.world_size, self.saved_derived)
+        self.derived = derive(cfg, len(data.train), backend.world_size, micro, backend.precision,
+                              backend.device.type)
         self.fingerprint = data_fingerprint(cfg.data, data.label_names)
         check_trackers(cfg.track)
+
+    def _setup_run_folder(self) -> None:
+        """A new run's folder (locked), or the checks that the resumed folder's data and config still fit."""
+        cfg, backend, resume_dir = self.cfg, self.backend, self.resume_dir
         run_dir = self.run_dir = resume_dir or cfg.run_dir
         if resume_dir is not None:
-            _check_same_data(run_dir, saved_derived, self.fingerprint)
-            _check_resumable(run_dir, saved_derived, derived)
+            _check_same_data(run_dir, self.saved_derived, self.fingerprint)
+            _check_resumable(run_dir, self.saved_derived, self.derived)
         elif backend.is_main:
             self.lock = prepare_run_dir(run_dir, self.overwrite)
         backend.barrier()
         seed_dropout(cfg.train.seed, backend.rank)  # after the initialisation; a resume restores the stream
 
+    def _setup_training(self) -> None:
+        """Optimizer, scheduler, the resumed state, and the measurements (callbacks) with their saved state."""
+        cfg, backend, bundle, derived, resume_dir = self.cfg, self.backend, self.bundle, self.derived, self.resume_dir
         if cfg.train.compile:
             bundle.model.compile()  # in place: state-dict keys, unwrap and no_sync stay as without compile
         self.model, self.optimizer = backend.prepare(bundle.model, build_optimizer(bundle.model, cfg.optim, derived))
@@ -337,10 +356,13 @@ class Trainer:
             self.add_callback(GradientNoiseScale())
         self.callbacks.load_state_dict(self.state.callbacks)  # a resumed run's; a new run's is empty
 
+    def _write_run_files(self) -> None:
+        """config.yaml (with derived.precision as the backend resolved it), labels.json, the trackers."""
+        backend, data, run_dir, cfg = self.backend, self.data, self.run_dir, self.cfg
         if backend.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
-            ckpt.atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
-                                                            "majority_rate": data.majority_rate})
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.resolved(), sort_keys=False))
+            atomic_write_json(run_dir / "labels.json", {"names": data.label_names,
+                                                       "majority_rate": data.majority_rate})
             self.tracker = open_trackers(cfg.track, run_dir, self.resolved())
             print(_startup_text(self), flush=True)
         for message in data.warnings:
@@ -383,7 +405,7 @@ class Trainer:
         # read counts only the time to queue the work); evaluation and checkpoints restart it
         self.read_clock = time.perf_counter()
         # sums of the steps the host has not read yet (loss, correct, count, stop): a GPU runs on while they grow
-        unread = torch.zeros(5, device=backend.device)
+        unread = torch.zeros(len(SUMS), device=backend.device)
         # fp16's scaler skips a step with an inf/NaN gradient and lowers the scale, as designed: not a divergence
         watch_grad = cfg.train.precision != "fp16"
         self.callbacks.on_fit_start(self)
@@ -396,7 +418,7 @@ class Trainer:
                 # ---- one optimizer step over the window
                 lr = scheduler.get_last_lr()[0]
                 micro_batches = shard_window(window, derived.micro, world_size, backend.rank)
-                window_sums = torch.zeros(5, device=backend.device)  # loss sum, correct, count, stop, bad grad
+                window_sums = torch.zeros(len(SUMS), device=backend.device)
                 window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
                 for i, mb in enumerate(micro_batches):
                     batch = {k: to_device(v, backend.device) for k, v in
@@ -410,8 +432,8 @@ class Trainer:
                         losses = F.cross_entropy(logits.float(), labels, reduction="none")
                         scale = weight * world_size / len(window)  # window mean; undoes DDP's averaging over processes
                         backend.backward(losses.sum() * scale)
-                    window_sums[:2] += weight * torch.stack([losses.detach().sum(),
-                                                             (logits.detach().argmax(-1) == labels).sum()])
+                    window_sums[LOSS:CORRECT + 1] += weight * torch.stack([losses.detach().sum(),
+                                                                           (logits.detach().argmax(-1) == labels).sum()])
                     window_count += weight * len(mb.indices)
                     state.micro_step += 1
                     self.callbacks.on_micro_backward(self, i, len(micro_batches), weight * len(mb.indices))
@@ -419,17 +441,17 @@ class Trainer:
                 grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
                 skip = None
                 if watch_grad:  # on the device: read with the other sums, the run ends before a checkpoint
-                    window_sums[4] = (~torch.isfinite(grad_norm)).float()
+                    window_sums[BAD_GRAD] = (~torch.isfinite(grad_norm)).float()
                     # this step and every one until the host reads the flag leave the weights as they were
-                    skip = (unread[4] + window_sums[4] > 0).float()
+                    skip = (unread[BAD_GRAD] + window_sums[BAD_GRAD] > 0).float()
                 backend.step(optimizer, skip)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
                 # ---- bookkeeping: counters, logs, evaluation, checkpoints
                 # a signal on any process stops all of them after the same step (no rank left waiting)
-                window_sums[2].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
-                window_sums[3].fill_(float(self.signals.signal is not None))
+                window_sums[COUNT].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
+                window_sums[STOP].fill_(float(self.signals.signal is not None))
                 window_sums = backend.reduce_sum(window_sums)
                 unread += window_sums
                 state.step += 1
@@ -442,11 +464,12 @@ class Trainer:
                     continue  # the host does not wait for the device between log lines
 
                 # the one host sync: this step's sums and those since the previous read, on every process
-                step_sums, since_read, (grad_norm_value, *_) = _to_host(
+                step_values, since_values, (grad_norm_value, *_) = _to_host(
                     torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(len(unread))]))
+                step_sums, since_read = dict(zip(SUMS, step_values)), dict(zip(SUMS, since_values))
                 state.train_time_s += time.perf_counter() - self.read_clock
                 unread.zero_()
-                loss_sum, correct, count = step_sums[:3]
+                loss_sum, correct, count = step_sums["loss"], step_sums["correct"], step_sums["count"]
                 record = None
                 if log_due:
                     record = {"event": "step", "step": state.step, "epoch": state.step / derived.steps_per_epoch,
@@ -455,15 +478,15 @@ class Trainer:
                               "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
                               "elapsed_s": self.elapsed()}
                 self.callbacks.on_step(self, record)  # the tracker logging, last, writes the line
-                if since_read[4] > 0 or not math.isfinite(since_read[0]):
-                    what = "gradient norm" if since_read[4] > 0 else "train loss"
+                if since_read["bad_grad"] > 0 or not math.isfinite(since_read["loss"]):
+                    what = "gradient norm" if since_read["bad_grad"] > 0 else "train loss"
                     self.end = ("diverged", f"non-finite {what} by step {state.step}")
                     self.warn("diverged", self.end[1] + "; stopping the run")
                     break
-                state.since_eval.loss_sum += since_read[0]
-                state.since_eval.correct += since_read[1]
-                state.since_eval.count += since_read[2]
-                self.interrupted = since_read[3] > 0
+                state.since_eval.loss_sum += since_read["loss"]
+                state.since_eval.correct += since_read["correct"]
+                state.since_eval.count += since_read["count"]
+                self.interrupted = since_read["stop"] > 0
 
                 if eval_due:
                     self.evaluate()
@@ -541,7 +564,7 @@ class Trainer:
     def _write_summary(self, summary: dict[str, Any], exit_code: int) -> dict[str, Any]:
         self.callbacks.on_fit_end(self, summary)
         if self.backend.is_main:
-            ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
             self.tracker.close()
             if exit_code == 0:
                 print(_summary_text(self.run_dir, summary), flush=True)
@@ -553,7 +576,7 @@ class Trainer:
         """An unexpected error after set-up: the summary says `failed` and why (the error is raised on)."""
         if self.backend.is_main and self.run_dir.exists():
             summary = self._summary("failed", f"{type(error).__name__}: {error}")
-            ckpt.atomic_write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
 
     def _summary(self, status: str, message: str | None, test_best: dict | None = None,
                  test_last: dict | None = None) -> dict[str, Any]:
@@ -568,7 +591,7 @@ class Trainer:
             "val_best": state.best_val, "test_best": test_best,
             "test_last": test_last if self.cfg.eval.test_on in ("last", "both") else None,
             "majority_rate": self.data.majority_rate, "dropped_empty": self.data.dropped_empty,
-            # the status over the whole validation history (stats.run_history): fell_back = learned, then back
+            # the status over the whole validation history (run_history): fell_back = learned, then back
             # at the majority-class rate at the last evaluation (the run stays `completed`)
             "fell_back": _history(state, self.data)["fell_back"], "val_last": state.last_val,
             "val_max_acc": state.max_val_acc, "collapse_margin": _history(state, self.data)["margin"],
@@ -607,7 +630,7 @@ class Trainer:
         # (a checkpoint from before max_val_acc: its last evaluation is the best known)
         state.max_val_acc = max(a for a in (state.max_val_acc, state.last_val_acc, val.acc) if a is not None)
         state.last_val_acc, state.last_val = val.acc, val.metrics()
-        if val.acc > data.majority_rate + stats.collapse_margin(data.majority_rate, len(data.val)):
+        if val.acc > data.majority_rate + collapse_margin(data.majority_rate, len(data.val)):
             state.ever_above_majority = True
         elif state.ever_above_majority and not state.collapse_warned:
             state.collapse_warned = True
@@ -665,10 +688,10 @@ def _to_host(tensor: torch.Tensor) -> list:
 
 
 def _history(state: TrainerState, data: DataBundle) -> dict[str, Any]:
-    """stats.run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
+    """run_history of the run so far: collapsed = no evaluation beat the majority-class rate by more than
     chance does on this val set; fell_back = it did, and the last evaluation is back at that rate."""
     accs = [a for a in (state.max_val_acc, state.last_val_acc) if a is not None]  # the best, then the last
-    return stats.run_history(accs, data.majority_rate, len(data.val))
+    return run_history(accs, data.majority_rate, len(data.val))
 
 
 def _save_predictions(run_dir: Path, name: str, result: EvalResult, backend: Backend) -> None:
@@ -682,10 +705,7 @@ FINISHED = ("completed", "collapsed", "diverged", "pruned")
 def _check_unfinished(run_dir: Path) -> None:
     """`--resume` of a run that finished: nothing to resume (it would test the weights again and rewrite the
     run's files)."""
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
+    status = (read_summary(run_dir) or {}).get("status")
     if status in FINISHED:
         raise UserError(f"run '{run_dir}' already finished (status {status}): there is nothing to resume; its "
                         "results are in summary.json (start it again with `ebslab train ... --overwrite`)")

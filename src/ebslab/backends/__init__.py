@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ebslab.config import TrainConfig, UserError
+from ebslab.errors import UserError
+from ebslab.config import TrainConfig
 
 
 class Backend(Protocol):

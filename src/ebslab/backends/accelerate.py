@@ -18,7 +18,7 @@ from torch import nn
 
 from ebslab.backends import ddp_options, resolve_precision, scaler_scale, step_or_skip
 from ebslab.backends.torch import pick_device
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 class AccelerateBackend:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ebslab.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision, scaler_scale, step_or_skip
-from ebslab.config import UserError
+from ebslab.errors import UserError
 
 
 def pick_device(device: str, local_rank: int, world_size: int = 1) -> torch.device:

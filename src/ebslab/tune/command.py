@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ebslab import sweep as sw
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.files import check_folder_target
 from ebslab.locks import FolderLock
 from ebslab.tune.search import mask_url, open_storage
 from ebslab.tune.studyfile import Study, fingerprint_changes, load_study_file
-from ebslab.tune.verdict import _fmt_params
+from ebslab.tune.verdict import format_params
 from ebslab.tune.workers import CONFIRM_SUFFIX, Runner, Tuner
 
 
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) 
           f"seeds {study.seeds}; storage {mask_url(url)}; into {root}", flush=True)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, sw._raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, sw.raise_interrupt)
     try:
         index = tuner.run()
     except KeyboardInterrupt:
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) 
         runner.close()
     best = index.get("best")
     if best:
-        print(f"best trial {best['folder']}: {study.objective} {best['value']:.4f} with {_fmt_params(best['params'])}")
+        print(f"best trial {best['folder']}: {study.objective} {best['value']:.4f} with {format_params(best['params'])}")
     print((index.get("verdict") or {}).get("text", "no verdict"))
     print(f"index {root / 'study.json'}; report: ebslab report {root}")
     return 0

@@ -10,8 +10,8 @@ import warnings
 from typing import Any, Callable
 
 from ebslab.callbacks import Callback
-from ebslab.config import UserError
-from ebslab.tune.studyfile import Study, _number
+from ebslab.errors import UserError
+from ebslab.tune.studyfile import Study, is_number
 
 ENV_STORAGE, ENV_STUDY, ENV_TRIAL = "EBSLAB_TUNE_STORAGE", "EBSLAB_TUNE_STUDY", "EBSLAB_TUNE_TRIAL"
 SCHEMA_RACE_TRIES = 5
@@ -161,7 +161,7 @@ class PruningCallback(Callback):
     def on_eval(self, trainer, record: dict) -> None:
         k = int(trainer.state.samples) // self.every
         value = record.get(f"val/{self.metric}")
-        if k <= self.reported_k or not _number(value):
+        if k <= self.reported_k or not is_number(value):
             return  # an epoch-end or final evaluation between two data points: not a comparable one
         self.reported_k = k
         examples = k * self.every

@@ -11,7 +11,8 @@ from typing import Any
 
 
 from ebslab import sweep as sw
-from ebslab.config import UserError, VALID_KEYS, load_config, read_yaml
+from ebslab.errors import UserError
+from ebslab.config import VALID_KEYS, flatten, load_config, read_yaml, unknown_key
 from ebslab.metrics import METRICS, higher_is_better
 
 TOP_KEYS = ("name", "base", "space", "objective", "trials", "sampler", "pruner", "confirm", "seed", "heartbeat_s")
@@ -74,7 +75,7 @@ class Study:
         return {"eval.select_by": self.metric} if "eval.select_by" in VALID_KEYS else {}
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -87,7 +88,7 @@ def space_size(space: list[Param]) -> float:
 
 def parse_param(key: str, spec: Any, where: str) -> Param:
     if key not in VALID_KEYS:
-        raise UserError(f"study {where} space: {sw._unknown_key(key)}")
+        raise UserError(f"study {where} space: {unknown_key(key)}")
     if key in SET_BY_TUNE:
         why = ("seeds are the confirmation's: the search runs on the base's train.seed, the top configurations "
                "then on confirm.seeds" if key == "train.seed" else "it is set by ebslab tune")
@@ -115,7 +116,7 @@ def parse_param(key: str, spec: Any, where: str) -> Param:
     if not isinstance(bounds, list) or len(bounds) != 2:
         raise UserError(f"study {where} space '{key}': {kind} takes [lo, hi], got {bounds!r}")
     lo, hi = (float(b) if isinstance(b, str) and kind == "float" and _is_float(b) else b for b in bounds)
-    if not (_number(lo) and _number(hi)) or (kind == "int" and not (float(lo).is_integer() and
+    if not (is_number(lo) and is_number(hi)) or (kind == "int" and not (float(lo).is_integer() and
                                                                      float(hi).is_integer())):
         raise UserError(f"study {where} space '{key}': {kind} bounds must be {kind}s, got {bounds!r}")
     if lo > hi:
@@ -242,7 +243,7 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
                         f"eval.every_examples in base (e.g. eval.every_examples: 512)")
 
     # what the user gave (not every default): an ebslab upgrade that adds a key does not block a resume
-    base_values = {**(sw._flatten(read_yaml(sweep.base_file)) if sweep.base_file else {}), **sweep.base_values}
+    base_values = {**(flatten(read_yaml(sweep.base_file)) if sweep.base_file else {}), **sweep.base_values}
     fingerprint = {"base": base_values, "space": {p.key: space_data[p.key] for p in space},
                    "objective": objective, "trials": trials, "sampler": sampler, "pruner": pruner,
                    "confirm": {"top_k": top_k, "seeds": seeds}, "seed": seed}

@@ -7,9 +7,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ebslab.config import UserError
+from ebslab.errors import UserError
 from ebslab.metrics import higher_is_better
-from ebslab.tune.studyfile import _number
+from ebslab.tune.studyfile import is_number
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
     sign = 1.0 if higher_is_better(metric) else -1.0
     names = [g.runs[0].path.name.split(",seed=")[0] for g in groups]  # confirm/trial-0003,seed=11 -> trial-0003
     summaries = result["groups"]
-    ranked = sorted((i for i, g in enumerate(summaries) if _number(g["val_mean"])),
+    ranked = sorted((i for i, g in enumerate(summaries) if is_number(g["val_mean"])),
                     key=lambda i: (-sign * summaries[i]["val_mean"], i))
     table = [{"config": names[i], "n": summaries[i]["n_scored"], f"val_{metric}": summaries[i]["val_mean"],
               f"test_{metric}": summaries[i]["test_mean"]} for i in ranked]
@@ -45,10 +45,10 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
     comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
     lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
     kind = "paired t-interval" if comp["ci_note"] is not None else "crossed bootstrap"
-    numbers = (f"{rp._fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
-               f"differences on fresh seeds, 95% {kind} {rp._fmt_ci(-hi, -lo, metric)}; "
+    numbers = (f"{rp.fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
+               f"differences on fresh seeds, 95% {kind} {rp.fmt_ci(-hi, -lo, metric)}; "
                f"{'paired t-test' if comp['p_test'] == 't' else 'exact sign-flip test (every seed tied)'} over seeds "
-               f"p = {rp._fmt_p(comp['p_holm'])})")
+               f"p = {rp.fmt_p(comp['p_holm'])})")
     significant = comp["p_holm"] < rp.ALPHA
     won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate
     a, b = names[first], names[second]
@@ -56,10 +56,10 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
         text = f"winner: {a}, better than the runner-up {b} by {numbers}"
     elif significant:
         text = (f"no winner: {a} is best on val/{metric} but {b} is better on test by "
-                f"{rp._fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
+                f"{rp.fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
     else:
         text = f"indistinguishable: {a} and {b} differ by {numbers}: within seed noise, no winner"
-    return rp._json_num({"winner": a if won else None, "runner_up": b,
+    return rp.json_num({"winner": a if won else None, "runner_up": b,
                          "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
 
 
@@ -68,7 +68,7 @@ def nothing_to_rank(trials: list[dict], space_size: float) -> str | None:
     of the search learned (completed with a value; a collapsed trial, at the majority-class rate, is never
     promoted). `trials` are study.json's entries."""
     learned = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials
-               if t["status"] == "completed" and _number(t["value"])}
+               if t["status"] == "completed" and is_number(t["value"])}
     if len(learned) >= 2:
         return None
     tried = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials}
@@ -123,13 +123,13 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
         params = {t["folder"]: t["params"] for t in index["trials"]}
         for row in verdict["table"]:
             val, test = (("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))
-            md.append(f"| {row['config']} | {_fmt_params(params.get(row['config'], {}))} | {row['n']} | "
+            md.append(f"| {row['config']} | {format_params(params.get(row['config'], {}))} | {row['n']} | "
                       f"{val} | {test} |")
         md.append("")
     md += ["## Search trials", "", "| trial | status | " + f"{index['objective']} | params |", "|---|---|---:|---|"]
     for t in index["trials"]:
         v = "-" if t["value"] is None else f"{t['value']:.4f}"
-        md.append(f"| {t['folder']} | {t['status']} | {v} | {_fmt_params(t['params'])} |")
+        md.append(f"| {t['folder']} | {t['status']} | {v} | {format_params(t['params'])} |")
     md.append("")
     plots = _study_plots(index, out_dir)
     for p in plots:
@@ -138,13 +138,13 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     if report is not None:
         text += "\n\n" + report.read_text().replace("# ebslab report", "# Confirmation runs (seed-aware report)", 1)
     path = out_dir / "report.md"
-    from ebslab.checkpoint import atomic_write_text
+    from ebslab.files import atomic_write_text
 
     atomic_write_text(path, text)
     return path
 
 
-def _fmt_params(params: dict) -> str:
+def format_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ebslab import sweep as sw
-from ebslab.config import UserError
+from ebslab.errors import UserError
+from ebslab.runfolder import read_summary
 from ebslab.tune.search import ENV_STORAGE, ENV_STUDY, ENV_TRIAL, make_pruner, make_sampler, mask_url
-from ebslab.tune.studyfile import Study, _number, space_size
+from ebslab.tune.studyfile import Study, is_number, space_size
 from ebslab.tune.verdict import confirmation_verdict, nothing_to_rank
 
 CONFIRM_SUFFIX = "/confirm"
@@ -65,6 +66,7 @@ def fail_stale(study) -> list[int]:
     from optuna.trial import TrialState
 
     fail_stale_trials(study)
+    # Optuna has no public accessor for a study's storage nor a trial's id in it: its own callback takes both
     storage, failed = study._storage, []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker")):
@@ -83,6 +85,16 @@ def fail_stale(study) -> list[int]:
 
 def is_retry(t) -> bool:
     return "failed_trial" in t.system_attrs
+
+
+def frozen_trial(study, number: int):
+    """The study's record (FrozenTrial) of its trial `number`, through Optuna's public API."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def trial_id(storage, study, number: int) -> int:
+    """The storage's id of the study's trial `number` (Optuna's Trial has no public id)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
 class Heartbeat:
@@ -152,7 +164,7 @@ class Runner:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
             self.ray_started = True
-        self.ray_task = ray.remote(sw._ray_task).options(num_cpus=1, max_retries=0)
+        self.ray_task = ray.remote(sw.ray_task).options(num_cpus=1, max_retries=0)
 
     def close(self) -> None:
         if self.ray_started:
@@ -234,7 +246,7 @@ class Tuner:
         if not waiting and len(self.fresh_search_trials()) >= self.spec.trials:
             return None
         trial = self.search.ask(self.distributions)
-        frozen = self.search._storage.get_trial(trial._trial_id)
+        frozen = frozen_trial(self.search, trial.number)
         if not is_retry(frozen):
             # trial numbers are given out atomically: the slots are the first `trials` fresh ones
             slot = sum(1 for t in self.search.get_trials(deepcopy=False)
@@ -290,7 +302,7 @@ class Tuner:
         trial = self.confirm.ask({"config": od.CategoricalDistribution(sorted(set(folders))),
                                   "seed": od.CategoricalDistribution(self.spec.seeds)})
         params = dict(trial.params)
-        frozen = self.confirm._storage.get_trial(trial._trial_id)
+        frozen = frozen_trial(self.confirm, trial.number)
         if not is_retry(frozen) and any(t.number < trial.number and t.params == params and not is_retry(t)
                                         and not t.user_attrs.get("duplicate")
                                         for t in self.confirm.get_trials(deepcopy=False)):
@@ -318,7 +330,7 @@ class Tuner:
             return
         job.action = sw.resume_action(run_dir)
         if job.action == "skip":  # finished before the worker that ran it could tell the study
-            status = (sw.read_summary(run_dir) or {}).get("status", "completed")
+            status = (read_summary(run_dir) or {}).get("status", "completed")
         else:
             sweep = dataclasses.replace(self.spec.sweep, base_values={**self.spec.sweep.base_values,
                                                                       **self.spec.fixed_overrides()})
@@ -327,25 +339,25 @@ class Tuner:
             if task.kind == "search":
                 env.update({ENV_STORAGE: self.storage_url, ENV_STUDY: self.spec.name,
                             ENV_TRIAL: str(task.trial.number)})
-            beat = Heartbeat(self.storage, task.trial._trial_id)
+            beat = Heartbeat(self.storage, trial_id(self.storage, task.study, task.trial.number))
             started = time.time()
             try:
                 rc = self.runner.run(cmd, env, job.log)
             finally:
                 beat.close()
-            status, _ = sw._final_status(run_dir, rc, started, job.log)
+            status, _ = sw.final_status(run_dir, rc, started, job.log)
             if self.runner.stopping or status == "interrupted":
                 return  # left RUNNING: --resume finds its worker gone and continues it from its checkpoint
-        summary = sw.read_summary(run_dir) or {}
+        summary = read_summary(run_dir) or {}
         value = (summary.get("val_best") or {}).get(self.spec.metric)
         task.trial.set_user_attr("status", status)
         if status == "pruned":
             task.study.tell(task.trial, state=TrialState.PRUNED)
-        elif status in ("completed", "collapsed") and _number(value):
+        elif status in ("completed", "collapsed") and is_number(value):
             task.study.tell(task.trial, float(value))
         else:
             task.study.tell(task.trial, state=TrialState.FAIL)
-        told = task.study._storage.get_trial(task.trial._trial_id)
+        told = frozen_trial(task.study, task.trial.number)
         print(f"{task.kind} {task.folder}: {status}" + (f", {self.spec.objective} {told.value:.4f}"
                                                          if told.value is not None else ""), flush=True)
         self.write_index()
@@ -398,7 +410,7 @@ class Tuner:
     def write_index(self) -> dict[str, Any]:
         with self.index_lock:
             index = build_index(self.spec, self.search, self.confirm, self.root, self.storage_url)
-            from ebslab.checkpoint import atomic_write_json
+            from ebslab.files import atomic_write_json
 
             atomic_write_json(self.root / "study.json", index)
             return index
@@ -414,7 +426,7 @@ def _trial_status(t, run_dir: Path) -> str:
     if t.state == TrialState.FAIL:
         return t.user_attrs.get("status", "failed")
     if t.state == TrialState.RUNNING:
-        summary = sw.read_summary(run_dir) or {}
+        summary = read_summary(run_dir) or {}
         return "interrupted" if summary.get("status") == "interrupted" or not _alive(t.user_attrs.get("worker")) \
             else "running"
     return "waiting"
@@ -435,7 +447,7 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
                        "value": t.value, "status": _trial_status(t, root / folder),
                        "optuna_numbers": sorted(x.number for x in ts),
                        "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                       "duration_s": (sw.read_summary(root / folder) or {}).get("duration_s")})
+                       "duration_s": (read_summary(root / folder) or {}).get("duration_s")})
     runs = []
     for t in confirm.get_trials(deepcopy=False):
         if t.user_attrs.get("duplicate") or "config" not in t.params:
@@ -473,5 +485,5 @@ def build_index(spec: Study, search, confirm, root: Path, storage_url: str) -> d
 
 
 def _ranked(trials: list[dict], direction: str) -> list[dict]:
-    done = [t for t in trials if t["status"] == "completed" and _number(t["value"])]  # collapsed: never the best
+    done = [t for t in trials if t["status"] == "completed" and is_number(t["value"])]  # collapsed: never the best
     return sorted(done, key=lambda t: ((-1 if direction == "maximize" else 1) * t["value"], t["number"]))

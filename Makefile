@@ -62,7 +62,7 @@ bench: $(STAMP)
 
 # the 5-minute check of the GPU paths (needs CUDA; exits 2 with one line without it): one table, docs/performance.md
 gpu-check: $(STAMP)
-	$(PY) -m ebslab.gpucheck --out runs/gpu-check
+	$(PY) -m ebslab.tools.gpucheck --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs

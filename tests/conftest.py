@@ -119,8 +119,8 @@ def install_fake_train(tmp_path, monkeypatch, source: str):
     """Sweeps and studies start `source` (a stand-in for `ebslab train`, given LAST_FILES and hang_after) instead."""
     import sys
 
-    from ebslab import sweep as sw
-    from ebslab.checkpoint import LAST_FILES
+    from ebslab.experiments import sweep as sw
+    from ebslab.loop.checkpoint import LAST_FILES
 
     script = tmp_path / "fake_train.py"
     script.write_text(f"LAST_FILES = {LAST_FILES!r}\nhang_after = lambda s: s * {TIMEOUT_SCALE!r}\n" + source)
@@ -132,7 +132,7 @@ def install_fake_train(tmp_path, monkeypatch, source: str):
 
 @pytest.fixture
 def fsync_log(monkeypatch):
-    """Records every fsync and rename. `fsync_log.durable(path)`: `path` was last written as ebslab.files writes,
+    """Records every fsync and rename. `fsync_log.durable(path)`: `path` was last written as ebslab.core.files writes,
     a temporary file fsynced, renamed onto `path`, then its folder fsynced (else a power cut can leave it empty)."""
     events: list[tuple[str, ...]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -166,7 +166,7 @@ def fp16_on_cpu(monkeypatch):
     fp16 matmuls on CPU are refused for their speed, and the scaler's arithmetic does not depend on them."""
     import contextlib
 
-    import ebslab.backends.torch as tb
+    import ebslab.loop.backends.torch as tb
 
     monkeypatch.setattr(tb, "resolve_precision", lambda precision, device: precision)
     monkeypatch.setattr(tb.TorchBackend, "autocast", lambda self: contextlib.nullcontext())

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ebslab.ebs_study import StudyRun
+from ebslab.analysis.ebs_study import StudyRun
 
 # the two study designs: the CPU study of docs/ebs-study.md and the exp2 GPU grid
 DOC_DESIGN = {"ebs": (8, 16, 32, 64, 128), "seeds": (1, 2, 3), "eval_every": 200, "e_min": 800.0}

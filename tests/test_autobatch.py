@@ -8,9 +8,9 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ebslab.autobatch import candidates, largest_micro  # noqa: E402
-from ebslab.errors import UserError  # noqa: E402
-from ebslab.config import derive, load_config  # noqa: E402
+from ebslab.loop.autobatch import candidates, largest_micro  # noqa: E402
+from ebslab.core.errors import UserError  # noqa: E402
+from ebslab.core.config import derive, load_config  # noqa: E402
 
 
 def memory_limit(max_fits, seen=None):
@@ -72,7 +72,7 @@ def test_nothing_fits_is_a_user_error_and_other_errors_propagate():
 
 
 def test_train_resolves_auto_and_prints_accum_steps(tmp_path, capsys):
-    from ebslab.train import train
+    from ebslab.loop.train import train
 
     cfg = load_config(None, ["model.name=tiny-bert", "data.max_length=16", "data.limit=60", "train.max_steps=1",
                              "batch.effective=16", "batch.micro=auto", "batch.auto_cap=6", "train.device=cpu",

@@ -93,8 +93,8 @@ def load_init() -> dict[str, np.ndarray]:
     """The weights before training: a fresh model built with the run's seed."""
     import torch
 
-    from ebslab.config import load_config
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import load_config
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     cfg = load_config(None, EXACT)
     model = build_model(cfg.model, 2, cfg.train.seed, load_tokenizer(cfg.model.name)).model
@@ -124,10 +124,10 @@ def test_close_waits_for_every_process_before_tearing_down(name, monkeypatch):
 
     import importlib
 
-    from ebslab.backends import make_backend
-    from ebslab.config import TrainConfig
+    from ebslab.loop.backends import make_backend
+    from ebslab.core.config import TrainConfig
 
-    torch_backend = importlib.import_module("ebslab.backends.torch")  # `ebslab.backends.torch` is torch itself
+    torch_backend = importlib.import_module("ebslab.loop.backends.torch")  # `ebslab.loop.backends.torch` is torch itself
 
     calls: list[str] = []
     backend = make_backend(TrainConfig(backend=name, device="cpu"))

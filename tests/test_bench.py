@@ -11,8 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ebslab import bench  # noqa: E402
-from ebslab.errors import UserError  # noqa: E402
+from ebslab.tools import bench  # noqa: E402
+from ebslab.core.errors import UserError  # noqa: E402
 
 NUMERIC = ("max_length", "samples_per_s", "tokens_per_s", "wall_s", "peak_fraction", "peak_memory_mb")
 
@@ -34,7 +34,7 @@ def test_timed_rate_uses_real_tokens_of_steps_two_to_n():
 
 
 def test_step_data_follows_ebslab_order_and_counts_real_tokens(small_imdb):
-    from ebslab.models import load_tokenizer
+    from ebslab.inputs.models import load_tokenizer
 
     s = bench.Settings(model="tiny-bert", data_path=small_imdb, lengths=[24], steps=3, micro=2, effective=4)
     data = bench.step_data(s, 24, load_tokenizer("tiny-bert"))
@@ -68,8 +68,8 @@ def test_flops_count_attention_as_nanogpt():
 
 
 def test_model_shape_of_a_built_model():
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     bundle = build_model(ModelConfig(name="tiny-bert"), 2, 0, load_tokenizer("tiny-bert"))
     shape = bench.ModelShape.of(bundle)
@@ -124,7 +124,7 @@ def small_imdb(tmp_path_factory):
     """80 IMDB reviews: the shipped 50k-row table is re-read by every contestant, too slow for a fast test."""
     import pandas as pd
 
-    from ebslab.data import SHIPPED_IMDB
+    from ebslab.inputs.data import SHIPPED_IMDB
 
     table = pd.read_parquet(SHIPPED_IMDB / "train.parquet")
     path = tmp_path_factory.mktemp("bench-data") / "small.parquet"
@@ -224,7 +224,7 @@ def _small_step_settings(small_imdb, **kw):
 
 
 def test_nogns_contestant_runs_every_step_and_gives_the_overhead(tmp_path, small_imdb, monkeypatch, fsync_log):
-    from ebslab.runfolder import read_jsonl as read_metrics
+    from ebslab.core.runfolder import read_jsonl as read_metrics
 
     seen = {}
     real = bench.run_ebslab
@@ -255,7 +255,7 @@ def test_a_signal_during_a_contestant_stops_the_bench(tmp_path, small_imdb, monk
     returns: the bench must stop, not go on to fail with 'ran 1 steps, expected 3'."""
     import signal
 
-    from ebslab.callbacks import ProgressBar
+    from ebslab.loop.callbacks import ProgressBar
 
     real = ProgressBar.on_step
 
@@ -274,7 +274,7 @@ def test_every_contestant_is_timed_by_the_same_rule_on_a_slow_device(tmp_path, s
     """Each contestant of the step scenario synchronizes the device exactly twice, at the ends of step 1 and of
     step N, and its timed window holds the wait at step N's end: a device 0.3 s behind at every synchronize shows
     in every contestant's time, once (HF Trainer's step clock used to synchronize at every step)."""
-    from ebslab.models import load_tokenizer
+    from ebslab.inputs.models import load_tokenizer
 
     delay = 0.3
     syncs = []

@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, read_jsonl
-from ebslab.callbacks import Callback
-from ebslab.errors import UserError
-from ebslab.config import Config, OptimConfig, derive, load_config, scaled_betas_eps, scaled_lr
-from ebslab.data import collate, epoch_order, shard_window, split_indices, windows
+from ebslab.loop.callbacks import Callback
+from ebslab.core.errors import UserError
+from ebslab.core.config import Config, OptimConfig, derive, load_config, scaled_betas_eps, scaled_lr
+from ebslab.inputs.data import collate, epoch_order, shard_window, split_indices, windows
 
 NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0", "train.epochs=2"]
 TINY_EXACT = [*TINY, "model.dropout=0", "model.encoder_dropout=0"]
@@ -43,7 +43,7 @@ def rel_diff(a, b):
 
 
 def test_accumulation_is_the_large_batch_step_by_step(train_run, monkeypatch):
-    import ebslab.train as loop
+    import ebslab.loop.train as loop
 
     fed, real_collate = [], loop.collate  # the examples each training micro-batch really holds, in order
     monkeypatch.setattr(loop, "collate", lambda split, idx, *a: fed[-1].append(np.array(idx)) or
@@ -79,7 +79,7 @@ def test_accumulation_is_the_large_batch_step_by_step(train_run, monkeypatch):
 
 
 def test_clipping_brings_the_gradient_norm_to_max_norm_and_returns_the_pre_clip_norm():
-    from ebslab.backends.torch import TorchBackend
+    from ebslab.loop.backends.torch import TorchBackend
 
     model = torch.nn.Linear(4, 3)
     for p, scale in zip(model.parameters(), (3.0, 4.0)):
@@ -96,7 +96,7 @@ def test_clipping_brings_the_gradient_norm_to_max_norm_and_returns_the_pre_clip_
 
 
 def test_the_host_waits_for_the_device_only_at_log_eval_and_checkpoint_steps(train_run, monkeypatch):
-    import ebslab.train as loop
+    import ebslab.loop.train as loop
 
     reads = []
     real = loop._to_host
@@ -169,7 +169,7 @@ def test_limit_keeps_a_prefix_of_the_same_shuffle():
 def test_imdb_split_sizes_on_the_shipped_data():
     import pandas as pd
 
-    from ebslab.data import SHIPPED_IMDB
+    from ebslab.inputs.data import SHIPPED_IMDB
 
     # the package data an installed ebslab reads, and the checkout's data/imdb that configs and docs name, are one
     assert (ROOT / "data/imdb").resolve() == SHIPPED_IMDB == ROOT / "src/ebslab/assets/imdb"
@@ -181,8 +181,8 @@ def test_imdb_split_sizes_on_the_shipped_data():
 
 
 def test_shipped_imdb_is_read_and_cleaned_once_per_process(monkeypatch):
-    from ebslab import data
-    from ebslab.config import DataConfig
+    from ebslab.inputs import data
+    from ebslab.core.config import DataConfig
 
     with pytest.raises(UserError, match="dataset 'imdb' has no text column 'nope'"):
         data.load_examples(DataConfig(text_column="nope"), "dataset 'imdb'")
@@ -208,8 +208,8 @@ def test_shipped_imdb_is_read_and_cleaned_once_per_process(monkeypatch):
 @pytest.mark.parametrize("name,expects_types", [("tiny-bert", True), ("tiny-roberta", False),
                                                 ("tiny-modernbert", False)])
 def test_model_inputs_follow_the_encoder(name, expects_types):
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     tok = load_tokenizer(name)
     bundle = build_model(ModelConfig(name=name, dropout=0.0, encoder_dropout=0.0), 2, seed=0, tokenizer=tok)
@@ -222,7 +222,7 @@ def test_model_inputs_follow_the_encoder(name, expects_types):
         return forward(**kwargs)
 
     bundle.model.encoder.forward = spy
-    from ebslab.data import TokenizedSplit
+    from ebslab.inputs.data import TokenizedSplit
 
     ids = np.array([101, 2023, 102, 101, 102], dtype=np.int32)
     split = TokenizedSplit(ids=ids, offsets=np.array([0, 3, 5]), labels=np.array([0, 1]), rows=np.arange(2))
@@ -232,8 +232,8 @@ def test_model_inputs_follow_the_encoder(name, expects_types):
 
 
 def test_mean_pooling_ignores_padding():
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     bundle = build_model(ModelConfig(name="tiny-bert", pooling="mean", dropout=0.0, encoder_dropout=0.0), 2,
                          seed=0, tokenizer=load_tokenizer("tiny-bert"))
@@ -254,8 +254,8 @@ def test_mean_pooling_ignores_padding():
 def test_first_token_only_last_layer_is_the_same_function(name, applies):
     """cls pooling computes the last layer at the first position only: same logits and same gradients as the
     full layer (padding included), and only where the layout is known; mean pooling keeps the full layer."""
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     tok = load_tokenizer(name)
     fast = build_model(ModelConfig(name=name, dropout=0.0, encoder_dropout=0.0), 2, seed=0, tokenizer=tok)
@@ -314,7 +314,7 @@ def test_lr_scaling_rules():
                                       ("cosine", {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
                                       ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 90: 1.0})])
 def test_schedules_count_optimizer_steps(sched, at):
-    from ebslab.optim import build_optimizer, build_scheduler
+    from ebslab.loop.optim import build_optimizer, build_scheduler
 
     cfg = load_config(None, [f"sched.name={sched}", "sched.warmup_ratio=0.1", "optim.lr=1e-3",
                              "batch.effective=100", "batch.micro=10", "train.epochs=1"])
@@ -343,9 +343,9 @@ def test_warmup_is_in_steps_not_micro_steps_in_a_run(train_run):
 
 
 def test_weight_decay_skips_biases_and_norms():
-    from ebslab.optim import param_groups
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.loop.optim import param_groups
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     model = build_model(ModelConfig(name="tiny-bert"), 2, 0, load_tokenizer("tiny-bert")).model
     decay, no_decay = param_groups(model, 0.01)
@@ -501,13 +501,13 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_indivisible_batch_fails_before_loading_data(tmp_path, capsys, monkeypatch):
-    import ebslab.train
+    import ebslab.loop.train
     from ebslab.cli import main
 
     def no_data(*_, **__):
         raise AssertionError("data was loaded before the batch check")
 
-    monkeypatch.setattr(ebslab.train, "load_data", no_data)
+    monkeypatch.setattr(ebslab.loop.train, "load_data", no_data)
     code = main(["train", "batch.effective=30", "batch.micro=8", f"out.dir={tmp_path}"])
     assert code == 2 and "not divisible" in capsys.readouterr().err
 
@@ -569,7 +569,7 @@ class Fp16Probe(Callback):
 
 
 def test_fp16_unscales_before_clipping_and_logs_the_unscaled_grad_norm(tmp_path, fp16_on_cpu):
-    from ebslab.train import train
+    from ebslab.loop.train import train
 
     base = [*TINY_EXACT, "optim.clip_norm=0.05", f"out.dir={tmp_path}"]  # clipping at every step
     plain = train(load_config(None, [*base, "train.device=cpu", "out.name=fp32"]))
@@ -587,7 +587,7 @@ def test_fp16_unscales_before_clipping_and_logs_the_unscaled_grad_norm(tmp_path,
 
 
 def test_fp16_inf_gradient_skips_the_step_lowers_the_scale_and_the_run_goes_on(tmp_path, fp16_on_cpu):
-    from ebslab.train import train
+    from ebslab.loop.train import train
 
     probe = Fp16Probe(poison_at=3)
     summary = train(load_config(None, [*TINY_EXACT, *fp16_on_cpu, "checkpoint.every_steps=1",
@@ -601,7 +601,7 @@ def test_fp16_inf_gradient_skips_the_step_lowers_the_scale_and_the_run_goes_on(t
     # the scale the resumed run needs is in the checkpoint (JSON numbers), halved
     state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["scaler"]["scale"] == 32768.0
-    from ebslab.backends.torch import TorchBackend
+    from ebslab.loop.backends.torch import TorchBackend
 
     resumed = TorchBackend("fp16", "cpu")
     resumed.load_scaler_state(state["scaler"])
@@ -609,7 +609,7 @@ def test_fp16_inf_gradient_skips_the_step_lowers_the_scale_and_the_run_goes_on(t
 
 
 def test_resume_keeps_the_auto_micro_batch(tmp_path):
-    from ebslab.train import resolve_micro
+    from ebslab.loop.train import resolve_micro
 
     cfg = load_config(None, ["batch.micro=auto", "batch.effective=32"])
     assert resolve_micro(cfg, 1, {"micro": 4}) == 4
@@ -619,8 +619,8 @@ def test_test_on_best_reuses_the_evaluation_at_the_best_step(train_run, monkeypa
     """The final test on the best weights is the test result already computed when those weights were
     evaluated: no extra pass over the test set. (A resumed run whose best came before the resume scores best/
     again; test_reliability checks that it ends with the same summary as an uninterrupted run.)"""
-    import ebslab.train as train_mod
-    from ebslab.evaluate import evaluate
+    import ebslab.loop.train as train_mod
+    from ebslab.loop.evaluate import evaluate
 
     calls = []
 
@@ -665,7 +665,7 @@ def test_last_shares_the_best_weights_file_when_both_are_the_same_step(train_run
     def no_links(*_):
         raise OSError(1, "Operation not permitted")
 
-    monkeypatch.setattr("ebslab.checkpoint.os.link", no_links)
+    monkeypatch.setattr("ebslab.loop.checkpoint.os.link", no_links)
     run = train_run()
     assert not linked(run) and same_weights(run)
 
@@ -673,8 +673,8 @@ def test_last_shares_the_best_weights_file_when_both_are_the_same_step(train_run
 def test_token_cache_key_changes_with_everything_that_changes_token_ids():
     from tokenizers import normalizers
 
-    from ebslab.data import _tokenizer_fingerprint, tokenize
-    from ebslab.models import load_tokenizer
+    from ebslab.inputs.data import _tokenizer_fingerprint, tokenize
+    from ebslab.inputs.models import load_tokenizer
 
     def fresh():
         return load_tokenizer("tiny-bert")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ebslab.cli import main
-from ebslab.config import DataConfig
-from ebslab.data import data_fingerprint, fingerprint_changes
+from ebslab.core.config import DataConfig
+from ebslab.inputs.data import data_fingerprint, fingerprint_changes
 
 TINY = ["model.name=tiny-bert", "data.max_length=32", "batch.effective=16", "batch.micro=8", "train.epochs=1",
         "optim.lr=1e-3"]

@@ -39,15 +39,15 @@ def test_top_level_help_lists_every_command_with_its_line():
 
 
 def test_the_committed_config_reference_is_the_generated_one():
-    from ebslab.config import reference_markdown
+    from ebslab.core.config import reference_markdown
 
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == reference_markdown(), (
-        "docs/config.md is out of date: run `PYTHONPATH=src python -m ebslab.config --reference > docs/config.md`")
+        "docs/config.md is out of date: run `PYTHONPATH=src python -m ebslab.core.config --reference > docs/config.md`")
 
 
 def test_every_config_key_has_its_type_default_and_meaning_in_the_reference():
-    from ebslab.config import VALID_KEYS, default_flat, field_docs, reference_markdown
+    from ebslab.core.config import VALID_KEYS, default_flat, field_docs, reference_markdown
 
     docs, text = field_docs(), reference_markdown()
     rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
@@ -64,7 +64,7 @@ def test_every_config_key_has_its_type_default_and_meaning_in_the_reference():
 
 
 def test_a_key_without_a_docstring_is_caught(monkeypatch):
-    from ebslab import config
+    from ebslab.core import config
 
     monkeypatch.setattr(config, "field_docs", lambda: {k: "" for k in config.VALID_KEYS})
     with pytest.raises(RuntimeError, match="without a docstring in config.py: model.name"):
@@ -87,7 +87,7 @@ def test_a_non_interactive_run_prints_progress_lines_not_carriage_returns(train_
 
 
 def test_progress_every_defaults_to_about_twenty_lines(monkeypatch):
-    from ebslab.callbacks import progress_every, progress_line
+    from ebslab.loop.callbacks import progress_every, progress_line
 
     monkeypatch.delenv("EBSLAB_PROGRESS_EVERY", raising=False)
     assert [progress_every(n) for n in (1, 7, 100, 1000, 1001)] == [1, 1, 5, 50, 51]
@@ -104,8 +104,8 @@ def test_progress_every_defaults_to_about_twenty_lines(monkeypatch):
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """Every figure saved through ebslab.figures.save: {file name: (describe(fig), style_problems(fig))}."""
-    from ebslab import figures
+    """Every figure saved through ebslab.analysis.figures.save: {file name: (describe(fig), style_problems(fig))}."""
+    from ebslab.analysis import figures
 
     seen: dict[str, tuple[dict, list[str]]] = {}
     real = figures.save
@@ -127,7 +127,7 @@ def _axes(seen, name):
 def test_every_report_figure_has_title_case_labels_with_units_and_explained_markers(tmp_path, drawn):
     from test_report import make_run
 
-    from ebslab import report
+    from ebslab.analysis import report
 
     for ebs in (8, 32, 128):
         for seed in (1, 2):
@@ -148,7 +148,7 @@ def test_every_report_figure_has_title_case_labels_with_units_and_explained_mark
 
 
 def test_every_tune_figure_relabels_optunas_and_warns_on_importance_from_few_trials(tmp_path, drawn):
-    from ebslab.tune.verdict import FEW_TRIALS_FOR_IMPORTANCE, _study_plots
+    from ebslab.experiments.tune.verdict import FEW_TRIALS_FOR_IMPORTANCE, _study_plots
 
     float_lr = ('{"name": "FloatDistribution", "attributes": {"low": 1e-05, "high": 0.0005, "log": true, '
                 '"step": null}}')
@@ -173,7 +173,7 @@ def test_every_tune_figure_relabels_optunas_and_warns_on_importance_from_few_tri
 
 
 def test_style_problems_catches_what_readers_complained_about():
-    from ebslab import figures
+    from ebslab.analysis import figures
 
     fig, ax = figures.pyplot().subplots(figsize=(6.5, 4.5))
     ax.plot([6, 60], [1, 2], label="all")
@@ -192,7 +192,7 @@ def test_style_problems_catches_what_readers_complained_about():
 
 
 def test_title_case_leaves_names_alone():
-    from ebslab.figures import title_case
+    from ebslab.analysis.figures import title_case
 
     assert title_case("steps vs examples to val/acc 0.8") == "Steps vs Examples to val/acc 0.8"
     assert title_case("gradient noise scale B_simple per EBS") == "Gradient Noise Scale B_simple per EBS"
@@ -264,8 +264,8 @@ def test_every_runnable_readme_block_works_as_written_on_a_fresh_checkout(tmp_pa
 def test_the_file_reference_examples_are_valid_and_the_study_is_the_shipped_one(monkeypatch):
     import yaml
 
-    from ebslab import sweep as sw
-    from ebslab import tune
+    from ebslab.experiments import sweep as sw
+    from ebslab.experiments import tune
 
     text = (ROOT / "docs" / "files.md").read_text()
     sweep_yaml, study_yaml = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)

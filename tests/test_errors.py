@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ebslab.cli import main
-from ebslab.errors import UserError
-from ebslab.config import VALID_KEYS, DataConfig, load_config
-from ebslab.data import clean, load_table
+from ebslab.core.errors import UserError
+from ebslab.core.config import VALID_KEYS, DataConfig, load_config
+from ebslab.inputs.data import clean, load_table
 
 TINY = ["model.name=tiny-bert", "data.max_length=32", "data.limit=60", "batch.effective=16", "batch.micro=8",
         "train.epochs=1", "optim.lr=1e-3"]
@@ -204,7 +204,7 @@ def test_bad_config_values(capsys, tmp_path, args, match):
     ("batch.efective", "batch.effective"),          # a typo in the name
 ])
 def test_did_you_mean_matches_meaning_and_prefixes_before_spelling(typed, meant):
-    from ebslab.config import VALID_KEYS, suggest_key
+    from ebslab.core.config import VALID_KEYS, suggest_key
 
     assert suggest_key(typed) == meant and meant in VALID_KEYS
 
@@ -514,8 +514,8 @@ def test_a_duplicated_column_name_is_warned_about(tmp_path):
 
 
 def test_load_data_counts_the_classes_of_the_kept_rows(tmp_path):
-    from ebslab.data import load_data
-    from ebslab.models import load_tokenizer
+    from ebslab.inputs.data import load_data
+    from ebslab.inputs.models import load_tokenizer
 
     path = _labelled_csv(tmp_path / "d.csv", ["neg"] * 70 + ["pos"] * 30)
     bundle = load_data(DataConfig(path=str(path), max_length=8), load_tokenizer("tiny-bert"))

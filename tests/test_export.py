@@ -56,8 +56,8 @@ def runs(tmp_path_factory):
 
 
 def split_texts(run_dir):
-    from ebslab.data import load_examples, split_indices
-    from ebslab.runfolder import load_run_config
+    from ebslab.inputs.data import load_examples, split_indices
+    from ebslab.core.runfolder import load_run_config
 
     cfg, _ = load_run_config(run_dir)
     examples = load_examples(cfg.data, "test")
@@ -90,7 +90,7 @@ PIPELINE_CHECK = r"""
 import json, sys
 sys.modules["ebslab"] = None  # the venv may have ebslab installed: make any import of it fail here
 try:
-    import ebslab.models
+    import ebslab.inputs.models
     raise SystemExit("ebslab is importable: the check would prove nothing")
 except ImportError:
     pass
@@ -109,7 +109,7 @@ print(json.dumps(out))
 
 
 def test_pipeline_loads_every_export_offline_in_a_fresh_process_and_matches_predict(runs, tmp_path):
-    from ebslab.predict import load_run, predict_texts
+    from ebslab.serving.predict import load_run, predict_texts
 
     exports = [str(runs[c][1]) for c in CASES]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
@@ -172,7 +172,7 @@ def test_export_last_checkpoint_uses_last_metrics(runs, tmp_path):
 
 
 def test_predict_reads_text_stdin_jsonl_and_writes_each_format(runs, tmp_path):
-    from ebslab.predict import load_run, predict_texts
+    from ebslab.serving.predict import load_run, predict_texts
 
     run_dir, _ = runs[("tiny-bert", "cls")]
     expected = predict_texts(load_run(run_dir, "best"), TEXTS, progress=False)
@@ -247,7 +247,7 @@ def test_onnx_export_matches_pytorch(runs, model, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    from ebslab.predict import load_run, predict_texts
+    from ebslab.serving.predict import load_run, predict_texts
 
     run_dir, _ = runs[(model, "mean")]
     code, _, err = cli("export", run_dir, "--out", tmp_path / "onnx", "--onnx")
@@ -271,7 +271,7 @@ def test_onnx_export_matches_pytorch(runs, model, tmp_path):
 
 def test_a_txt_input_is_one_text_per_newline_only(runs, tmp_path):
     """U+2028, form feeds and record separators inside a line stay in its text (str.splitlines split them)."""
-    from ebslab.predict import read_input
+    from ebslab.serving.predict import read_input
 
     lines = ["first\u2028still the first", "second\x0cwith a form feed", "third\x1e\x1c\x1d\x85end", "fourth"]
     (tmp_path / "in.txt").write_bytes(("\r\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\n").encode())

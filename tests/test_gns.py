@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebslab.data import epoch_order, shard_window, windows
-from ebslab.gns import (GradientNoiseScale, b_simple, ema, exact_moments, finite_population_corrected,
+from ebslab.inputs.data import epoch_order, shard_window, windows
+from ebslab.loop.gns import (GradientNoiseScale, b_simple, ema, exact_moments, finite_population_corrected,
                         finite_population_expectations, gns_decision, micro_batch_moments, unbiased_estimates,
                         window_estimates)
 
@@ -240,8 +240,8 @@ def test_fp16_gives_the_estimates_of_fp32(tmp_path, fp16_on_cpu):
     unscale, the fused step's grad_scale) can differ, and the runs agree to 1e-6 relative on every step."""
     from conftest import TINY, read_jsonl
 
-    from ebslab.config import load_config
-    from ebslab.train import train
+    from ebslab.core.config import load_config
+    from ebslab.loop.train import train
 
     base = [*TINY, "model.dropout=0", "model.encoder_dropout=0", "train.max_steps=6", f"out.dir={tmp_path}"]
     plain = train(load_config(None, [*base, "train.device=cpu", "out.name=fp32"]))
@@ -267,8 +267,8 @@ def test_an_overflowing_fp16_window_is_left_out_of_the_averages(tmp_path, fp16_o
     from conftest import TINY, read_jsonl
     from test_core import Fp16Probe
 
-    from ebslab.config import load_config
-    from ebslab.train import train
+    from ebslab.core.config import load_config
+    from ebslab.loop.train import train
 
     summary = train(load_config(None, [*TINY, *fp16_on_cpu, "train.max_steps=6", f"out.dir={tmp_path}",
                                        "out.name=r"]), callbacks=[Fp16Probe(poison_at=5)])

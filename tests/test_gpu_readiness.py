@@ -13,8 +13,8 @@ from conftest import read_jsonl
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta", "tiny-modernbert"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_sdpa_mask_form_gives_the_2d_mask_logits(name, pooling):
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     tokenizer = load_tokenizer(name)
     bundle = build_model(ModelConfig(name=name, pooling=pooling, dropout=0, encoder_dropout=0), 2, 1, tokenizer)
@@ -37,8 +37,8 @@ def test_sdpa_mask_form_gives_the_2d_mask_logits(name, pooling):
 
 
 def test_eager_attention_keeps_the_2d_mask_and_startup_names_the_kernel(train_run, capsys):
-    from ebslab.config import ModelConfig
-    from ebslab.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import build_model, load_tokenizer
 
     bundle = build_model(ModelConfig(name="tiny-bert", attn_implementation="eager"), 2, 1, load_tokenizer("tiny-bert"))
     mask = torch.ones(2, 5, dtype=torch.long)
@@ -55,8 +55,8 @@ def test_bad_attn_implementation_is_a_user_error(train_run, capsys):
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bf16_refused(monkeypatch):
-    from ebslab.backends import resolve_precision
-    from ebslab.errors import UserError
+    from ebslab.loop.backends import resolve_precision
+    from ebslab.core.errors import UserError
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="train.precision=bf16 is refused on CPU"):
@@ -74,8 +74,8 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_refused(monkeypatch):
 def test_encoder_weights_load_in_fp32_from_a_bf16_checkpoint(tmp_path):
     from transformers import AutoModel
 
-    from ebslab.config import ModelConfig
-    from ebslab.models import tiny_config, load_encoder
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import tiny_config, load_encoder
 
     bf16 = AutoModel.from_config(tiny_config("tiny-bert", 3000), add_pooling_layer=False).to(torch.bfloat16)
     bf16.save_pretrained(tmp_path)
@@ -86,9 +86,9 @@ def test_encoder_weights_load_in_fp32_from_a_bf16_checkpoint(tmp_path):
 def test_ddp_options_search_unused_parameters_only_for_a_pooler():
     from transformers import AutoModel
 
-    from ebslab.backends import ddp_options
-    from ebslab.config import ModelConfig
-    from ebslab.models import EncoderClassifier, tiny_config, build_model, load_tokenizer
+    from ebslab.loop.backends import ddp_options
+    from ebslab.core.config import ModelConfig
+    from ebslab.inputs.models import EncoderClassifier, tiny_config, build_model, load_tokenizer
 
     bundle = build_model(ModelConfig(name="tiny-bert"), 2, 1, load_tokenizer("tiny-bert"))
     assert bundle.model.unused_parameter_names() == []
@@ -108,7 +108,7 @@ def test_cuda_n_with_several_processes_is_refused_before_any_work(train_run, cap
 
 
 def test_rng_state_holds_the_current_cuda_device_only(monkeypatch):
-    from ebslab import checkpoint as ckpt
+    from ebslab.loop import checkpoint as ckpt
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -123,7 +123,7 @@ def test_rng_state_holds_the_current_cuda_device_only(monkeypatch):
 
 def test_throughput_counts_the_wait_for_the_device(train_run, monkeypatch):
     """A slow device step shows up as a slow host read: the rate must be samples over that wall time."""
-    import ebslab.train as loop
+    import ebslab.loop.train as loop
 
     delay, real = 0.25, loop._to_host
     monkeypatch.setattr(loop, "_to_host", lambda t: time.sleep(delay) or real(t))
@@ -139,7 +139,7 @@ def test_throughput_counts_the_wait_for_the_device(train_run, monkeypatch):
 
 
 def test_grad_norm_comes_with_the_one_host_read(train_run, monkeypatch):
-    import ebslab.train as loop
+    import ebslab.loop.train as loop
 
     reads, real = [], loop._to_host
     monkeypatch.setattr(loop, "_to_host", lambda t: reads.append(1) or real(t))
@@ -149,7 +149,7 @@ def test_grad_norm_comes_with_the_one_host_read(train_run, monkeypatch):
 
 
 def test_mfu_uses_the_spec_peak_of_the_named_gpu(monkeypatch):
-    from ebslab import bench
+    from ebslab.tools import bench
 
     assert bench.spec_peak("NVIDIA H200") == 989e12
     assert bench.spec_peak("NVIDIA H100 80GB HBM3") == 989e12
@@ -169,8 +169,8 @@ def test_mfu_uses_the_spec_peak_of_the_named_gpu(monkeypatch):
 
 
 def test_auto_micro_treats_cublas_alloc_failure_and_missing_headroom_as_out_of_memory(capsys):
-    from ebslab import autobatch
-    from ebslab.config import load_config
+    from ebslab.loop import autobatch
+    from ebslab.core.config import load_config
 
     cfg = load_config({"batch": {"effective": 64, "micro": "auto"}, "data": {"max_length": 512}})
     gib = 2 ** 30
@@ -194,8 +194,8 @@ def test_auto_micro_treats_cublas_alloc_failure_and_missing_headroom_as_out_of_m
 def test_auto_micro_every_rank_takes_the_smallest(monkeypatch, capsys):
     import torch.distributed as dist
 
-    from ebslab import autobatch
-    from ebslab.config import load_config
+    from ebslab.loop import autobatch
+    from ebslab.core.config import load_config
 
     other_rank = 4  # the peer's GPU had less free memory
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -208,7 +208,7 @@ def test_auto_micro_every_rank_takes_the_smallest(monkeypatch, capsys):
 
 
 def test_gpu_check_refuses_without_cuda_in_one_line(capsys, monkeypatch):
-    from ebslab import gpucheck
+    from ebslab.tools import gpucheck
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpucheck, "run_checks", lambda *a: pytest.fail("checks ran without CUDA"))
@@ -218,7 +218,7 @@ def test_gpu_check_refuses_without_cuda_in_one_line(capsys, monkeypatch):
 
 
 def test_gpu_check_table_and_throughput_verdicts():
-    from ebslab.gpucheck import Row, Syncs, table, throughput_row
+    from ebslab.tools.gpucheck import Row, Syncs, table, throughput_row
 
     done = {"status": "completed", "samples": 1280, "train_samples_per_s": 1000.0}
     syncs = Syncs(steps=40, reads=1, training=1, evaluations=1, in_evaluation=2, in_checkpoint=300)
@@ -243,7 +243,7 @@ def test_gpu_check_counts_host_syncs_over_the_whole_run(tmp_path, monkeypatch):
     import warnings
 
     from conftest import TINY
-    from ebslab import gpucheck
+    from ebslab.tools import gpucheck
 
     modes = []
     monkeypatch.setattr(gpucheck, "set_sync_debug_mode", modes.append)
@@ -268,7 +268,7 @@ def test_gpu_check_counts_host_syncs_over_the_whole_run(tmp_path, monkeypatch):
 def test_sync_phase_by_the_stack():
     import sys
 
-    from ebslab.gpucheck import sync_phase
+    from ebslab.tools.gpucheck import sync_phase
 
     assert sync_phase(sys._getframe()) == "training"
 

@@ -23,7 +23,7 @@ TIMING = ("elapsed_s", "samples_per_s")
 
 class SlowDevice(TorchDispatchMode):
     """Counts host reads and makes each one wait `delay` seconds. A read is charged to the phase it came from:
-    `evaluation` (ebslab/evaluate.py on the stack), `checkpoint` (ebslab/checkpoint.py or the trainer's
+    `evaluation` (ebslab/loop/evaluate.py on the stack), `checkpoint` (ebslab/loop/checkpoint.py or the trainer's
     save_last: the callbacks' state goes into it), `finish` (after the loop),
     else the training step the loop is in (`steps_done + 1`, advanced by the `on_step` callback)."""
 
@@ -44,10 +44,10 @@ class SlowDevice(TorchDispatchMode):
             return  # a non-fused optimizer's `step` counters: host tensors (not capturable), not a device read
         while frame is not None:
             name = frame.f_code.co_filename.replace("\\", "/")
-            if name.endswith("ebslab/evaluate.py"):
+            if name.endswith("ebslab/loop/evaluate.py"):
                 phase = "evaluation"
                 break
-            if name.endswith("ebslab/checkpoint.py") or frame.f_code.co_name == "save_last":
+            if name.endswith("ebslab/loop/checkpoint.py") or frame.f_code.co_name == "save_last":
                 phase = "checkpoint"
                 break
             frame = frame.f_back
@@ -70,7 +70,7 @@ class SlowDevice(TorchDispatchMode):
 @pytest.fixture
 def slow_device(monkeypatch):
     """A SlowDevice active from the fit's start to its summary (set-up is outside it)."""
-    from ebslab.callbacks import ProgressBar
+    from ebslab.loop.callbacks import ProgressBar
 
     device = SlowDevice()
     for name in ("tolist", "numpy"):
@@ -96,7 +96,7 @@ def slow_device(monkeypatch):
     monkeypatch.setattr(ProgressBar, "on_fit_start", on_fit_start)
     monkeypatch.setattr(ProgressBar, "on_step", on_step)
     monkeypatch.setattr(ProgressBar, "on_fit_end", on_fit_end)
-    import ebslab.train as loop
+    import ebslab.loop.train as loop
 
     finish = loop.Trainer.finish
 
@@ -155,7 +155,7 @@ def test_auto_is_every_step_on_cpu_with_the_numbers_of_log_every_1(train_run, sl
 
 
 def test_auto_on_a_gpu_reads_every_100_steps(train_run, monkeypatch):
-    from ebslab.config import GPU_LOG_EVERY_STEPS, derive, load_config, resolve_log_every
+    from ebslab.core.config import GPU_LOG_EVERY_STEPS, derive, load_config, resolve_log_every
 
     assert resolve_log_every("auto", "cpu") == 1 and resolve_log_every("auto", "cuda") == GPU_LOG_EVERY_STEPS == 100
     assert resolve_log_every(7, "cuda") == 7 and resolve_log_every(7, "cpu") == 7
@@ -176,7 +176,7 @@ def test_a_stop_signal_is_acted_on_at_the_next_read(train_run, slow_device, monk
     """SIGTERM at step 4 with reads every 3 steps: the run stops after step 6, the next read, with a checkpoint."""
     import signal
 
-    from ebslab.callbacks import ProgressBar
+    from ebslab.loop.callbacks import ProgressBar
 
     real = ProgressBar.on_step
 
@@ -197,8 +197,8 @@ def test_a_non_finite_gradient_is_acted_on_at_the_next_read_with_the_weights_kep
                                                                                   monkeypatch):
     """A NaN gradient at step 4 with reads every 3 steps: no step after it changes the weights (the skip is
     decided on the device, no read), and the run ends `diverged` at step 6, the next read."""
-    from ebslab.callbacks import Callback
-    import ebslab.train as loop
+    from ebslab.loop.callbacks import Callback
+    import ebslab.loop.train as loop
 
     seen = {}
 
@@ -229,7 +229,7 @@ def test_a_non_finite_gradient_is_acted_on_at_the_next_read_with_the_weights_kep
 
 def test_without_a_fused_optimizer_the_skip_reads_every_step_and_start_up_says_so(train_run, slow_device,
                                                                                 monkeypatch, capsys):
-    from ebslab import optim
+    from ebslab.loop import optim
 
     real = optim.build_optimizer
 
@@ -237,7 +237,7 @@ def test_without_a_fused_optimizer_the_skip_reads_every_step_and_start_up_says_s
         cls = type(real(model, cfg, derived))
         return cls(optim.param_groups(model, cfg.weight_decay), lr=derived.lr, foreach=True)
 
-    monkeypatch.setattr("ebslab.train.build_optimizer", unfused)
+    monkeypatch.setattr("ebslab.loop.train.build_optimizer", unfused)
     train_run(*BASE, "train.gns=false", "train.log_every_steps=3")
     out = capsys.readouterr().out
     assert "AdamW has no fused kernel on cpu: skipping a step with a non-finite gradient reads the device every " \
@@ -263,7 +263,7 @@ def test_the_slow_device_wait_is_in_the_training_time(train_run, slow_device):
 
 
 def test_batches_are_pinned_before_their_non_blocking_copy_to_a_gpu(monkeypatch):
-    from ebslab.backends import to_device
+    from ebslab.loop.backends import to_device
 
     calls, real_to = [], torch.Tensor.to
 
@@ -283,8 +283,8 @@ def test_batches_are_pinned_before_their_non_blocking_copy_to_a_gpu(monkeypatch)
 
 
 def test_evaluation_batches_go_through_the_pinned_copy(train_run, monkeypatch):
-    import ebslab.evaluate as ev
-    from ebslab.backends import to_device
+    import ebslab.loop.evaluate as ev
+    from ebslab.loop.backends import to_device
 
     copied = []
     monkeypatch.setattr(ev, "to_device", lambda t, device: copied.append(t.shape[0]) or to_device(t, device))

@@ -54,12 +54,12 @@ def test_pip_install_alone_runs_a_tiny_model_and_checks_data_before_the_model(tm
 
     # the default data (IMDB) is package data: the installed copy, not this checkout's, from a folder that is no
     # checkout, tokenized into the user's cache and read back from it by the next run
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from ebslab.data import SHIPPED_IMDB; "
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from ebslab.inputs.data import SHIPPED_IMDB; "
                             "print(SHIPPED_IMDB)"], cwd=tmp_path, capture_output=True, text=True, env=env, check=True)
     shipped = Path(where.stdout.strip())
     assert shipped.is_relative_to(venv.resolve()) and (shipped / "train.parquet").stat().st_size == \
         (ROOT / "src/ebslab/assets/imdb/train.parquet").stat().st_size
-    from ebslab.data import SHIPPED_IMDB, split_indices
+    from ebslab.inputs.data import SHIPPED_IMDB, split_indices
 
     labels = np.concatenate([pd.read_parquet(SHIPPED_IMDB / f"{s}.parquet")["label"].to_numpy()
                              for s in ("train", "test")])

@@ -12,29 +12,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "ebslab"
 
-# bottom (0) to top; a module may import its own layer and those below it
-LAYERS: dict[str, int] = {
-    # 0 core
-    "ebslab.config": 0, "ebslab.errors": 0, "ebslab.files": 0, "ebslab.locks": 0, "ebslab.metrics": 0,
-    "ebslab.runfolder": 0,
-    # 1 data and models
-    "ebslab.data": 1, "ebslab.models": 1,
-    # 2 loop
-    "ebslab.train": 2, "ebslab.callbacks": 2, "ebslab.backends": 2, "ebslab.evaluate": 2, "ebslab.checkpoint": 2,
-    "ebslab.gns": 2, "ebslab.autobatch": 2, "ebslab.tracking": 2, "ebslab.optim": 2,
-    # 3 analysis
-    "ebslab.stats": 3, "ebslab.replicates": 3, "ebslab.report": 3, "ebslab.ebs_study": 3, "ebslab.lr_study": 3,
-    "ebslab.figures": 3,
-    # 4 experiments
-    "ebslab.sweep": 4, "ebslab.slurm": 4, "ebslab.sweep_command": 4, "ebslab.tune": 4,
-    # 5 serving
-    "ebslab.predict": 5, "ebslab.export": 5, "ebslab.hf_modeling": 5,
-    # 6 tools
-    "ebslab.bench": 6, "ebslab.gpucheck": 6,
-    # 7 cli
-    "ebslab.cli": 7, "ebslab.__main__": 7,
-}
-LAYER_NAMES = ["core", "data and models", "loop", "analysis", "experiments", "serving", "tools", "cli"]
+# bottom (0) to top, one sub-package a layer (ARCHITECTURE.md); a module may import its own layer and those below
+LAYER_NAMES = ["core", "inputs", "loop", "analysis", "experiments", "serving", "tools", "cli"]
+LAYERS: dict[str, int] = {f"ebslab.{name}": i for i, name in enumerate(LAYER_NAMES[:-1])}
+LAYERS.update({"ebslab.cli": 7, "ebslab.__main__": 7})
 
 
 def _layer_of(module: str) -> int:

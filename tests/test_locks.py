@@ -13,11 +13,11 @@ import yaml
 from conftest import TINY, hang_after
 
 from ebslab.cli import main
-from ebslab.errors import UserError
-from ebslab.locks import LOCK_NAME, FolderLock
+from ebslab.core.errors import UserError
+from ebslab.core.locks import LOCK_NAME, FolderLock
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-HOLD = ("import sys; from ebslab.locks import FolderLock; lock = FolderLock(sys.argv[1], 'test').acquire(); "
+HOLD = ("import sys; from ebslab.core.locks import FolderLock; lock = FolderLock(sys.argv[1], 'test').acquire(); "
         "print('locked', flush=True); sys.stdin.read()")
 
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from conftest import TINY, read_jsonl
 from safetensors.torch import load_file
 
-from ebslab.callbacks import Callback
-from ebslab.config import load_config
-from ebslab.data import collate, windows
-from ebslab.train import seed_dropout, train
+from ebslab.loop.callbacks import Callback
+from ebslab.core.config import load_config
+from ebslab.inputs.data import collate, windows
+from ebslab.loop.train import seed_dropout, train
 
 NO_DROPOUT = ["model.dropout=0", "model.encoder_dropout=0"]
 
@@ -158,7 +158,7 @@ def test_every_process_draws_its_own_dropout_masks_and_a_rerun_the_same():
 
 @pytest.mark.parametrize("kind", ["fused", "foreach"])  # foreach: the fallback for an optimizer without the flag
 def test_step_or_skip_leaves_weights_and_adam_state_where_the_flag_is_one(kind):
-    from ebslab.backends import step_or_skip
+    from ebslab.loop.backends import step_or_skip
 
     weight = torch.nn.Parameter(torch.arange(4.0))
     optimizer = torch.optim.Adam([weight], lr=0.1, **{kind: True})

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ebslab import report
-from ebslab.lr_study import best_lr, fit_exponent
+from ebslab.analysis import report
+from ebslab.analysis.lr_study import best_lr, fit_exponent
 
 EBS, LRS = (8, 24, 64), (3e-5, 1.5e-4, 7.5e-4)
 
@@ -100,7 +100,7 @@ def test_the_report_adds_the_lr_section_and_fits_steps_at_each_best_lr(tmp_path)
 def test_runs_that_collapsed_at_a_large_lr_are_named():
     from types import SimpleNamespace
 
-    from ebslab.lr_study import analyse, fell_words
+    from ebslab.analysis.lr_study import analyse, fell_words
 
     runs = [SimpleNamespace(effective_batch=b, lr=lr, seed=1, status="collapsed" if lr == 7.5e-4 else "completed",
                             evals=[(1, b, score(lr, b, 0.5) if lr < 7.5e-4 else 0.5)], config={})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ebslab import sweep as sw
-from ebslab.config import load_config
+from ebslab.experiments import sweep as sw
+from ebslab.core.config import load_config
 from conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""ebslab.metrics: values computed by hand on small known cases, cross-checked against scikit-learn, and ECE
+"""ebslab.core.metrics: values computed by hand on small known cases, cross-checked against scikit-learn, and ECE
 against simulations whose calibration gap is known."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ebslab.metrics import (METRICS, compute_metrics, expected_calibration_error, higher_is_better,
+from ebslab.core.metrics import (METRICS, compute_metrics, expected_calibration_error, higher_is_better,
                             metric_value)
 
 # binary: predictions 0 1 0 1 1 against labels 0 1 1 0 1 -> TP 2, FN 1, FP 1, TN 1; every confidence in its
@@ -222,7 +222,7 @@ def test_an_unknown_select_by_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_improves_follows_the_metric_direction_and_never_prefers_an_undefined_value():
-    from ebslab.evaluate import EvalResult, improves
+    from ebslab.loop.evaluate import EvalResult, improves
 
     def result(probs, label=BIN_LABEL):
         return EvalResult(index=np.arange(len(label)), label=label, probs=np.array(probs), label_names=["n", "p"])

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import hang_after, install_fake_train
 
-from ebslab import sweep as sw
-from ebslab.checkpoint import LAST_FILES
+from ebslab.experiments import sweep as sw
+from ebslab.loop.checkpoint import LAST_FILES
 from ebslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_a_run_gets_sigterm_when_the_process_that_started_it_is_killed_with_9(tm
         time.sleep(60)
     """))
     starter = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from ebslab import sweep as sw; "
+        [sys.executable, "-c", "import sys; from ebslab.experiments import sweep as sw; "
          f"sw.run_process([sys.executable, {str(child)!r}], {{}}, {str(tmp_path / 'run.log')!r}, None, "
          "on_start=lambda p: None)"], env=_env())
     try:
@@ -97,7 +97,7 @@ FAKE = textwrap.dedent('''
 HOLDER = textwrap.dedent('''
     import json, sys, time
     from pathlib import Path
-    from ebslab.locks import FolderLock
+    from ebslab.core.locks import FolderLock
     run = Path(sys.argv[1])
     with FolderLock(run, "run"):
         (run / "holding").write_text("")

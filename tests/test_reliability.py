@@ -28,13 +28,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import ebslab.callbacks
-import ebslab.checkpoint as ckpt
+import ebslab.loop.callbacks
+import ebslab.loop.checkpoint as ckpt
 from ebslab.cli import main
-from ebslab.errors import StorageError
-from ebslab.files import atomic_write_json
-from ebslab.runfolder import read_jsonl as read_metrics
-from ebslab.tracking import JsonlTracker, truncate_metrics
+from ebslab.core.errors import StorageError
+from ebslab.core.files import atomic_write_json
+from ebslab.core.runfolder import read_jsonl as read_metrics
+from ebslab.loop.tracking import JsonlTracker, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # 75 examples -> 59 train: 4 windows of 16 per epoch, the last one short (11); 8 steps in all
@@ -137,21 +137,21 @@ TRAIN_ORDER: list[int] = []  # train-split rows of every micro-batch of the refe
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run."""
-    import ebslab.train
+    import ebslab.loop.train
 
     out = tmp_path_factory.mktemp("reference")
-    collate = ebslab.train.collate
+    collate = ebslab.loop.train.collate
 
     def recording(split, idx, *args):
         if len(split) > 20:  # the train split (val and test hold 8 rows each)
             TRAIN_ORDER.extend(int(i) for i in idx)
         return collate(split, idx, *args)
 
-    ebslab.train.collate = recording
+    ebslab.loop.train.collate = recording
     try:
         assert main(["train", *RUN, f"out.dir={out}", "out.name=ref"]) == 0
     finally:
-        ebslab.train.collate = collate
+        ebslab.loop.train.collate = collate
     run = out / "ref"
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
     assert derived["total_steps"] == TOTAL_STEPS and derived["steps_per_epoch"] == STEPS_PER_EPOCH
@@ -165,7 +165,7 @@ def reference(tmp_path_factory) -> Path:
 def test_each_epoch_follows_its_own_order(reference):
     """Resume restarts an epoch's order from (seed, epoch): the uninterrupted loop must use the same order (it
     once kept epoch 0's order for every epoch, which only a kill in epoch 2 showed)."""
-    from ebslab.data import epoch_order
+    from ebslab.inputs.data import epoch_order
 
     n = yaml.safe_load((reference / "config.yaml").read_text())["derived"]["num_train"]
     expected = [int(i) for e in range(TOTAL_STEPS // STEPS_PER_EPOCH) for i in epoch_order(n, 1, e)]
@@ -280,7 +280,7 @@ def test_the_noise_scale_averages_survive_a_stop_and_resume(reference, tmp_path,
     blind = tmp_path / "blind"
     shutil.copytree(run, blind)
     with monkeypatch.context() as m:
-        m.setattr(ebslab.callbacks.Callbacks, "load_state_dict", lambda self, states: None)
+        m.setattr(ebslab.loop.callbacks.Callbacks, "load_state_dict", lambda self, states: None)
         _resume(blind)
     _resume(run)
     ref_steps, steps = _records(reference, "step"), _records(run, "step")
@@ -340,7 +340,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, chance):
 
 
 def test_stop_request_handler_first_signal_sets_flag_second_raises():
-    from ebslab.train import StopRequest
+    from ebslab.loop.train import StopRequest
 
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
@@ -543,8 +543,8 @@ def test_checkpoints_hold_only_safetensors_and_json(reference):
 
 
 def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path):
-    from ebslab.runfolder import read_jsonl as read_metrics
-    from ebslab.tracking import JsonlTracker
+    from ebslab.core.runfolder import read_jsonl as read_metrics
+    from ebslab.loop.tracking import JsonlTracker
 
     tracker = JsonlTracker(tmp_path / "metrics.jsonl")
     tracker.log({"event": "step", "step": 1})
@@ -565,9 +565,9 @@ def test_full_disk_while_logging_metrics_is_one_line_with_the_way_back(tmp_path)
 def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_renamed(tmp_path, fsync_log):
     import numpy as np
 
-    from ebslab import sweep as sw
-    from ebslab.evaluate import EvalResult, save_predictions
-    from ebslab.report import build_report
+    from ebslab.experiments import sweep as sw
+    from ebslab.loop.evaluate import EvalResult, save_predictions
+    from ebslab.analysis.report import build_report
     from test_report import make_run
 
     metrics = tmp_path / "metrics.jsonl"
@@ -589,7 +589,7 @@ def test_metrics_truncation_predictions_sweep_index_and_report_are_fsynced_then_
     figures = sorted((tmp_path / "report").glob("*.png"))
     assert figures  # the report's plots are among the files checked
 
-    from ebslab.figures import pyplot, save
+    from ebslab.analysis.figures import pyplot, save
 
     fig, _ = pyplot().subplots()
     save(fig, tmp_path / "alone.pdf", dpi=50)  # the format follows the suffix through the temporary file
@@ -608,7 +608,7 @@ def test_full_disk_while_writing_predictions_keeps_the_old_file_and_names_the_re
     import numpy as np
     import pandas as pd
 
-    from ebslab.evaluate import EvalResult, save_predictions
+    from ebslab.loop.evaluate import EvalResult, save_predictions
 
     def result(label):
         return EvalResult(index=np.arange(2), label=np.array(label), probs=np.full((2, 2), 0.5),

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from ebslab import report
-from ebslab.errors import UserError
+from ebslab.analysis import report
+from ebslab.core.errors import UserError
 
 
 def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling: str = "none",
@@ -112,7 +112,7 @@ def test_flatten_and_varying_keys():
 
 
 def test_read_jsonl_tolerates_torn_last_line(tmp_path):
-    from ebslab.runfolder import read_jsonl
+    from ebslab.core.runfolder import read_jsonl
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"event": "eval", "val/acc": 0.5}\n{"event": "eval", "val/acc": 0.6}\n{"event": "ev')
@@ -426,7 +426,7 @@ def test_one_seed_gives_no_p_value(tmp_path):
     assert e["p_holm"] is None
     assert "n/a (one seed)" in md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
     # a second seed of the reference alone gives a spread: the sentence says how many seeds would be needed
-    from ebslab import stats as st
+    from ebslab.analysis import stats as st
 
     make_run(runs, "a2", ebs=64, seed=2, test_acc=0.96, val_acc=0.9)
     md, rep = _report(tmp_path / "o2", runs)
@@ -437,7 +437,7 @@ def test_one_seed_gives_no_p_value(tmp_path):
 
 
 def test_report_json_numbers_equal_the_stats_functions(tmp_path):
-    from ebslab import stats as st
+    from ebslab.analysis import stats as st
 
     runs = tmp_path / "sw"
     n, rng = 60, np.random.default_rng(3)
@@ -493,7 +493,7 @@ def test_metric_flag_uses_prob_columns_and_rejects_unknown(tmp_path):
 
 
 def test_main_effect_pairs_by_seed_and_other_keys_and_ranks_by_size(tmp_path):
-    from ebslab import stats as st
+    from ebslab.analysis import stats as st
 
     runs = tmp_path / "sw"
     n, rng = 40, np.random.default_rng(5)
@@ -540,8 +540,8 @@ def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
     default acc, precision auto that derived.precision records as fp32) trained the same thing: one group, and
     one effective-batch-size fit; so does an auto run from before derived.precision whose sweep log printed fp32.
     A new key set to another value, or auto resolved to bf16, still splits."""
-    from ebslab import ebs_study
-    from ebslab.config import default_flat
+    from ebslab.analysis import ebs_study
+    from ebslab.core.config import default_flat
 
     assert default_flat()["eval.select_by"] == "acc" and default_flat()["train.precision"] == "auto"
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from ebslab import report, stats
+from ebslab.analysis import report, stats
 from ebslab.cli import main
 from test_report import _edit_config, _report, make_run
 
@@ -369,7 +369,7 @@ def test_report_sentences_for_small_and_empty_cases(tmp_path):
 
 
 def test_the_replicate_rule_in_one_place():
-    from ebslab import replicates
+    from ebslab.analysis import replicates
 
     base = {"batch": {"effective": 64, "micro": 16}, "train": {"seed": 1, "backend": "torch"}}
     other = {"batch": {"effective": 64, "micro": 8}, "train": {"seed": 1, "backend": "accelerate"},

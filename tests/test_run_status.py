@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import read_jsonl
-from ebslab import metrics
-from ebslab.evaluate import EvalResult
-from ebslab.train import Trainer
+from ebslab.core import metrics
+from ebslab.loop.evaluate import EvalResult
+from ebslab.loop.train import Trainer
 
 
 def scripted_val(monkeypatch, accs: list[float]) -> None:

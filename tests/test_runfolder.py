@@ -1,4 +1,4 @@
-"""ebslab.runfolder: the one reader of run folders (its torn-line test is test_report's read_jsonl test)."""
+"""ebslab.core.runfolder: the one reader of run folders (its torn-line test is test_report's read_jsonl test)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from ebslab import runfolder
-from ebslab.errors import UserError
+from ebslab.core import runfolder
+from ebslab.core.errors import UserError
 
 
 def _run(tmp_path, config: dict | None = None, summary=None, metrics: str = ""):

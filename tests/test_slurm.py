@@ -23,9 +23,9 @@ import pytest
 import yaml
 from conftest import hang_after, install_fake_train
 
-from ebslab import slurm
-from ebslab import sweep as sw
-from ebslab import sweep_command
+from ebslab.experiments import slurm
+from ebslab.experiments import sweep as sw
+from ebslab.experiments import sweep_command
 from ebslab.cli import main
 
 submitit = pytest.importorskip("submitit")
@@ -250,7 +250,7 @@ def test_a_requeued_job_decides_resume_or_overwrite_from_the_run_folder(tmp_path
     run.mkdir()  # an attempt that died before its first checkpoint
     assert slurm.node_command(spec, 1, {})[-1] == "--overwrite"
     (run / "checkpoints" / "last").mkdir(parents=True)
-    from ebslab.checkpoint import LAST_FILES
+    from ebslab.loop.checkpoint import LAST_FILES
 
     for name in LAST_FILES:
         (run / "checkpoints" / "last" / name).write_bytes(b"w")

@@ -1,4 +1,4 @@
-"""ebslab.stats against simulations with a known truth, and against values computed by hand.
+"""ebslab.analysis.stats against simulations with a known truth, and against values computed by hand.
 
 The simulations are vectorised over trials (a few seconds each on one core)."""
 
@@ -11,7 +11,8 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
-from ebslab import metrics, stats
+from ebslab.core import metrics
+from ebslab.analysis import stats
 
 # Accuracy ~0.90, seed-to-seed spread ~0.5 point, two models agreeing on ~93% of the test examples. Example i has
 # a difficulty z_i shared by every model and seed (errors are correlated across runs: the test set is crossed

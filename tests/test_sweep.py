@@ -19,11 +19,11 @@ import pytest
 from conftest import hang_after, install_fake_train
 import yaml
 
-from ebslab import sweep as sw
-from ebslab.checkpoint import LAST_FILES
+from ebslab.experiments import sweep as sw
+from ebslab.loop.checkpoint import LAST_FILES
 from ebslab.cli import main
-from ebslab.errors import UserError
-from ebslab.config import load_config, parse_override
+from ebslab.core.errors import UserError
+from ebslab.core.config import load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "tiny-bert", "data.limit": 64, "train.epochs": 1, "batch.effective": 8, "batch.micro": 8,

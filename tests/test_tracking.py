@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import hang_after
 
-from ebslab.errors import UserError
-from ebslab.runfolder import read_jsonl as read_metrics
-from ebslab.tracking import JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers
+from ebslab.core.errors import UserError
+from ebslab.core.runfolder import read_jsonl as read_metrics
+from ebslab.loop.tracking import JsonlTracker, TensorBoardTracker, WandbTracker, open_trackers
 
 RECORDS = [
     {"event": "step", "step": 1, "epoch": 0, "micro_step": 4, "train/loss": 0.69, "lr": 5e-5, "grad_norm": 1.5},
@@ -26,7 +26,7 @@ RECORDS = [
 def test_track_names_open_their_trackers_and_a_missing_package_is_refused(tmp_path, monkeypatch):
     import importlib.util
 
-    from ebslab.tracking import check_trackers
+    from ebslab.loop.tracking import check_trackers
 
     opened = open_trackers(["jsonl", "tensorboard"], tmp_path, {"model": {"name": "tiny-bert"}})
     opened.log({"event": "step", "step": 1, "train/loss": 0.5})

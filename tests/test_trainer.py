@@ -1,4 +1,4 @@
-"""The Trainer's callback interface (ebslab.callbacks), request_stop, the resume of an old-format trainer state,
+"""The Trainer's callback interface (ebslab.loop.callbacks), request_stop, the resume of an old-format trainer state,
 and the one `flatten` of dotted keys."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from conftest import TINY, read_jsonl
-from ebslab import sweep as sw
-from ebslab.callbacks import Callback
-from ebslab.errors import UserError
-from ebslab.config import flatten, load_config
-from ebslab.runfolder import load_run_config
-from ebslab.train import TrainerState, TrainSums, train
+from ebslab.experiments import sweep as sw
+from ebslab.loop.callbacks import Callback
+from ebslab.core.errors import UserError
+from ebslab.core.config import flatten, load_config
+from ebslab.core.runfolder import load_run_config
+from ebslab.loop.train import TrainerState, TrainSums, train
 
 
 def _cfg(tmp_path, name, *overrides):
@@ -163,7 +163,7 @@ def test_trainer_state_reads_both_forms_of_since_eval_and_refuses_others():
 
 
 def test_flatten_is_one_rule_for_config_sweep_checkpoint_and_report():
-    from ebslab import report
+    from ebslab.analysis import report
 
     nested = {"optim": {"lr": 1e-4, "name": "adamw"}, "batch.effective": 64, "derived": {"lr": 2e-4}}
     assert flatten(nested) == {"optim.lr": 1e-4, "optim.name": "adamw", "batch.effective": 64}
@@ -179,7 +179,7 @@ def test_flatten_is_one_rule_for_config_sweep_checkpoint_and_report():
 
 
 def test_two_instances_of_one_callback_class_keep_their_own_saved_state():
-    from ebslab.callbacks import Callbacks
+    from ebslab.loop.callbacks import Callbacks
 
     class Counter(Callback):
         def __init__(self, n):

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from conftest import hang_after, install_fake_train
 
-from ebslab import sweep as sw
-from ebslab import sweep_command
-from ebslab import tune
+from ebslab.experiments import sweep as sw
+from ebslab.experiments import sweep_command
+from ebslab.experiments import tune
 from ebslab.cli import main
-from ebslab.config import VALID_KEYS
+from ebslab.core.config import VALID_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -219,7 +219,7 @@ def test_an_evaluation_between_two_data_points_is_not_reported():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The verdict is the report's comparison of the confirmation runs (ebslab.report, ebslab.stats)
+# The verdict is the report's comparison of the confirmation runs (ebslab.analysis.report, ebslab.analysis.stats)
 
 WINNER_TEST = {11: 0.90, 12: 0.92, 13: 0.91, 14: 0.93}
 CASES = {"clear": {11: 0.85, 12: 0.86, 13: 0.86, 14: 0.87},  # 5-6 pt behind on every seed
@@ -396,7 +396,7 @@ def test_a_collapsed_trial_is_never_promoted_and_the_verdict_says_there_was_noth
 
 
 def test_nothing_to_rank_names_the_reason():
-    from ebslab.tune.verdict import nothing_to_rank
+    from ebslab.experiments.tune.verdict import nothing_to_rank
 
     def t(lr, status="completed", value=0.8):
         return {"params": {"optim.lr": lr}, "status": status, "value": value}
@@ -475,7 +475,7 @@ SMALL = study_with(space={"optim.lr": {"choice": [1.0e-4, 1.0e-3]}}, sampler="gr
 
 def test_a_study_folder_in_use_by_a_live_tuner_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, fake_train,
                                                                                              capsys):
-    from ebslab.locks import LOCK_NAME, FolderLock
+    from ebslab.core.locks import LOCK_NAME, FolderLock
 
     path, root = write_study(tmp_path, SMALL), tmp_path / "runs" / "st"
     assert main(["tune", str(path), "--out", str(tmp_path / "runs")]) == 0
@@ -490,7 +490,7 @@ def test_a_study_folder_in_use_by_a_live_tuner_is_refused_and_a_dead_ones_lock_i
             assert err.count("\n") == 1 and "Traceback" not in err
         assert {p: p.read_bytes() for p in files} == files and (root / LOCK_NAME).read_bytes() == held
     # a tuner killed while holding the folder: its lock (naming its pid) is taken over by the next --resume
-    code = f"from ebslab.locks import FolderLock; import os; FolderLock({str(root)!r}, 'study').acquire(); os._exit(9)"
+    code = f"from ebslab.core.locks import FolderLock; import os; FolderLock({str(root)!r}, 'study').acquire(); os._exit(9)"
     dead = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert dead.returncode == 9 and json.loads((root / LOCK_NAME).read_text())["pid"] != os.getpid()
     assert main(["tune", str(path), "--out", str(tmp_path / "runs"), "--resume"]) == 0
@@ -498,7 +498,7 @@ def test_a_study_folder_in_use_by_a_live_tuner_is_refused_and_a_dead_ones_lock_i
 
 
 def test_workers_on_a_shared_storage_share_the_study_folder_without_a_lock(tmp_path, fake_train):
-    from ebslab.locks import FolderLock
+    from ebslab.core.locks import FolderLock
 
     path, root = write_study(tmp_path, SMALL), tmp_path / "runs" / "st"
     url = f"sqlite:///{tmp_path / 'shared.db'}"  # stands for a database all the workers reach

@@ -19,7 +19,7 @@ import pytest
 from conftest import hang_after, install_fake_train
 from test_tune import FAKE_TRAIN, read_study, study_with, write_study
 
-from ebslab import tune
+from ebslab.experiments import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_two_workers_of_one_study_draw_different_parameters(sampler):
 WORKER = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
-    from ebslab import sweep as sw
+    from ebslab.experiments import sweep as sw
     real, ready = sw.train_command, Path({ready!r})
     def train_command(*a, **k):
         mark = ready / str(os.getpid())
@@ -116,7 +116,7 @@ WORKER = textwrap.dedent('''
                 time.sleep(0.05)
         return [sys.executable, {script!r}] + real(*a, **k)[4:]
     sw.train_command = train_command
-    from ebslab.tune import workers
+    from ebslab.experiments.tune import workers
     workers.POLL_S = 0.2  # how often a worker that has no trial left looks for the other's end: no 2 s waits
     from ebslab.cli import main
     sys.exit(main(sys.argv[1:]))

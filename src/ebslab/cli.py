@@ -8,17 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from ebslab.errors import UserError
+from ebslab.core.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ebslab.config import load_config
-    from ebslab.runfolder import load_run_config
-    from ebslab.train import train
+    from ebslab.core.config import load_config
+    from ebslab.core.runfolder import load_run_config
+    from ebslab.loop.train import train
 
     extra: dict = {}
     if os.environ.get("EBSLAB_TUNE_STUDY"):  # a trial of `ebslab tune`: it reports to its Optuna trial
-        from ebslab.tune import trial_callbacks_from_env
+        from ebslab.experiments.tune import trial_callbacks_from_env
 
         extra["callbacks"] = trial_callbacks_from_env()
     if args.resume:
@@ -41,12 +41,12 @@ def _train(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """`ebslab report`: a tune study's folder (study.json) gets the study's report (verdict, search, plots); run
     and sweep folders get the runs' report."""
-    from ebslab import report
-    from ebslab.files import check_folder_target
+    from ebslab.analysis import report
+    from ebslab.core.files import check_folder_target
 
     dirs = [Path(d) for d in args.dirs]
     if len(dirs) == 1 and (dirs[0] / "study.json").is_file():
-        from ebslab.tune import report_study
+        from ebslab.experiments.tune import report_study
 
         out = args.out if getattr(args, "out", None) is not None else dirs[0]
         check_folder_target(out, "--out")
@@ -56,12 +56,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # every command after `train`: (name, module with add_arguments/run, one line for `ebslab --help`)
-COMMANDS = (("sweep", "ebslab.sweep_command", "a grid of runs from a sweep file, each run in its own folder"),
-            ("report", "ebslab.report", "tables, plots and statistics from run, sweep or study folders"),
-            ("bench", "ebslab.bench", "training throughput against HF Trainer and a naive loop"),
-            ("predict", "ebslab.predict", "labels and class probabilities for new texts, from a run folder"),
-            ("export", "ebslab.export", "a folder transformers.pipeline loads, with a model card"),
-            ("tune", "ebslab.tune", "an Optuna search from a study file, ending in a multi-seed verdict"))
+COMMANDS = (("sweep", "ebslab.experiments.sweep_command", "a grid of runs from a sweep file, each run in its own folder"),
+            ("report", "ebslab.analysis.report", "tables, plots and statistics from run, sweep or study folders"),
+            ("bench", "ebslab.tools.bench", "training throughput against HF Trainer and a naive loop"),
+            ("predict", "ebslab.serving.predict", "labels and class probabilities for new texts, from a run folder"),
+            ("export", "ebslab.serving.export", "a folder transformers.pipeline loads, with a model card"),
+            ("tune", "ebslab.experiments.tune", "an Optuna search from a study file, ending in a multi-seed verdict"))
 TRAIN_HELP = "one run (config file and/or key=value overrides) into its run folder"
 
 EPILOG = """\

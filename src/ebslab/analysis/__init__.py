@@ -1,0 +1,1 @@
+"""Layer 3, analysis: statistics as pure functions on arrays, the seed-aware report, the batch-size and lr studies, the figure style. Reads run folders through core.runfolder; never the loop. See ARCHITECTURE.md."""

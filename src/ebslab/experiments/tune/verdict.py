@@ -1,0 +1,229 @@
+"""The end of `ebslab tune`: the confirmation verdict (the report's comparison) and `ebslab report STUDY_DIR`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ebslab.core.errors import UserError
+from ebslab.core.metrics import higher_is_better
+from ebslab.experiments.tune.studyfile import is_number
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The verdict: the report's comparison of the winner candidate with the runner-up.
+
+
+def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
+    """The verdict that `ebslab report` of the confirmation runs (STUDY/confirm) gives, from the same numbers.
+
+    The candidate is the configuration best on mean validation `metric` over the fresh seeds (the report's
+    reference; test never chooses), the runner-up the second best; the candidate is the winner when the
+    report's comparison of the two (test `metric` at the best checkpoint, paired by seed, paired t-test over
+    seeds, Holm-corrected as the report corrects it) puts it ahead beyond seed noise."""
+    from ebslab.analysis import report as rp
+
+    try:
+        _, _, groups, result = rp.analyse_dirs([root / "confirm"], metric)
+    except UserError:  # no confirmation run folder was written
+        return {"winner": None, "text": "no confirmation run finished: no verdict", "table": []}
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    names = [g.runs[0].path.name.split(",seed=")[0] for g in groups]  # confirm/trial-0003,seed=11 -> trial-0003
+    summaries = result["groups"]
+    ranked = sorted((i for i, g in enumerate(summaries) if is_number(g["val_mean"])),
+                    key=lambda i: (-sign * summaries[i]["val_mean"], i))
+    table = [{"config": names[i], "n": summaries[i]["n_scored"], f"val_{metric}": summaries[i]["val_mean"],
+              f"test_{metric}": summaries[i]["test_mean"]} for i in ranked]
+    if len(ranked) < 2:
+        return {"winner": None, "text": "fewer than two confirmed configurations finished: no verdict",
+                "table": table}
+    first, second = ranked[0], ranked[1]
+    assert first == result["reference_index"]  # the report's reference: the same rule, the same tie-break
+    label = rp.pair_label(groups[second], groups[first])[0]
+    comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
+    lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
+    kind = "paired t-interval" if comp["ci_note"] is not None else "crossed bootstrap"
+    numbers = (f"{rp.fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
+               f"differences on fresh seeds, 95% {kind} {rp.fmt_ci(-hi, -lo, metric)}; "
+               f"{'paired t-test' if comp['p_test'] == 't' else 'exact sign-flip test (every seed tied)'} over seeds "
+               f"p = {rp.fmt_p(comp['p_holm'])})")
+    significant = comp["p_holm"] < rp.ALPHA
+    won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate
+    a, b = names[first], names[second]
+    if won:
+        text = f"winner: {a}, better than the runner-up {b} by {numbers}"
+    elif significant:
+        text = (f"no winner: {a} is best on val/{metric} but {b} is better on test by "
+                f"{rp.fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
+    else:
+        text = f"indistinguishable: {a} and {b} differ by {numbers}: within seed noise, no winner"
+    return rp.json_num({"winner": a if won else None, "runner_up": b,
+                         "metric": f"test/{metric}", "comparison": comp, "text": text, "table": table})
+
+
+def nothing_to_rank(trials: list[dict], space_size: float) -> str | None:
+    """Why the confirmation cannot name a winner before it runs, or None: fewer than two distinct configurations
+    of the search learned (completed with a value; a collapsed trial, at the majority-class rate, is never
+    promoted). `trials` are study.json's entries."""
+    learned = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials
+               if t["status"] == "completed" and is_number(t["value"])}
+    if len(learned) >= 2:
+        return None
+    tried = {json.dumps(t["params"], sort_keys=True, default=str) for t in trials}
+    counts = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    if space_size < 2:
+        why = f"the search space holds {space_size:g} configuration: widen it"
+    elif len(tried) < 2:
+        why = f"the {len(trials)} trial(s) tried {len(tried)} distinct configuration: raise trials or widen the space"
+    else:
+        why = ("the others collapsed (never left the majority-class rate), were pruned or failed: raise trials, "
+               "widen the space, or change the base (lr, epochs) so that runs learn")
+    return (f"nothing to rank: {len(learned)} distinct configuration(s) of the search learned ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), and a winner needs two; {why}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report section (read from study.json and the run folders only).
+
+
+def report_study(study_dir: Path, out_dir: Path) -> Path:
+    """`ebslab report STUDY_DIR`: the confirmation runs' report (seed-aware), then the search: verdict, table,
+    optimization history and parameter importances (Optuna's own plots, from study.json)."""
+    from ebslab.analysis.report import build_report
+
+    try:
+        index = json.loads((study_dir / "study.json").read_text())
+        metric = index["objective"].split("/", 1)[1]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"'{study_dir / 'study.json'}' is damaged ({type(e).__name__}: {str(e)[:100]}); rewrite it "
+                        "with `ebslab tune STUDY.yaml --resume` (it is rebuilt from the study's storage)") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confirm_dir = study_dir / "confirm"
+    # on the study's metric: the verdict in study.json is this report's comparison
+    report = build_report([confirm_dir], out_dir, metric=metric) \
+        if confirm_dir.is_dir() and any(confirm_dir.iterdir()) else None
+    md = [f"# ebslab tune: {index['name']}", "",
+          f"Objective {index['objective']} ({index['direction']}), sampler {index['sampler']}, pruner "
+          f"{index['pruner']['name']}" + (f" at every {index['every_examples']} examples seen"
+                                          if index['pruner']['name'] != 'none' else "")
+          + f"; {len(index['trials'])} of {index['trials_asked']} trials: "
+          + ", ".join(f"{n} {s}" for s, n in index["counts"].items()) + ".", ""]
+    verdict = index.get("verdict")
+    md += ["## Verdict", "", (verdict or {}).get("text", "confirmation not finished"), ""]
+    if verdict and verdict.get("table"):
+        md.append(f"Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); the "
+                  f"verdict compares the first two on test {metric} as the seed-aware report below does.")
+        md.append("")
+        md.append(f"| configuration | params | seeds | val {metric} (mean) | test {metric} (mean) |")
+        md.append("|---|---|---:|---:|---:|")
+        params = {t["folder"]: t["params"] for t in index["trials"]}
+        for row in verdict["table"]:
+            val, test = (("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))
+            md.append(f"| {row['config']} | {format_params(params.get(row['config'], {}))} | {row['n']} | "
+                      f"{val} | {test} |")
+        md.append("")
+    md += ["## Search trials", "", "| trial | status | " + f"{index['objective']} | params |", "|---|---|---:|---|"]
+    for t in index["trials"]:
+        v = "-" if t["value"] is None else f"{t['value']:.4f}"
+        md.append(f"| {t['folder']} | {t['status']} | {v} | {format_params(t['params'])} |")
+    md.append("")
+    plots = _study_plots(index, out_dir)
+    for p in plots:
+        md += [f"![{p.stem}]({p.name})", ""]
+    text = "\n".join(md)
+    if report is not None:
+        text += "\n\n" + report.read_text().replace("# ebslab report", "# Confirmation runs (seed-aware report)", 1)
+    path = out_dir / "report.md"
+    from ebslab.core.files import atomic_write_text
+
+    atomic_write_text(path, text)
+    return path
+
+
+def format_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+# Fewer completed trials than this: the parameter importance plot carries a caveat (fANOVA on a handful of
+# points ranks noise as readily as an effect).
+FEW_TRIALS_FOR_IMPORTANCE = 20
+
+
+def _study_plots(index: dict, out_dir: Path) -> list[Path]:
+    """Optuna's matplotlib plots on an in-memory copy of the search rebuilt from study.json, relabelled in the
+    report's style: trials by folder and status, examples seen (not Optuna's "Step"), and a caveat on parameter
+    importance from few trials."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState
+
+    from ebslab.analysis import figures
+
+    plt = figures.pyplot()  # the Agg backend before Optuna draws: no display needed
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    dists = {k: json_to_distribution(v) for k, v in index["space"].items()}
+    study = optuna.create_study(direction=index["direction"])
+    names: dict[str, str] = {}  # Optuna's "Trial<n>" (its order here) -> trial-NNNN (status)
+    for t in index["trials"]:
+        state = {"completed": TrialState.COMPLETE, "collapsed": TrialState.COMPLETE,
+                 "pruned": TrialState.PRUNED}.get(t["status"], TrialState.FAIL)
+        if state == TrialState.COMPLETE and t["value"] is None:
+            state = TrialState.FAIL
+        if set(t["params"]) != set(dists):
+            continue
+        names[f"Trial{len(names)}"] = f"{t.get('folder', f'trial {len(names)}')} ({t['status']})"
+        study.add_trial(optuna.create_trial(
+            state=state, value=t["value"] if state == TrialState.COMPLETE else None, params=t["params"],
+            distributions=dists, intermediate_values={int(k): v for k, v in t["intermediate"].items()}))
+    objective = index["objective"]
+    completed = sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
+    labels = {
+        "search_history": dict(
+            title="Objective by trial", xlabel="Trial (in the order the search ran them)",
+            ylabel=figures.metric_label(objective),
+            legend_title=None,
+            entries={"Objective Value": f"a completed trial's {objective} (best checkpoint)",
+                     "Best Value": "best so far"}),
+        "param_importances": dict(
+            title="Parameter importance", xlabel="Importance (share of the objective's variance, fANOVA)",
+            ylabel="Searched config key", legend_title=None, entries={}, legend=False,
+            caveat=(f"From {completed} completed trial(s): a rough ranking at best; importances need tens of "
+                    f"trials to settle." if completed < FEW_TRIALS_FOR_IMPORTANCE else None)),
+        "intermediate_values": dict(
+            title="Objective during training by trial", xlabel="Training examples seen",
+            ylabel=figures.metric_label(objective),
+            legend_title="one line per trial; a line that stops was pruned there", entries=names),
+    }
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
+        from optuna.visualization import matplotlib as ovm
+
+        for name, fn in (("search_history", ovm.plot_optimization_history),
+                         ("param_importances", ovm.plot_param_importances),
+                         ("intermediate_values", ovm.plot_intermediate_values)):
+            try:
+                ax = fn(study)
+            except Exception:  # e.g. importances need two completed trials and a parameter that varies
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
+            spec = labels[name]
+            legend = ax.get_legend()
+            if legend is not None:  # rename Optuna's entries on the artists, then let style() draw the legend
+                for artist in ax.get_children():
+                    text = artist.get_label() if hasattr(artist, "get_label") else ""
+                    if text in spec["entries"]:
+                        artist.set_label(spec["entries"][text])
+            if name == "search_history":
+                from matplotlib.ticker import MaxNLocator
+
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
+            figures.style(ax, title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"],
+                          legend_title=spec["legend_title"], caveat=spec.get("caveat"),
+                          legend=spec.get("legend", True))
+            out.append(figures.save(fig, out_dir / f"{name}.png"))
+    return out

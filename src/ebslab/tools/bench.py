@@ -1,0 +1,867 @@
+"""`ebslab bench [--quick] [--out DIR]`: ebslab's training loop against HF Trainer and a naive loop, side by side.
+
+Two scenarios, all contestants in one process, alternating, after a warm-up (this kind of host drifts):
+
+- `step`: the same model, the same examples in the same order, the same max_length, micro-batch 16 and
+  effective batch, N optimizer steps. Contestants: ebslab's loop on its torch and accelerate backends (the real
+  `ebslab.loop.train.train`, run folder and all), ebslab with `batch.micro=auto`, HF `Trainer` with equal settings
+  (AdamW fused, lr, linear schedule, clip 1.0, sequential order) and a naive hand-written loop (pad to max_length,
+  default AdamW, `.item()` every micro-step). Throughput is taken between the end of step 1 and the end of
+  step N: the first step (allocations, lazy init) is not timed for anyone. Every contestant is timed by the same
+  rule (`StepClock`): the device is synchronized at those two ends only, so a clock never stops before the
+  device's work is done, and no contestant is made to wait for the device between them.
+- `experiment`: one complete small fine-tuning (2 epochs, val + test every epoch, best checkpoint kept, test on
+  best), by ebslab and by HF Trainer the way its docs teach (datasets.map tokenization, eval/save strategy
+  epoch, load_best_model_at_end); wall time from start to the final test metrics, cold caches then warm.
+
+tokens/s counts real tokens only (attention-mask ones), never padding. peak_fraction = training FLOP/s / the
+device's peak, FLOPs counted as nanoGPT's estimate_mfu does: 6N + 12 L H Q T per real token of an example of T real
+tokens (N non-embedding params, L layers, H x Q = hidden width; the second term is attention's), over its peak: on
+a GPU its dense bf16 spec peak (SPEC_BF16_PEAK_FLOPS: MFU), on a CPU (or a GPU not in the table) the fp32
+2048x2048 matmul rate measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ebslab.core.files import atomic_write_json
+
+CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "ebslab-torch-grouped", "hf-trainer",
+               "naive")
+# on request only (--contestants): ebslab-torch with the gradient noise scale off, for its overhead
+OPTIONAL_CONTESTANTS = ("ebslab-torch-nogns",)
+ROW_KEYS = ("scenario", "contestant", "max_length", "samples_per_s", "tokens_per_s", "wall_s", "vs_trainer",
+            "peak_fraction", "peak_memory_mb")
+
+
+@dataclass
+class Settings:
+    model: str = "minilm"
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    steps: int = 6
+    """Optimizer steps per step-scenario run; steps 2..N are timed."""
+    micro: int = 16
+    effective: int = 32
+    rounds: int = 2
+    """Step scenario: each contestant runs this many times per length (alternating); the best round is kept, and
+    gns_overhead is the median over rounds of the per-round on/off ratio."""
+    contestants: list[str] = field(default_factory=lambda: list(CONTESTANTS))
+    auto_lengths: list[int] | None = None
+    """Lengths at which ebslab-torch-auto runs (None: all)."""
+    experiment: bool = True
+    experiment_limit: int = 3000
+    experiment_length: int = 128
+    experiment_epochs: int = 2
+    startup_limit: int | None = None
+    """Examples for the cached vs uncached start-up figure (None: all of IMDB; 0: skip)."""
+    lr: float = 5e-5
+    seed: int = 1
+    data_path: str | None = None
+    """A local table instead of the shipped IMDB (tests use a small one)."""
+    matmul_size: int = 2048
+    warmup: bool = True
+    profile_steps: int = 4
+    """Optimizer steps of ebslab-torch profiled at the first length (0: no profile)."""
+
+
+def quick_settings() -> Settings:
+    """`--quick` (`make bench`): under 10 minutes on a 2-core CPU."""
+    return Settings(lengths=[128, 256], steps=3, rounds=1, auto_lengths=[128], experiment_limit=160,
+                    startup_limit=5000)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements shared by the scenarios
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def matmul_peak(size: int = 2048, trials: int = 8, dev: torch.device | None = None) -> float:
+    """Best-of-`trials` FLOP/s of a size x size matmul: fp32 on CPU, bf16 on GPU."""
+    dev = dev or device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    reps = 20 if dev.type == "cuda" else 1
+    best = 0.0
+    for i in range(trials + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if i:  # the first one warms up
+            best = max(best, reps * 2 * size ** 3 / dt)
+    return best
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' spec sheets, FLOP/s; the first name that occurs in
+# torch.cuda.get_device_name() wins, so the longer names come first. MFU is measured against these: a 2048-square
+# matmul reaches only ~60% of an H100's spec, so MFU against it would read ~1.6x too high.
+SPEC_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12),
+    ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 6000 Ada", 365e12), ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12), ("A6000", 155e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+)
+
+
+def spec_peak(device_name: str) -> float | None:
+    """The dense bf16 spec peak of a GPU by its name; None for one not in the table."""
+    for name, flops in SPEC_BF16_PEAK_FLOPS:
+        if name.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def device_peak(s_matmul_size: int) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): a GPU's spec peak from the table, else a measured matmul (CPU fp32,
+    or a GPU the table does not know)."""
+    if device().type == "cuda":
+        name = torch.cuda.get_device_name()
+        flops = spec_peak(name)
+        if flops is not None:
+            return flops, f"{name} dense bf16 spec peak"
+    kind = "bf16" if device().type == "cuda" else "fp32"
+    return matmul_peak(s_matmul_size), f"measured {kind} {s_matmul_size}^2 matmul, best of 8"
+
+
+def real_tokens(attention_mask: Any) -> int:
+    """Real (non-padding) tokens of a batch: the ones of its attention mask."""
+    return int(torch.as_tensor(attention_mask).sum().item())
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs of a model."""
+
+    non_embedding_params: int
+    layers: int
+    width: int  # hidden size = attention heads x head size
+
+    @classmethod
+    def of(cls, bundle: Any) -> ModelShape:
+        config = bundle.model.encoder.config
+        return cls(bundle.non_embedding_params, config.num_hidden_layers, config.hidden_size)
+
+
+def train_flops(shape: ModelShape, tokens: float, sq_tokens: float) -> float:
+    """Training FLOPs (forward + backward) of examples with `tokens` real tokens in all and `sq_tokens` = the sum
+    over examples of (real tokens)^2: per token 6N (the weight matmuls) + 12 L H Q T (attention scores and their
+    weighted sum over the example's T tokens), as nanoGPT's estimate_mfu. 6N alone is ~11% low for BERT-base at
+    512 tokens. (ModernBERT's sliding-window layers attend to fewer than T tokens: an upper bound there.)"""
+    return 6 * shape.non_embedding_params * tokens + 12 * shape.layers * shape.width * sq_tokens
+
+
+def peak_fraction(flops_per_s: float, peak_flops: float) -> float:
+    return flops_per_s / peak_flops if peak_flops else float("nan")
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: GPU allocator peak, or resident set size sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated() / 2 ** 20
+        else:
+            self._base = _rss_mb()
+            self._peak = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss_mb())
+
+    def __exit__(self, *_: Any) -> None:
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, _rss_mb()) - self._base
+
+
+@contextlib.contextmanager
+def quiet(log: Path):
+    """Send what a contestant prints (start-up text, progress bars, HF warnings) to a log file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data every contestant sees
+
+
+@dataclass
+class StepData:
+    """The examples of the step scenario, in training order (window k = rows [k*EBS, (k+1)*EBS))."""
+
+    texts: list[str]
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    timed_tokens: int  # real tokens in windows 2..N
+    timed_samples: int
+    timed_sq_tokens: int = 0  # sum over the examples of windows 2..N of (real tokens)^2: the attention FLOPs
+
+
+def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, steps: int | None = None,
+                  **extra: Any) -> Any:
+    """ebslab's config for `steps` optimizer steps (default `s.steps`) on just enough data for them."""
+    from ebslab.core.config import load_config
+
+    steps = steps or s.steps
+    limit = math.ceil(steps * s.effective / 0.8) + 10  # the 8:1:1 split leaves >= N windows to train on
+    values = {"model.name": s.model, "data.max_length": max_length, "data.limit": limit,
+              "batch.effective": s.effective, "batch.micro": s.micro, "optim.lr": s.lr, "optim.clip_norm": 1.0,
+              "sched.name": "linear", "train.max_steps": steps, "train.seed": s.seed, "eval.test_on": "last",
+              "out.dir": str(out_dir), "out.name": name, "train.precision": "bf16" if device().type == "cuda"
+              else "fp32"}
+    if s.data_path:
+        values["data.path"] = s.data_path
+    values.update(extra)
+    return load_config(values)
+
+
+def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = False) -> StepData:
+    """ebslab's own split and epoch-0 order, so the other contestants train on exactly ebslab's windows.
+    `grouped`: the windows of `data.group_by_length=true` instead (for its real-token count)."""
+    from ebslab.inputs.data import epoch_order, length_grouped, load_data, load_examples
+
+    cfg = ebslab_config(s, max_length, Path("."), "unused")
+    data = load_data(cfg.data, tokenizer)
+    order = epoch_order(len(data.train), cfg.train.seed, 0)
+    if grouped:
+        order = length_grouped(order, data.train.lengths, s.effective, cfg.train.seed, 0)
+    order = order[:s.steps * s.effective]
+    examples = load_examples(cfg.data, "bench data")
+    split = data.train
+    ids = [split.ids[split.offsets[i]:split.offsets[i + 1]].tolist() for i in order]
+    lengths = split.lengths[order]
+    return StepData(texts=[examples.texts[split.rows[i]] for i in order], input_ids=ids,
+                    labels=split.labels[order].copy(), timed_tokens=int(lengths[s.effective:].sum()),
+                    timed_samples=len(order) - s.effective,
+                    timed_sq_tokens=int((lengths[s.effective:].astype(np.int64) ** 2).sum()))
+
+
+def synchronize() -> None:
+    """Wait until the device has done the work queued so far (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """The one timing rule of the step scenario, the same for every contestant: `step_end()` after each optimizer
+    step counts it, and at the end of step 1 and of step N (only there) synchronizes the device and reads the
+    clock. A clock read without the synchronize would time only how fast the host queues work; a synchronize at
+    every step would stop the host from queueing ahead (HF Trainer's own step clock does that) and charge it."""
+
+    def __init__(self, steps: int, now: Callable[[], float] = time.perf_counter) -> None:
+        self.steps = steps
+        self.now = now
+        self.done = 0
+        self.ends: list[float] = []  # clock at the end of step 1 and of step N
+
+    def step_end(self) -> None:
+        self.done += 1
+        if self.done in (1, self.steps):
+            synchronize()
+            self.ends.append(self.now())
+
+
+def timed_rate(step_ends: list[float], data: StepData) -> tuple[float, float]:
+    """(samples/s, real tokens/s) between the end of step 1 and the end of step N (the first and last of
+    `step_ends`)."""
+    elapsed = step_ends[-1] - step_ends[0]
+    return data.timed_samples / elapsed, data.timed_tokens / elapsed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step scenario: the contestants
+
+
+def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> StepClock:
+    """The real `ebslab.loop.train.train` with its defaults (`train.log_every_steps=auto`), timed by a callback."""
+    from ebslab.loop.callbacks import Callback
+    from ebslab.loop.train import train
+
+    clock = StepClock(s.steps)
+
+    class Clock(Callback):
+        def on_step(self, trainer: Any, record: dict | None) -> None:
+            clock.step_end()
+
+    extra: dict[str, Any] = {}
+    if contestant == "ebslab-accelerate":
+        extra["train.backend"] = "accelerate"
+    if contestant == "ebslab-torch-auto":
+        extra["batch.micro"] = "auto"
+    if contestant == "ebslab-torch-grouped":
+        extra["data.group_by_length"] = True
+    if contestant == "ebslab-torch-nogns":
+        extra["train.gns"] = False
+    cfg = ebslab_config(s, max_length, out_dir, f"{contestant}-L{max_length}", **extra)
+    summary = train(cfg, overwrite=True, callbacks=[Clock()])
+    if summary["exit_code"]:
+        # a Ctrl-C or SIGTERM meant for the bench lands in the run's own stop handler, which ends the run after one
+        # step and returns: without this the bench went on and failed with "ran 1 steps, expected N"
+        raise KeyboardInterrupt(f"{contestant}: {summary['message']}")
+    if summary["status"] not in ("completed", "collapsed"):  # tiny bench runs collapse; that is no error here
+        raise RuntimeError(f"{contestant} run {summary['status']}: {summary['message']} (see {cfg.run_dir})")
+    return clock
+
+
+def hf_classifier(name: str, num_labels: int = 2) -> Any:
+    """The model the HF way: AutoModelForSequenceClassification (tiny models built from ebslab's configs)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ebslab.inputs.models import TINY_MODELS, tiny_config, load_tokenizer, minilm_path
+
+    if name in TINY_MODELS:
+        torch.manual_seed(0)
+        config = tiny_config(name, len(load_tokenizer(name)))
+        config.num_labels = num_labels
+        return AutoModelForSequenceClassification.from_config(config)
+    source = minilm_path() if name == "minilm" else name
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+
+
+def trainer_clock(clock: StepClock) -> Any:
+    """A TrainerCallback that hands each optimizer step's end to `clock`."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            clock.step_end()
+
+    return Callback()
+
+
+def hf_args(s: Settings, out_dir: Path, **extra: Any) -> Any:
+    from transformers import TrainingArguments
+
+    gpu = device().type == "cuda"
+    kwargs = dict(output_dir=str(out_dir), per_device_train_batch_size=s.micro,
+                  gradient_accumulation_steps=s.effective // s.micro, learning_rate=s.lr, weight_decay=0.0,
+                  lr_scheduler_type="linear", max_grad_norm=1.0, seed=s.seed, use_cpu=not gpu, bf16=gpu,
+                  report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def run_trainer(s: Settings, data: StepData, tokenizer: Any, out_dir: Path) -> StepClock:
+    """HF Trainer, equal settings, ebslab's windows (sequential sampler over the same ordered examples)."""
+    import datasets
+    from transformers import DataCollatorWithPadding, Trainer
+
+    ds = datasets.Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels.tolist()})
+    clock = StepClock(s.steps)
+    args = hf_args(s, out_dir, max_steps=s.steps, save_strategy="no", eval_strategy="no",
+                   logging_strategy="no", train_sampling_strategy="sequential")
+    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds,
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[trainer_clock(clock)])
+    trainer.train()
+    return clock
+
+
+def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> StepClock:
+    """The users' loop: tokenize each micro-batch padded to max_length, default AdamW, mean loss / accum_steps,
+    `.item()` after every micro-step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    dev = device()
+    model = hf_classifier(s.model).to(dev)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, s.steps)
+    accum = s.effective // s.micro
+    clock, running = StepClock(s.steps), 0.0
+    for k in range(s.steps):
+        for j in range(accum):
+            lo = k * s.effective + j * s.micro
+            enc = tokenizer(data.texts[lo:lo + s.micro], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            labels = torch.tensor(data.labels[lo:lo + s.micro])
+            out = model(**{k2: v.to(dev) for k2, v in enc.items()}, labels=labels.to(dev))
+            loss = out.loss / accum
+            loss.backward()
+            running += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        clock.step_end()
+    return clock
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiment scenario
+
+
+def experiment_splits(s: Settings, folder: Path) -> dict[str, Any]:
+    """ebslab's 8:1:1 split of the first `experiment_limit` shuffled reviews, written as parquet for HF."""
+    import pandas as pd
+
+    from ebslab.core.config import load_config
+    from ebslab.inputs.data import load_examples, split_indices
+
+    cfg = load_config({"data.limit": s.experiment_limit, "data.path": s.data_path})
+    examples = load_examples(cfg.data, "bench data")
+    parts = split_indices(examples.labels, cfg.data.split, cfg.data.split_seed, cfg.data.limit)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, idx in zip(("train", "validation", "test"), parts):
+        files[name] = str(folder / f"{name}.parquet")
+        pd.DataFrame({"text": [examples.texts[i] for i in idx], "label": examples.labels[idx]}).to_parquet(
+            files[name], index=False)
+    return files
+
+
+def experiment_ebslab(s: Settings, out_dir: Path) -> dict[str, Any]:
+    from ebslab.core.config import load_config
+    from ebslab.loop.train import train
+
+    cfg = load_config({"model.name": s.model, "data.limit": s.experiment_limit,
+                       "data.max_length": s.experiment_length, "batch.effective": s.effective,
+                       "batch.micro": s.micro, "optim.lr": s.lr, "optim.clip_norm": 1.0, "sched.name": "linear",
+                       "train.epochs": s.experiment_epochs, "train.seed": s.seed, "eval.test_on": "best",
+                       "train.precision": "bf16" if device().type == "cuda" else "fp32",
+                       "out.dir": str(out_dir), "out.name": "ebslab-experiment", "data.path": s.data_path})
+    summary = train(cfg, overwrite=True)
+    return {"test_acc": summary["test_best"]["acc"]}
+
+
+def experiment_trainer(s: Settings, files: dict[str, str], out_dir: Path, hf_cache: Path) -> dict[str, Any]:
+    """HF's text-classification recipe: load_dataset + map(tokenize), Trainer with eval/save per epoch,
+    load_best_model_at_end, then evaluate on test."""
+    import datasets
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    from ebslab.inputs.models import tokenizer_source
+
+    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(hf_cache))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(s.model))
+
+    def tokenize(batch: dict) -> dict:
+        return tokenizer(batch["text"], truncation=True, max_length=s.experiment_length)
+
+    ds = ds.map(tokenize, batched=True)
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    args = hf_args(s, out_dir, num_train_epochs=s.experiment_epochs, per_device_eval_batch_size=s.micro,
+                   eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+                   load_best_model_at_end=True, metric_for_best_model="validation_accuracy",
+                   save_total_limit=1)
+    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds["train"],
+                      eval_dataset={"validation": ds["validation"], "test": ds["test"]},
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=accuracy)
+    trainer.train()
+    metrics = trainer.evaluate(ds["test"], metric_key_prefix="test")
+    return {"test_acc": metrics["test_accuracy"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Profile: where ebslab's step time goes
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+OUTSIDE_OPS = "(outside aten ops: Python, loop, autograd engine)"
+
+
+def profile_step(s: Settings, max_length: int, out_dir: Path) -> dict[str, Any]:
+    """torch.profiler over `s.profile_steps` optimizer steps of the real `ebslab.loop.train.train` (torch backend),
+    self time per op. The profiler advances on every optimizer step (a global post-step hook), so model
+    loading, tokenization, step 1 (allocation, lazy init) and the final evaluation are not recorded."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from ebslab.loop.train import train
+
+    # one step waited out, one warm-up step, then the recorded ones
+    cfg = ebslab_config(s, max_length, out_dir, f"profile-L{max_length}", steps=s.profile_steps + 2)
+    gpu = device().type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=s.profile_steps)) as prof:
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            train(cfg, overwrite=True)
+        finally:
+            hook.remove()
+    from torch.autograd import DeviceType
+
+    # CPU-side events only: on a GPU each kernel is also an event of its own, and its time is already the
+    # device time of the aten op that launched it (summing both counts every kernel twice). On a GPU the
+    # device's time is the one that matters; the host's only queues kernels.
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    self_time = {e.key: float(e.self_device_time_total if gpu else e.self_cpu_time_total) for e in events}
+    # self times partition the recorded time; what is not inside an aten op is Python, the loop, autograd's
+    # bookkeeping and the step markers
+    total = sum(self_time.values())
+    ops = {k: t for k, t in self_time.items() if k.startswith("aten::") and t > 0}
+    ops[OUTSIDE_OPS] = total - sum(ops.values())
+    shares = sorted(((k, t / total) for k, t in ops.items()), key=lambda kv: -kv[1])
+    optimizer_steps = sum(e.count for e in events if e.key.startswith("Optimizer.step#"))
+    return {"contestant": "ebslab-torch", "max_length": max_length, "micro": s.micro, "effective": s.effective,
+            "optimizer_steps": optimizer_steps, "time": "gpu" if gpu else "cpu", "total_s": round(total / 1e6, 3),
+            "matmul_share": round(sum(sh for k, sh in shares if k in MATMUL_OPS), 4),
+            "ops": [{"op": k, "share": round(sh, 4)} for k, sh in shares[:15]]}
+
+
+def profile_line(prof: dict[str, Any]) -> str:
+    top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['share']:.0%}" for o in prof["ops"][:6])
+    return (f"step profile (ebslab-torch, length {prof['max_length']}, {prof['optimizer_steps']} steps): matmul "
+            f"{prof['matmul_share']:.0%} of the self {prof['time']} time; {top}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Start-up: tokenization cache
+
+
+def startup_figures(s: Settings, work: Path) -> dict[str, Any]:
+    """Tokenizer + data load, first with an empty token cache, then from it."""
+    from ebslab.core.config import load_config
+    from ebslab.inputs.data import load_data
+    from ebslab.inputs.models import load_tokenizer
+
+    old = os.environ.get("EBSLAB_CACHE")
+    os.environ["EBSLAB_CACHE"] = str(work / "startup-cache")
+    try:
+        cfg = load_config({"model.name": s.model, "data.limit": s.startup_limit, "data.path": s.data_path})
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            data = load_data(cfg.data, load_tokenizer(s.model))
+            times.append(time.perf_counter() - t)
+        n = len(data.train) + len(data.val) + len(data.test)
+    finally:
+        if old is None:
+            os.environ.pop("EBSLAB_CACHE", None)
+        else:
+            os.environ["EBSLAB_CACHE"] = old
+    return {"examples": n, "max_length": cfg.data.max_length, "uncached_s": round(times[0], 3),
+            "cached_s": round(times[1], 3), "speedup": round(times[0] / times[1], 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def _row(scenario: str, contestant: str, max_length: int, samples_per_s: float, tokens_per_s: float,
+         wall_s: float, peak_mb: float, flops_per_token: float, peak_flops: float, **extra: Any) -> dict[str, Any]:
+    row = {"scenario": scenario, "contestant": contestant, "max_length": max_length,
+           "samples_per_s": round(samples_per_s, 4), "tokens_per_s": round(tokens_per_s, 2),
+           "wall_s": round(wall_s, 2), "vs_trainer": None,
+           "peak_fraction": round(peak_fraction(flops_per_token * tokens_per_s, peak_flops), 4),
+           "peak_memory_mb": round(peak_mb, 1)}
+    row.update(extra)
+    return row
+
+
+def _fill_vs_trainer(rows: list[dict[str, Any]]) -> None:
+    """Speed relative to HF Trainer in the same scenario, length (and cache state): > 1 is faster."""
+    for r in rows:
+        ref = [t for t in rows if t["contestant"] == "hf-trainer" and t["scenario"] == r["scenario"]
+               and t["max_length"] == r["max_length"] and t.get("cache") == r.get("cache")]
+        if ref:
+            if r["scenario"] == "step":
+                r["vs_trainer"] = round(r["samples_per_s"] / ref[0]["samples_per_s"], 3)
+            else:
+                r["vs_trainer"] = round(ref[0]["wall_s"] / r["wall_s"], 3)
+
+
+def gns_overhead(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per max_length: the fraction of a step the gradient noise scale costs, 1 - rate(on) / rate(off), from the
+    step rows of ebslab-torch (on when accum_steps >= 2) and ebslab-torch-nogns.
+
+    With the per-round rates of both (`round_samples_per_s`): 1 - the median over rounds of rate(on) / rate(off)
+    within a round. The two run back to back in each round, so a load change on a shared host hits both sides of
+    one ratio, and the median drops the rounds it hit between them; best-of-rounds of each side would compare
+    runs minutes apart."""
+    out = {}
+    for on in (r for r in rows if r["scenario"] == "step" and r["contestant"] == "ebslab-torch"):
+        off = [r for r in rows if r["scenario"] == "step" and r["contestant"] == "ebslab-torch-nogns"
+               and r["max_length"] == on["max_length"]]
+        if not off:
+            continue
+        on_rounds, off_rounds = on.get("round_samples_per_s"), off[0].get("round_samples_per_s")
+        if on_rounds and off_rounds and len(on_rounds) == len(off_rounds):
+            ratio = float(np.median([a / b for a, b in zip(on_rounds, off_rounds)]))
+        else:
+            ratio = on["samples_per_s"] / off[0]["samples_per_s"]
+        out[str(on["max_length"])] = round(1 - ratio, 4)
+    return out
+
+
+def _warm_up(s: Settings, tokenizer: Any) -> None:
+    """A fresh host runs 2-3x slower for its first minutes: touch memory and the matmul kernels first."""
+    model = hf_classifier(s.model).to(device())
+    ids = torch.randint(1000, 2000, (s.micro, 128), device=device())
+    t = time.perf_counter()
+    while time.perf_counter() - t < 10:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+
+
+def _silence_libraries() -> None:
+    """transformers' load reports and progress bars write to the stderr captured at import: turn them off."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    from ebslab.inputs.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _silence_libraries()
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
+    log = out / "bench.log"
+    tokenizer = load_tokenizer(s.model)
+    shape = ModelShape.of(build_model(ModelConfig(name=s.model), 2, 0, tokenizer))
+    n_params = shape.non_embedding_params
+    if s.warmup:
+        say("warming up ...")
+        _warm_up(s, tokenizer)
+    peak, peak_source = device_peak(s.matmul_size)
+    say(f"peak ({peak_source}): {peak / 1e9:.1f} GFLOP/s; {s.model}: {n_params / 1e6:.1f}M non-embedding params")
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"rows": rows, "matmul_peak_flops": peak, "peak_source": peak_source,
+                              "device": str(device()),
+                              "settings": dataclasses.asdict(s), "non_embedding_params": n_params,
+                              "layers": shape.layers, "width": shape.width}
+
+    # ---- step scenario
+    step_contestants = [c for c in s.contestants if c in CONTESTANTS + OPTIONAL_CONTESTANTS]
+    for li, length in enumerate(s.lengths):
+        data = step_data(s, length, tokenizer)
+        real = data.timed_tokens / (data.timed_samples * length)
+        say(f"step: max_length {length}, {s.steps} steps of {s.effective} (micro {s.micro}), "
+            f"{real:.0%} of the timed tokens are real")
+        best: dict[str, dict[str, Any]] = {}
+        per_round: dict[str, list[float]] = {}
+        for rnd in range(s.rounds):
+            turn = li + rnd  # rotate who goes first
+            for contestant in step_contestants[turn % len(step_contestants):] + \
+                    step_contestants[:turn % len(step_contestants)]:
+                if contestant == "ebslab-torch-auto" and s.auto_lengths is not None and \
+                        length not in s.auto_lengths:
+                    continue
+                t0, c0 = time.perf_counter(), time.process_time()
+                with PeakMemory() as mem, quiet(log):
+                    if contestant.startswith("ebslab"):
+                        clock = run_ebslab(s, length, work, contestant)
+                    elif contestant == "hf-trainer":
+                        clock = run_trainer(s, data, tokenizer, work / "hf-step")
+                    else:
+                        clock = run_naive(s, data, tokenizer, length)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                if clock.done != s.steps:
+                    raise RuntimeError(f"{contestant} ran {clock.done} steps, expected {s.steps}")
+                timed = step_data(s, length, tokenizer, grouped=True) if contestant == "ebslab-torch-grouped" \
+                    else data
+                sps, tps = timed_rate(clock.ends, timed)
+                per_token = train_flops(shape, timed.timed_tokens, timed.timed_sq_tokens) / timed.timed_tokens
+                row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, per_token, peak,
+                           cpu_s=round(cpu, 1))
+                say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({wall:.0f} s wall, "
+                    f"{cpu:.0f} s CPU)")
+                per_round.setdefault(contestant, []).append(round(sps, 4))
+                if contestant not in best or sps > best[contestant]["samples_per_s"]:
+                    best[contestant] = row
+        for c in best:
+            best[c]["round_samples_per_s"] = per_round[c]
+        rows.extend(best[c] for c in step_contestants if c in best)
+
+    # ---- experiment scenario
+    if s.experiment:
+        files = experiment_splits(s, work / "experiment-data")
+        import pandas as pd
+
+        train_texts = pd.read_parquet(files["train"])["text"].tolist()
+        lengths = [len(x) for x in tokenizer(train_texts, truncation=True, max_length=s.experiment_length,
+                                              return_attention_mask=False)["input_ids"]]
+        samples = len(train_texts) * s.experiment_epochs
+        tokens = sum(lengths) * s.experiment_epochs
+        per_token = train_flops(shape, sum(lengths), sum(n * n for n in lengths)) / sum(lengths)
+        say(f"experiment: {s.experiment_limit} reviews ({len(train_texts)} train), max_length "
+            f"{s.experiment_length}, {s.experiment_epochs} epochs, val+test every epoch, test on best")
+        ebslab_cache, hf_cache = work / "ebslab-cache", work / "hf-datasets-cache"
+        old = os.environ.get("EBSLAB_CACHE")
+        os.environ["EBSLAB_CACHE"] = str(ebslab_cache)
+        try:
+            for cache in ("cold", "warm"):
+                for contestant in ("ebslab-torch", "hf-trainer") if cache == "cold" else \
+                        ("hf-trainer", "ebslab-torch"):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with PeakMemory() as mem, quiet(log):
+                        if contestant == "ebslab-torch":
+                            metrics = experiment_ebslab(s, work / "exp-ebslab")
+                        else:
+                            metrics = experiment_trainer(s, files, work / "exp-hf", hf_cache)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    rows.append(_row("experiment", contestant, s.experiment_length, samples / wall, tokens / wall,
+                                     wall, mem.peak_mb, per_token, peak, cache=cache, cpu_s=round(cpu, 1),
+                                     test_acc=round(metrics["test_acc"], 4)))
+                    say(f"  {contestant:18} {cache}: {wall:6.1f} s wall, {cpu:.0f} s CPU, test acc "
+                        f"{metrics['test_acc']:.4f}")
+        finally:
+            if old is None:
+                os.environ.pop("EBSLAB_CACHE", None)
+            else:
+                os.environ["EBSLAB_CACHE"] = old
+
+    if s.profile_steps:
+        with quiet(log):
+            result["profile"] = prof = profile_step(s, s.lengths[0], work)
+        say(profile_line(prof))
+
+    if s.startup_limit != 0:
+        result["startup"] = startup_figures(s, work)
+        st = result["startup"]
+        say(f"start-up (tokenizer + data, {st['examples']} examples): uncached {st['uncached_s']:.2f} s, "
+            f"cached {st['cached_s']:.2f} s ({st['speedup']}x)")
+
+    _fill_vs_trainer(rows)
+    result["gns_overhead"] = gns_overhead(rows)
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out / "bench.json", result)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    head = f"{'scenario':10} {'contestant':18} {'cache':5} {'len':>4} {'samples/s':>9} {'tokens/s':>9} " \
+           f"{'wall_s':>7} {'vs_HF':>6} {'peak%':>6} {'mem_MB':>7}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        vs = "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}"
+        lines.append(f"{r['scenario']:10} {r['contestant']:18} {r.get('cache', ''):5} {r['max_length']:>4} "
+                     f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_s']:>7.1f} {vs:>6} "
+                     f"{100 * r['peak_fraction']:>5.1f}% {r['peak_memory_mb']:>7.0f}")
+    lines.append(f"peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result.get('peak_source', 'measured')}) "
+                 f"on {result['device']}; "
+                 f"bench took {result['total_s']:.0f} s")
+    if result.get("gns_overhead"):
+        lines.append("gradient noise scale overhead (1 - median over rounds of ebslab-torch / ebslab-torch-nogns "
+                     "samples/s): " +
+                     ", ".join(f"{100 * v:.1f}% at {k}" for k, v in result["gns_overhead"].items()))
+    if "profile" in result:
+        lines.append(profile_line(result["profile"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="lengths 128 and 256, 3 steps, 1 round, a 160-review experiment "
+                             "(< 10 min on an idle 2-core CPU)")
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.log")
+    parser.add_argument("--model", default=None, help="model.name for every contestant (default minilm)")
+    parser.add_argument("--lengths", default=None, help="comma-separated max_length values, e.g. 128,512")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per step-scenario run (>= 2)")
+    parser.add_argument("--contestants", default=None, help=f"comma-separated subset of {','.join(CONTESTANTS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="step scenario: runs per contestant and length")
+    parser.add_argument("--no-startup", action="store_true", help="skip the token-cache start-up figure")
+    parser.add_argument("--no-experiment", action="store_true", help="skip the experiment scenario")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of a step")
+    parser.add_argument("--experiment-limit", type=int, default=None,
+                        help="reviews in the experiment scenario (8:1:1 split; quick 160, full 3000)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from ebslab.core.errors import UserError
+
+    s = quick_settings() if args.quick else Settings()
+    if args.model:
+        s.model = args.model
+    if args.lengths:
+        try:
+            s.lengths = [int(x) for x in args.lengths.split(",")]
+        except ValueError:
+            raise UserError(f"--lengths '{args.lengths}' must be comma-separated integers, e.g. 128,256") from None
+    if args.steps is not None:
+        if args.steps < 2:
+            raise UserError("--steps must be >= 2 (step 1 is not timed)")
+        s.steps = args.steps
+    if args.contestants:
+        names = args.contestants.split(",")
+        bad = [n for n in names if n not in CONTESTANTS + OPTIONAL_CONTESTANTS]
+        if bad:
+            raise UserError(f"unknown contestant '{bad[0]}'; choose from "
+                            f"{', '.join(CONTESTANTS + OPTIONAL_CONTESTANTS)}")
+        s.contestants = names
+    if getattr(args, "rounds", None):
+        s.rounds = args.rounds
+    if getattr(args, "no_startup", False):
+        s.startup_limit = 0
+    if args.no_experiment:
+        s.experiment = False
+    if getattr(args, "no_profile", False):
+        s.profile_steps = 0
+    if getattr(args, "experiment_limit", None):
+        if args.experiment_limit < 30:
+            raise UserError("--experiment-limit must be >= 30 (val and test need examples of both classes)")
+        s.experiment_limit = args.experiment_limit
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = bench(settings_from_args(args), Path(args.out), say=lambda m: print(m, flush=True))
+    print()
+    print(table(result))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0

@@ -90,7 +90,7 @@ def varying_keys(flat_configs: Sequence[dict[str, Any]], exclude: Iterable[str] 
     for k in keys:
         if k in exclude or k.startswith(GROUP_EXCLUDED_PREFIXES):
             continue
-        values = {_hashable(cfg.get(k, _MISSING)) for cfg in flat_configs}
+        values = {replicates.hashable(cfg.get(k, _MISSING)) for cfg in flat_configs}
         if len(values) > 1:
             result.append(k)
     return result
@@ -115,14 +115,6 @@ class _Missing:
 
 
 _MISSING = _Missing()
-
-
-def _hashable(v: Any) -> Any:
-    if isinstance(v, list):
-        return tuple(_hashable(x) for x in v)
-    if isinstance(v, dict):
-        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
-    return v
 
 
 def _fmt_value(v: Any) -> str:
@@ -432,7 +424,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         g.runs.sort(key=lambda r: (_sort_value(r.seed), r.name))
         by_seed: dict[Any, list[Run]] = {}
         for r in g.runs:
-            by_seed.setdefault(_hashable(r.seed), []).append(r)
+            by_seed.setdefault(replicates.hashable(r.seed), []).append(r)
         g.replicates = [Replicate(seed=runs_[0].seed, runs=runs_) for runs_ in by_seed.values()]
     glist.sort(key=lambda g: tuple(_sort_value(g.config.get(k, _MISSING)) for k in keys))
     return glist
@@ -537,8 +529,8 @@ def pair_by_seed(reps_a: Sequence[Replicate], reps_b: Sequence[Replicate], metri
                  statuses: Sequence[str] = SCORED_STATUS) -> list[PairedSeed]:
     """A's and B's replicates paired by seed (each seed once, whatever number of runs it has), with both scores
     and the representative runs' test predictions."""
-    by_a = {_hashable(r.seed): r for r in reps_a}
-    by_b = {_hashable(r.seed): r for r in reps_b}
+    by_a = {replicates.hashable(r.seed): r for r in reps_a}
+    by_b = {replicates.hashable(r.seed): r for r in reps_b}
     out = []
     for s in sorted(set(by_a) & set(by_b), key=_sort_value):
         va, vb = by_a[s].test("best", metric, statuses), by_b[s].test("best", metric, statuses)
@@ -675,10 +667,10 @@ def choose_reference(summaries: Sequence[dict], metric: str) -> int | None:
 def _missing_seeds(group: Group, name: str, paired: set, statuses: Sequence[str], metric: str,
                    other: Group) -> list[dict]:
     """The group's seeds that are not in a comparison, and why."""
-    other_seeds = {_hashable(rep.seed) for rep in other.replicates}
+    other_seeds = {replicates.hashable(rep.seed) for rep in other.replicates}
     out = []
     for rep in group.replicates:
-        seed = _hashable(rep.seed)
+        seed = replicates.hashable(rep.seed)
         if seed in paired:
             continue
         if math.isnan(rep.test("best", metric, statuses)):
@@ -703,7 +695,7 @@ def comparison(a: Group, b: Group, metric: str, exclude_collapsed: bool, n_boot:
     with_rows = [p for p in pairs if p.rows is not None]
     disagree = [p.disagreements() for p in with_rows]
     la, lb = pair_label(a, b)
-    paired = {_hashable(p.seed) for p in pairs}
+    paired = {replicates.hashable(p.seed) for p in pairs}
     return {
         "a": la, "b": lb, "groups": [[a.label, b.label]], "seeds": [p.seed for p in pairs], "differences": d,
         "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
@@ -720,7 +712,7 @@ def comparison(a: Group, b: Group, metric: str, exclude_collapsed: bool, n_boot:
 
 
 def _rest(config: dict, key: str) -> tuple:
-    return tuple((k, _hashable(v)) for k, v in sorted(config.items()) if k != key)
+    return tuple((k, replicates.hashable(v)) for k, v in sorted(config.items()) if k != key)
 
 
 def confounded_keys(groups: Sequence[Group]) -> list[str]:
@@ -731,7 +723,7 @@ def confounded_keys(groups: Sequence[Group]) -> list[str]:
     for key in varying_keys(configs):
         rests: dict[tuple, set] = {}
         for c in configs:
-            rests.setdefault(_rest(c, key), set()).add(_hashable(c.get(key, _MISSING)))
+            rests.setdefault(_rest(c, key), set()).add(replicates.hashable(c.get(key, _MISSING)))
         if not any(len(levels) > 1 for levels in rests.values()):
             out.append(key)
     return out if len(out) > 1 else []
@@ -749,10 +741,10 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
     for key in varying_keys(configs):
         if key in confounded:
             continue
-        levels = sorted({_hashable(c.get(key, _MISSING)) for c in configs}, key=_sort_value)
+        levels = sorted({replicates.hashable(c.get(key, _MISSING)) for c in configs}, key=_sort_value)
         val_by_level = {}
         for lv in levels:
-            vals = [v for g in groups if _hashable(g.config.get(key, _MISSING)) == lv
+            vals = [v for g in groups if replicates.hashable(g.config.get(key, _MISSING)) == lv
                     for v in (rep.val(metric, keep) for rep in g.scored_replicates(metric, exclude_collapsed))
                     if not math.isnan(v)]
             val_by_level[lv] = float(np.mean(vals)) if vals else math.nan
@@ -764,10 +756,10 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
         def units(level) -> dict:
             out = {}
             for g in groups:
-                if _hashable(g.config.get(key, _MISSING)) != level:
+                if replicates.hashable(g.config.get(key, _MISSING)) != level:
                     continue
                 for rep in g.scored_replicates(metric, exclude_collapsed):
-                    out[(_rest(g.config, key), _hashable(rep.seed))] = (rep, g.label)
+                    out[(_rest(g.config, key), replicates.hashable(rep.seed))] = (rep, g.label)
             return out
 
         base = units(best)
@@ -804,15 +796,15 @@ def ignored_key_checks(runs: Sequence[Run], metric: str) -> list[dict]:
     """For each non-training key the runs vary: were runs of the same configuration and seed identical?"""
     keys = sorted({k for r in runs for k in r.flat
                    if not _in_group(k) and k != "train.seed" and not k.startswith(("out.", "derived."))})
-    keys = [k for k in keys if len({_hashable(r.flat.get(k, _MISSING)) for r in runs}) > 1]
+    keys = [k for k in keys if len({replicates.hashable(r.flat.get(k, _MISSING)) for r in runs}) > 1]
     checks = []
     for key in keys:
         cells: dict[tuple, dict] = {}
         for r in runs:
             if r.status not in SCORED_STATUS:
                 continue
-            cell = cells.setdefault((r.group_key(), _hashable(r.seed)), {})
-            cell[_hashable(r.flat.get(key, _MISSING))] = r.test("best", metric)
+            cell = cells.setdefault((r.group_key(), replicates.hashable(r.seed)), {})
+            cell[replicates.hashable(r.flat.get(key, _MISSING))] = r.test("best", metric)
         spreads = [max(v.values()) - min(v.values()) for v in cells.values() if len(v) > 1]
         checks.append({"key": key, "pairs": len(spreads),
                        "max_abs_difference": max(spreads) if spreads else math.nan,

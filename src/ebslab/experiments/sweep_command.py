@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_locked(args: argparse.Namespace, sweep: sw.Sweep, root: Path) -> int:
     jobs = sw.plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
-    if args.resume and sw.wait_for_live_runs([j.run_dir for j in jobs]):
+    # a run left going by a killed sweep is waited for; on Slurm its job is watched again instead (the run's
+    # holder is a job, perhaps on another node, that the Slurm executor finds in squeue and adopts)
+    if args.resume and args.executor != "slurm" and sw.wait_for_live_runs([j.run_dir for j in jobs]):
         jobs = sw.plan(sweep, args.out, resume=True, smoke=args.smoke)  # from what the runs left
     runner = sw.SweepRunner(sweep, jobs, root, args.smoke, args.executor)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}

@@ -242,6 +242,22 @@ def test_a_job_requeued_more_than_max_requeues_times_is_a_failed_run(tmp_path, l
     assert main([*argv, "--resume"]) == 0
 
 
+def test_a_job_requeued_after_its_run_finished_leaves_the_runs_own_summary_as_the_result(tmp_path):
+    """Slurm's requeue signal can land on the run's last step: the run finishes and writes its summary, then the
+    requeued job finds it done. Its result must not carry a start time of its own (the sweep reads a summary as
+    the job's only when written after the job began): it read 'exited 0 but wrote no summary.json'."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    submitted = time.time() - 5  # when the sweep queued the job, before the run wrote its summary
+    spec = slurm.RunSpec(["py", "-m", "ebslab", "train", f"out.dir={tmp_path}", "out.name=r"], {},
+                         str(tmp_path / "r.log"), None)
+    result = slurm.TrainJob()(spec)
+    assert result["returncode"] == 0 and result["started"] is None
+    started = result["started"] or submitted  # what the sweep keeps (run_sweep: job.started)
+    assert sw.final_status(run, result["returncode"], started) == ("completed", None)
+
+
 def test_a_requeued_job_decides_resume_or_overwrite_from_the_run_folder(tmp_path):
     run = tmp_path / "r"
     spec = slurm.RunSpec(["py", "-m", "ebslab", "train", "a=1", f"out.dir={tmp_path}", "out.name=r"], {},

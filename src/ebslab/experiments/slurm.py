@@ -242,7 +242,9 @@ class TrainJob(Checkpointable):  # type: ignore[misc,valid-type]
             raise RuntimeError(f"requeued {restarts} times, more than --max-requeues {self.max_requeues}; "
                                f"--resume continues the run from its checkpoint")
         if sw.resume_action(spec.run_dir) == "skip":  # finished in an earlier attempt
-            return {"returncode": 0, "started": started, "ended": time.time(), "host": socket.gethostname()}
+            # no start of its own: the run's summary.json is the earlier attempt's, older than this start, and the
+            # sweep reads a summary as this job's only when written after the job began (its submission time)
+            return {"returncode": 0, "started": None, "ended": time.time(), "host": socket.gethostname()}
         env = dict(spec.env)
         env.update(_distributed_env())
         cmd = node_command(spec, self.procs, env)

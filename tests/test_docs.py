@@ -275,3 +275,12 @@ def test_the_file_reference_examples_are_valid_and_the_study_is_the_shipped_one(
     assert yaml.safe_load(study_yaml) == yaml.safe_load((ROOT / "configs/tune/cpu-minilm-tune.yaml").read_text())
     study = tune.load_study_file(ROOT / "configs/tune/cpu-minilm-tune.yaml")
     assert study.top_k == 2 and study.pruner["name"] == "median"
+
+
+def test_a_command_module_that_fails_to_import_is_an_error_not_a_hidden_command(monkeypatch):
+    """A broken command module used to vanish from the CLI ('not available in this installation')."""
+    from ebslab import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, ("broken", "ebslab.analysis.no_such_module", "x")))
+    with pytest.raises(ModuleNotFoundError, match="ebslab.analysis.no_such_module"):
+        cli.build_parser()

@@ -24,7 +24,6 @@ Pure functions on run-folder data: `load_study_run` reads a folder; everything e
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,14 +31,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import yaml
 from scipy import optimize, stats
 
 from ebslab.core.config import as_trained
 from ebslab.analysis.figures import pyplot, save
 from ebslab.core.metrics import higher_is_better
 from ebslab.analysis.replicates import changes_training
-from ebslab.core.runfolder import with_logged_precision
+from ebslab.core import runfolder
 
 CONFIDENCE = 0.95
 BUDGET_END = 0.9  # a crossing past this share of the run's budget is "at the end of the budget"
@@ -79,25 +77,18 @@ def _examples_at(step: int, effective: int, derived: dict) -> int:
 def load_study_run(path: Path, metric: str = "acc") -> StudyRun:
     """One run folder -> StudyRun (config.yaml, metrics.jsonl and summary.json only)."""
     path = Path(path)
-    config = with_logged_precision(path, yaml.safe_load((path / "config.yaml").read_text()))
+    config = runfolder.read_config(path, strict=True)
     effective = int(config["batch"]["effective"])
     derived = config.get("derived") or {}
     evals, curve = [], []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for rec in runfolder.read_metrics(path):  # torn lines (a run killed mid-write) skipped
         step = int(rec.get("step") or 0)
         samples = rec.get("samples", _examples_at(step, effective, derived))
         if rec.get("event") == "eval" and rec.get(f"val/{metric}") is not None:
             evals.append((step, int(samples), float(rec[f"val/{metric}"])))
         elif rec.get("event") == "step" and rec.get("gns/b_simple") is not None:
             curve.append((int(samples), float(rec["gns/b_simple"])))
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = runfolder.read_summary(path) or {}
     seed = int((config.get("train") or {}).get("seed", 1))
     budget = None
     if derived.get("total_steps"):

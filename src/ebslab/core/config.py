@@ -564,17 +564,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml_file(path: str | Path, kind: str) -> tuple[Any, Path]:
+    """A config, sweep or study file's data and resolved path; a missing, oversized or unparsable file is one line
+    naming `kind`."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file '{path}' does not exist")
+        raise UserError(f"{kind} file '{path}' does not exist")
     if p.stat().st_size > MAX_YAML_BYTES:
-        raise UserError(f"config file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} a config "
+        raise UserError(f"{kind} file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} a {kind} "
                         "may have; is it the right file?")
     try:
-        data = load_yaml_text(p.read_text(), f"config file '{path}'") or {}
+        return load_yaml_text(p.read_text(), f"{kind} file '{path}'"), p.resolve()
     except yaml.YAMLError as e:
-        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{kind} file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    data = read_yaml_file(path, "config")[0] or {}
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
     return data

@@ -35,8 +35,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ebslab.core.config import (MAX_YAML_BYTES, VALID_KEYS, unknown_key, flatten, load_config, load_yaml_text,
-                           read_yaml)
+from ebslab.core.config import VALID_KEYS, flatten, load_config, read_yaml, read_yaml_file, unknown_key
 from ebslab.core.errors import UserError
 from ebslab.core.files import atomic_write_text
 from ebslab.core.locks import LOCK_NAME, read_holder
@@ -201,20 +200,6 @@ def parse_sweep(data: dict, path: Path | None = None) -> Sweep:
     for key in grid:
         _check_key(key, f"{where} grid")
     return Sweep(name=name.strip(), grid=grid, base_file=base_file, base_values=base_values, path=path)
-
-
-def read_yaml_file(path: str | Path, kind: str) -> tuple[Any, Path]:
-    """A sweep or study file's data and resolved path; a missing file or bad YAML is one line naming `kind`."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{kind} file '{path}' does not exist")
-    if p.stat().st_size > MAX_YAML_BYTES:
-        raise UserError(f"{kind} file '{path}' is {p.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} such a "
-                        "file may have; is it the right file?")
-    try:
-        return load_yaml_text(p.read_text(), f"{kind} file '{path}'"), p.resolve()
-    except yaml.YAMLError as e:
-        raise UserError(f"{kind} file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def load_sweep(path: str | Path) -> Sweep:

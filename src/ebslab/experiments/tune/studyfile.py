@@ -12,7 +12,7 @@ from typing import Any
 
 from ebslab.experiments import sweep as sw
 from ebslab.core.errors import UserError
-from ebslab.core.config import VALID_KEYS, flatten, load_config, read_yaml, unknown_key
+from ebslab.core.config import VALID_KEYS, flatten, load_config, read_yaml, read_yaml_file, unknown_key
 from ebslab.core.metrics import METRICS, higher_is_better
 
 TOP_KEYS = ("name", "base", "space", "objective", "trials", "sampler", "pruner", "confirm", "seed", "heartbeat_s")
@@ -254,7 +254,7 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
 
 
 def load_study_file(path: str | Path) -> Study:
-    return parse_study(*sw.read_yaml_file(path, "study"))
+    return parse_study(*read_yaml_file(path, "study"))
 
 
 def fingerprint_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

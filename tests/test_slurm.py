@@ -350,11 +350,12 @@ def test_a_four_run_sweep_on_slurm_equals_the_same_sweep_run_locally(tmp_path, r
         assert "SLURM_JOB_ID" not in (local / f"{folder}.log").read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_a_run_requeued_mid_training_ends_identical_to_an_uninterrupted_one(tmp_path, real_slurm):
-    path = write_sweep(tmp_path, {"name": "rq", "base": EXACT, "grid": {"train.seed": [1]}})
-    run = tmp_path / "slurm" / "rq" / "train.seed=1"
+def sweep_interrupted_mid_training(tmp_path: Path, name: str, signal_cmd: list[str]) -> tuple[Path, str, str]:
+    """A one-run EXACT sweep on Slurm whose job gets `signal_cmd JOB_ID` once 5 step lines exist, is requeued, and
+    is released at once (Slurm holds a requeued job back for a while: BeginTime); the sweep must end with exit 0.
+    Returns the run folder, the run's log and the job id."""
+    path = write_sweep(tmp_path, {"name": name, "base": EXACT, "grid": {"train.seed": [1]}})
+    run = tmp_path / "slurm" / name / "train.seed=1"
     done: dict[str, int] = {}
     thread = threading.Thread(target=lambda: done.update(rc=main([
         "sweep", str(path), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--time", "20"])))
@@ -363,19 +364,28 @@ def test_a_run_requeued_mid_training_ends_identical_to_an_uninterrupted_one(tmp_
     while time.time() < deadline and not (run / "metrics.jsonl").exists() or \
             sum('"event": "step"' in x for x in (run / "metrics.jsonl").read_text().splitlines()) < 5:
         time.sleep(0.5)
-    job_id = json.loads((tmp_path / "slurm" / "rq" / "slurm" / "jobs.json").read_text())["train.seed=1"]
-    assert subprocess.run(["scontrol", "requeue", job_id]).returncode == 0
+    job_id = json.loads((tmp_path / "slurm" / name / "slurm" / "jobs.json").read_text())["train.seed=1"]
+    assert subprocess.run([*signal_cmd, job_id]).returncode == 0
     while time.time() < deadline and squeue(job_id) != "PENDING":
         time.sleep(0.5)
-    # Slurm holds a requeued job back for a while (BeginTime); start it now rather than wait
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     thread.join(hang_after(600))
     assert done.get("rc") == 0
-    log = (tmp_path / "slurm" / "rq" / "train.seed=1.log").read_text()
-    assert "SIGTERM: stopping after this step" in log and f"--resume {run}" in log
+    return run, (tmp_path / "slurm" / name / "train.seed=1.log").read_text(), job_id
+
+
+def assert_same_as_an_uninterrupted_run(tmp_path: Path, run: Path) -> None:
     assert main(["train", *[f"{k}={sw.format_value(v)}" for k, v in EXACT.items()], "train.seed=1",
                  f"out.dir={tmp_path / 'local'}", "out.name=ref"]) == 0
     assert_same_run(run, tmp_path / "local" / "ref")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_run_requeued_mid_training_ends_identical_to_an_uninterrupted_one(tmp_path, real_slurm):
+    run, log, _ = sweep_interrupted_mid_training(tmp_path, "rq", ["scontrol", "requeue"])
+    assert "SIGTERM: stopping after this step" in log and f"--resume {run}" in log
+    assert_same_as_an_uninterrupted_run(tmp_path, run)
 
 
 @pytest.mark.slow
@@ -482,27 +492,7 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_ends_identica
     """The signal Slurm sends before the time limit (sbatch --signal=USR2@S, to every process of the job's
     steps), sent now with `scancel --signal=USR2` mid-training: the job checkpoints the run through SIGTERM and
     requeues itself (submitit's `scontrol requeue`); the requeued job resumes the run."""
-    path = write_sweep(tmp_path, {"name": "tl", "base": EXACT, "grid": {"train.seed": [1]}})
-    run = tmp_path / "slurm" / "tl" / "train.seed=1"
-    done: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: done.update(rc=main([
-        "sweep", str(path), "--out", str(tmp_path / "slurm"), "--executor", "slurm", "--time", "20"])))
-    thread.start()
-    deadline = time.time() + hang_after(300)
-    while time.time() < deadline and not (run / "metrics.jsonl").exists() or \
-            sum('"event": "step"' in x for x in (run / "metrics.jsonl").read_text().splitlines()) < 5:
-        time.sleep(0.5)
-    job_id = json.loads((tmp_path / "slurm" / "tl" / "slurm" / "jobs.json").read_text())["train.seed=1"]
-    assert subprocess.run(["scancel", "--signal=USR2", job_id]).returncode == 0
-    while time.time() < deadline and squeue(job_id) != "PENDING":
-        time.sleep(0.5)
-    # Slurm holds a requeued job back for a while (BeginTime); start it now rather than wait
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    thread.join(hang_after(600))
-    assert done.get("rc") == 0
-    log = (tmp_path / "slurm" / "tl" / "train.seed=1.log").read_text()
+    run, log, job_id = sweep_interrupted_mid_training(tmp_path, "tl", ["scancel", "--signal=USR2"])
     assert f"time limit near, checkpointed; requeueing job {job_id}" in log
     assert "SIGTERM: stopping after this step" in log and f"--resume {run}" in log
-    assert main(["train", *[f"{k}={sw.format_value(v)}" for k, v in EXACT.items()], "train.seed=1",
-                 f"out.dir={tmp_path / 'local'}", "out.name=ref"]) == 0
-    assert_same_run(run, tmp_path / "local" / "ref")
+    assert_same_as_an_uninterrupted_run(tmp_path, run)

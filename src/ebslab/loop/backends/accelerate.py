@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebslab.loop.backends import ddp_options, resolve_precision, scaler_scale, step_or_skip
+from ebslab.loop.backends.base import ddp_options, resolve_precision, scaler_scale, step_or_skip
 from ebslab.loop.backends.torch import pick_device
 from ebslab.core.errors import UserError
 

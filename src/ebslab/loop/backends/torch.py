@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebslab.loop.backends import AUTOCAST_DTYPES, ddp_options, resolve_precision, scaler_scale, step_or_skip
+from ebslab.loop.backends.base import AUTOCAST_DTYPES, ddp_options, resolve_precision, scaler_scale, step_or_skip
 from ebslab.core.errors import UserError
 
 

@@ -8,8 +8,10 @@ import itertools
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ebslab.core.config import Config, build_config, load_config, validate
+from ebslab.core.config import VALID_KEYS, Config, build_config, load_config, validate
 from ebslab.core.errors import UserError
 
 SPLIT_SUM = ("data.split [0.5, 0.3, 0.3] sums to 1.1, not 1; give fractions of the data (e.g. [0.8, 0.1, 0.1])")
@@ -237,3 +239,20 @@ def test_validate_refuses_a_tree_changed_in_code():
     cfg.optim.lr = 0.0
     with pytest.raises(UserError, match=r"^optim\.lr must be > 0$"):
         validate(cfg)
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | st.binary(max_size=3)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                      | st.sets(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                      max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.dictionaries(st.sampled_from(VALID_KEYS), VALUES, max_size=5))
+def test_any_value_gives_a_config_or_one_line_of_ebslab_words(values):
+    try:
+        build_config(values)
+    except UserError as e:
+        message = str(e)
+        assert "\n" not in message and "pydantic" not in message and "validation error" not in message.lower()
+        assert message.startswith(tuple(values)) or message.startswith(("config key '", "data.text_column and"))

@@ -701,9 +701,9 @@ _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 def _refusals(error: ValidationError, given: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     """pydantic's errors -> ({key: its wrong-type line}, {key: its out-of-bounds line}).
 
-    A key's errors are grouped by value (the key's, or one list item's): a value is of a wrong type when no type it
-    may have took it (a union tries each; an int in bounds beats 'auto'), out of bounds when one took it and a
-    bound refused it. A wrong type anywhere in a key (a list item) outranks its bounds, as it always did."""
+    A key's errors are grouped by value (the key's, or one list item's): a value is of a wrong type when none of
+    the types it may have took it (a union tries each), out of bounds when one took it and then a bound refused it
+    (`batch.micro=0` is an int, below 1). The first list item of a wrong type is the one named."""
     by_value: dict[tuple[str, int | None], list[dict]] = {}
     for e in error.errors(include_url=False):
         loc = e["loc"]

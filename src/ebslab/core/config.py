@@ -1,8 +1,13 @@
 """The typed config tree: defaults in code, YAML files, dotted overrides, derived values.
 
 Every key a user can set lives in one of the dataclasses below; `load_config` merges a YAML file (or mapping)
-and `key=value` overrides into them, checks names and types before any work starts, and `derive` computes the
-values that follow from them (accum_steps, scaled lr, steps, warmup) exactly once.
+and `key=value` overrides into them, checks names, types and bounds before any work starts, and `derive` computes
+the values that follow from them (accum_steps, scaled lr, steps, warmup) exactly once.
+
+The tree stays plain dataclasses validated through one `pydantic.TypeAdapter`, not pydantic models, because code
+builds and reads sections freely (a test's `ModelConfig(name=...)`, `dataclasses.asdict`) and only what a user
+gives needs checking: the field types carry the checks, `build_config` runs them and words every refusal in one
+line.
 """
 
 from __future__ import annotations
@@ -17,26 +22,127 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Literal, Union
+from typing import Annotated, Any, Collection, Literal, Union
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, Strict, TypeAdapter, ValidationError, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 from ebslab.core.errors import UserError
 from ebslab.core.metrics import METRICS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field types: what a key accepts. Strict, plus the few conversions config files need, so pydantic's lax rules
+# (a "2" for an int, 1 for a bool, a set for a list) never decide what a run trains with.
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2: YAML and JSON write some whole numbers with a dot."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _number(value: Any) -> Any:
+    """A number YAML 1.1 read as a string ("1e-4": no dot) -> float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _text(value: Any) -> Any:
+    """7 -> "7": a name or path that YAML read as a number."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _one_or_more(value: Any) -> Any:
+    """A single name for a list of names is a one-item list (`track=wandb`); numbers get no such help."""
+    value = _listed(value)
+    return value if isinstance(value, list) else [value]
+
+
+def _check(value: Any, ok: bool, message: str) -> Any:
+    """`value`, or a refusal in its own line (a check across keys, or one whose line names the value)."""
+    if not ok:
+        raise PydanticCustomError("config_check", "{message}", {"message": message})
+    return value
+
+
+def _length(n: int) -> AfterValidator:
+    def check(items: list) -> list:
+        if len(items) != n:
+            raise PydanticCustomError("config_length", "needs {n} items", {"n": n})
+        return items
+    return AfterValidator(check)
+
+
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Float = Annotated[float, Strict(), BeforeValidator(_number)]
+Str = Annotated[str, Strict(), BeforeValidator(_text)]
+Bool = Annotated[bool, Strict()]
+Positive = Field(gt=0)
+NonNegative = Field(ge=0)
+Fraction = Field(ge=0, lt=1)
+Seed = Field(ge=0, lt=2**32)
+
+
+def _two_columns(label_column: str, info: ValidationInfo) -> str:
+    return _check(label_column, info.data.get("text_column") != label_column, "data.text_column and "
+                  f"data.label_column are both {short_repr(label_column)}; the text and the label must be two columns")
+
+
+def _sums_to_one(split: list[float]) -> list[float]:
+    return _check(split, abs(sum(split) - 1) <= 1e-6, f"data.split {short_repr(split)} sums to {sum(split):g}, "
+                  "not 1; give fractions of the data (e.g. [0.8, 0.1, 0.1])")
+
+
+def _a_budget(max_steps: int, info: ValidationInfo) -> int:
+    # checked on max_steps (validated after epochs), so that a bad value of another train key does not hide it
+    return _check(max_steps, info.data.get("epochs", 1) > 0 or max_steps > 0,
+                  "train.epochs must be > 0 (or set train.max_steps)")
+
+
+def _one_eval_clock(every_examples: int, info: ValidationInfo) -> int:
+    return _check(every_examples, not (info.data.get("every_steps") and every_examples),
+                  "eval.every_steps and eval.every_examples are both set; keep one (the other = 0)")
+
+
+def _a_metric(name: str) -> str:
+    return _check(name, name in METRICS, f"eval.select_by must be one of {', '.join(METRICS)}, got {name!r}")
+
+
+def _inside_out_dir(name: str) -> str:
+    """out.name names a folder inside out.dir: relative, no `..`, no control characters."""
+    path = Path(name)
+    return _check(name, bool(name.strip()) and name.isprintable() and not path.is_absolute()
+                  and not name.startswith("~") and ".." not in path.parts and "\\" not in name
+                  and path.parts not in ((), (".",)),
+                  f"out.name {short_repr(name)} must stay inside out.dir: a relative path without '..', control "
+                  "characters or a leading '/' or '~'")
+
+
+def _with_jsonl(track: list[str]) -> list[str]:
+    return _check(track, "jsonl" in track, "track must include jsonl (the run folder's metrics.jsonl)")
 
 
 @dataclass
 class ModelConfig:
     """The encoder and the classification head on top of it."""
 
-    name: str = "minilm"
+    name: Str = "minilm"
     """HF hub id or local folder; `minilm` = the packaged all-MiniLM-L6-v2 (offline); `tiny-bert`, `tiny-roberta`,
     `tiny-modernbert` = tiny randomly initialised encoders (tests, smoke runs)."""
     pooling: Literal["cls", "mean"] = "cls"
     """Sentence vector: `cls` (the first token) or `mean` (over real tokens, padding ignored)."""
-    dropout: float = 0.1
+    dropout: Annotated[Float, Fraction] = 0.1
     """Dropout before the linear head."""
-    encoder_dropout: float | None = None
+    encoder_dropout: Annotated[Float, Fraction] | None = None
     """Every dropout probability inside the encoder; null keeps the pretrained config's, 0 turns them off
     (exact-equivalence checks)."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
@@ -48,28 +154,29 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from, how they are split and tokenized."""
 
-    name: str = "imdb"
+    name: Str = "imdb"
     """`imdb` (shipped in the package, read offline) or another HF hub dataset; ignored when `data.path` is set."""
-    path: str | None = None
+    path: Str | None = None
     """A local parquet/csv/jsonl file, or a folder of such files (concatenated); replaces `data.name`."""
-    text_column: str = "text"
+    text_column: Str = "text"
     """Column holding the text."""
-    label_column: str = "label"
+    label_column: Annotated[Str, AfterValidator(_two_columns)] = "label"
     """Column holding the label: ints or strings (string labels get ids in sorted order, saved in labels.json)."""
-    max_length: int = 128
+    max_length: Annotated[Int, Positive] = 128
     """Tokens per example (longer texts are truncated); padding is dynamic per micro-batch."""
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split: Annotated[list[Annotated[Float, Positive]], Strict(), BeforeValidator(_listed), _length(3),
+                     AfterValidator(_sums_to_one)] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     """Train, val, test fractions of all rows, stratified by label (IMDB: its 25k train + 25k test pooled,
     then split)."""
-    split_seed: int = 42
+    split_seed: Annotated[Int, Seed] = 42
     """Seed of the shuffle before the split: the same seed, the same three splits."""
-    limit: int | None = None
+    limit: Annotated[Int, Positive] | None = None
     """Keep only the first N examples of the seeded shuffle, before the split (smoke runs, tests); null = all."""
-    drop_empty: bool = False
+    drop_empty: Bool = False
     """Drop rows whose text is null or empty (the count is reported) instead of refusing the file."""
-    group_by_length: bool = False
+    group_by_length: Bool = False
     """Windows of similar-length examples (less padding at long max_length). Changes the example order."""
-    min_class_fraction: float = 0.01
+    min_class_fraction: Annotated[Float, Fraction] = 0.01
     """A label value held by fewer than this fraction of the rows is refused as a likely typo (`1` among
     `positive`/`negative`); lower it (0 = off) for a dataset with genuinely rare classes."""
 
@@ -78,13 +185,13 @@ class DataConfig:
 class BatchConfig:
     """How many examples make one optimizer step, and how they are cut into micro-batches."""
 
-    effective: int = 32
+    effective: Annotated[Int, Positive] = 32
     """Examples per optimizer step (EBS) = micro x accum_steps x world_size."""
-    micro: Union[int, Literal["auto"]] = 16
+    micro: Union[Annotated[Int, Positive], Literal["auto"]] = 16
     """Examples per forward/backward on one process; `auto` = the largest that fits, EBS kept."""
-    auto_cap: int = 64
+    auto_cap: Annotated[Int, Positive] = 64
     """Upper bound for `micro=auto` (the cap on CPU, the first try on GPU)."""
-    auto_cpu_tokens: int = 2048
+    auto_cpu_tokens: Annotated[Int, Positive] = 2048
     """CPU only: `micro=auto` also keeps micro x data.max_length under this many tokens (larger micro-batches
     run slower on a CPU: docs/performance.md)."""
 
@@ -95,22 +202,23 @@ class OptimConfig:
 
     name: Literal["adam", "adamw"] = "adamw"
     """`adam` (weight decay as L2 in the gradient) or `adamw` (decoupled decay); no decay on biases and norms."""
-    lr: float = 5e-5
+    lr: Annotated[Float, Positive] = 5e-5
     """Learning rate at `optim.base_batch`; scaled to batch.effective by `optim.lr_scaling`."""
-    base_batch: int = 32
+    base_batch: Annotated[Int, Positive] = 32
     """The effective batch at which `optim.lr` applies unscaled."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """lr at batch.effective = lr x 1 (`none`), x EBS/base_batch (`linear`) or x sqrt(EBS/base_batch) (`sqrt`)."""
-    scale_betas_eps: bool = False
+    scale_betas_eps: Bool = False
     """With lr_scaling=sqrt: also rescale Adam's betas and eps (Malladi et al. 2022, the SDE scaling rule):
     beta -> 1 - k (1 - beta), eps -> eps / sqrt(k), k = EBS/base_batch."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: Annotated[list[Annotated[Float, Fraction]], Strict(), BeforeValidator(_listed), _length(2)] = field(
+        default_factory=lambda: [0.9, 0.999])
     """Adam's (beta1, beta2)."""
-    eps: float = 1e-8
+    eps: Float = 1e-8
     """Adam's epsilon."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[Float, NonNegative] = 0.0
     """Weight decay; 0 = off."""
-    clip_norm: float = 0.0
+    clip_norm: Annotated[Float, NonNegative] = 0.0
     """Max gradient norm; 0 = off. The pre-clip norm is logged either way."""
 
 
@@ -120,7 +228,7 @@ class SchedConfig:
 
     name: Literal["constant", "linear", "cosine"] = "constant"
     """`constant`, `linear` (decay to 0 at the last step) or `cosine`."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: Annotated[Float, Fraction] = 0.0
     """Fraction of total optimizer steps spent in linear warmup."""
 
 
@@ -128,28 +236,28 @@ class SchedConfig:
 class TrainConfig:
     """The training budget, seed, loop backend and device."""
 
-    epochs: int = 1
+    epochs: Int = 1
     """Passes over the train split (ignored when `train.max_steps` is set)."""
-    max_steps: int = 0
+    max_steps: Annotated[Int, AfterValidator(_a_budget), NonNegative] = 0
     """A budget in optimizer steps instead of epochs (compare EBS at equal updates); 0 = use epochs."""
-    seed: int = 1
+    seed: Annotated[Int, Seed] = 1
     """Seed of initialisation, dropout and example order; the order depends only on (seed, epoch)."""
     backend: Literal["torch", "accelerate"] = "torch"
     """`torch` or `accelerate`: the same loop, the same numbers."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 autocast where the device supports it (recent GPUs), fp32 elsewhere (CPU). fp32 on a GPU
     runs its matmuls in TF32. bf16/fp16 are refused on a CPU."""
-    early_stopping_patience: int = 0
+    early_stopping_patience: Annotated[Int, NonNegative] = 0
     """Evaluations without a gain in the `eval.select_by` metric before stopping; 0 = off."""
-    log_every_steps: Union[int, Literal["auto"]] = "auto"
+    log_every_steps: Union[Annotated[Int, Positive], Literal["auto"]] = "auto"
     """A step line every N optimizer steps: the host waits for the device only at these steps (and at evaluations
     and checkpoints), so stop signals and non-finite checks act there. `auto`: every step on a CPU (a read costs
     nothing there), every 100 steps on a GPU (a read costs at most one step of lost overlap); printed at start-up."""
-    compile: bool = False
+    compile: Bool = False
     """`torch.compile` the model."""
-    device: str = "auto"
+    device: Str = "auto"
     """`auto` (the GPU of this process's LOCAL_RANK if any, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    gns: bool | None = None
+    gns: Bool | None = None
     """Log the gradient noise scale from the micro-batch gradients (`gns/*` step keys, B_simple in the
     summary); null = on when a step has >= 2 of them."""
 
@@ -158,16 +266,16 @@ class TrainConfig:
 class EvalConfig:
     """When validation and test are scored, and which checkpoint is tested."""
 
-    every_steps: int = 0
+    every_steps: Annotated[Int, NonNegative] = 0
     """Evaluate val/test every N optimizer steps; 0 = at each epoch end."""
-    every_examples: int = 0
+    every_examples: Annotated[Int, NonNegative, AfterValidator(_one_eval_clock)] = 0
     """Evaluate val/test each time this many training examples were seen (at the step that crosses it), so runs
     of different batch.effective are measured at the same points of the data; 0 = off."""
     test_on: Literal["best", "last", "both"] = "both"
     """Test the `best` checkpoint (by val `eval.select_by`), the `last`, or `both`."""
-    batch_size: int = 64
+    batch_size: Annotated[Int, Positive] = 64
     """Examples per evaluation batch (length-sorted, inference mode)."""
-    select_by: str = "acc"
+    select_by: Annotated[Str, AfterValidator(_a_metric)] = "acc"
     """Validation metric that picks the best checkpoint (and that early stopping watches): `acc`, `loss`, `ece`,
     `f1` (macro), `mcc`, `auroc`, `brier`, compared in its direction (loss, ece, brier: lower is better)."""
 
@@ -176,7 +284,7 @@ class EvalConfig:
 class CheckpointConfig:
     """How often `checkpoints/last` is saved."""
 
-    every_steps: int = 0
+    every_steps: Annotated[Int, NonNegative] = 0
     """Save `last` every N optimizer steps (and always at each epoch end); 0 = epoch ends only."""
 
 
@@ -184,9 +292,9 @@ class CheckpointConfig:
 class OutConfig:
     """Where the run folder goes."""
 
-    dir: str = "runs"
+    dir: Str = "runs"
     """Parent folder of run folders (created if missing)."""
-    name: str | None = None
+    name: Annotated[Str, AfterValidator(_inside_out_dir)] | None = None
     """Run folder = out.dir/out.name; null = a name built from model, EBS, lr and seed."""
 
 
@@ -203,7 +311,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out: OutConfig = field(default_factory=OutConfig)
-    track: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    track: Annotated[list[Literal["jsonl", "tensorboard", "wandb"]], Strict(), BeforeValidator(_one_or_more),
+                     AfterValidator(_with_jsonl)] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go: `jsonl` (always, the run folder's metrics.jsonl), plus `tensorboard` and/or `wandb`
     (offline without an account: WANDB_MODE=offline)."""
 
@@ -453,70 +562,6 @@ def load_yaml_text(text: str, what: str) -> Any:
     return check_yaml_size(data, what)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp`, or raise UserError naming the key, the value (shortened) and the type."""
-    origin = typing.get_origin(tp)
-    bad = _BadValue(key, value, tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except UserError:
-                pass
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            value = [value] if item_tp is not float else value
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(key, v, item_tp) for v in value]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise bad
-
-
-class _BadValue(UserError):
-    """`config key 'K' must be T, got V`: the message is formatted only when it is shown (a union tries each of
-    its types and drops the errors of the ones that do not fit), and V is shortened."""
-
-    def __init__(self, key: str, value: Any, tp: Any):
-        super().__init__(key)
-        self.key, self.value, self.tp = key, value, tp
-
-    def __str__(self) -> str:
-        return f"config key '{self.key}' must be {_type_name(self.tp)}, got {short_repr(self.value)}"
-
-
 def flatten(mapping: dict, prefix: str = "", skip: Collection[str] = ("derived",)) -> dict[str, Any]:
     """Nested or dotted mapping -> {dotted key: value}: {"optim": {"lr": 1}} and {"optim.lr": 1} give the same.
     The one flattening of config keys (config files, overrides, sweep grids, checkpoints, reports).
@@ -587,19 +632,97 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build_config(values: dict[str, Any]) -> Config:
-    """Dotted {key: value} -> Config, refusing unknown keys, wrong types and impossible values."""
-    cfg = Config()
-    for key, value in values.items():
+    """Dotted {key: value} -> Config, refusing unknown keys, wrong types and impossible values in one line: an
+    unknown key or a wrong type in the order given, else the first broken bound in BOUND_TEXT's order."""
+    given = {k: v for k, v in values.items() if k in VALID_KEYS}
+    tree: dict[str, Any] = {}
+    for key, value in {**default_flat(), **given}.items():  # every key given: checks across keys see defaults
+        *sections, name = key.split(".")
+        node = tree
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[name] = value
+    try:
+        cfg, wrong_type, out_of_bounds = _tree_type().validate_python(tree), {}, {}
+    except ValidationError as e:
+        cfg, (wrong_type, out_of_bounds) = None, _refusals(e, given)
+    for key in values:
         if key not in VALID_KEYS:
             raise unknown_key(key)
-        *sections, name = key.split(".")
-        node = cfg
-        for s in sections:
-            node = getattr(node, s)
-        tp = typing.get_type_hints(type(node))[name]
-        setattr(node, name, _coerce(key, value, tp))
-    validate(cfg)
+        if key in wrong_type:
+            raise UserError(wrong_type[key])
+    if out_of_bounds:
+        raise UserError(out_of_bounds[min(out_of_bounds, key=list(BOUND_TEXT).index)])
     return cfg
+
+
+@functools.cache
+def _tree_type() -> TypeAdapter:
+    return TypeAdapter(Config)
+
+
+# A value outside its field's bounds is refused as `<key> <text>`; a check across keys words its own line. When
+# several fail, the first key in this order is reported (the order ebslab has always checked them in).
+BOUND_TEXT: dict[str, str | None] = {
+    "data.max_length": "must be > 0",
+    "optim.lr": "must be > 0",
+    "optim.base_batch": "must be > 0",
+    "batch.effective": "must be > 0",
+    "batch.micro": "must be > 0 or auto",
+    "batch.auto_cap": "must be > 0",
+    "batch.auto_cpu_tokens": "must be > 0",
+    "train.max_steps": "must be >= 0",  # and, first, train.epochs > 0 unless max_steps is set
+    "train.early_stopping_patience": "must be >= 0",
+    "train.log_every_steps": "must be > 0 or auto",
+    "eval.every_steps": "must be >= 0",
+    "eval.every_examples": "must be >= 0",  # and, next, not together with eval.every_steps
+    "eval.batch_size": "must be > 0",
+    "eval.select_by": None,
+    "checkpoint.every_steps": "must be >= 0",
+    "model.dropout": "must be in [0, 1)",
+    "model.encoder_dropout": "must be in [0, 1) or null",
+    "sched.warmup_ratio": "must be in [0, 1)",
+    "optim.weight_decay": "must be >= 0",
+    "optim.clip_norm": "must be >= 0 (0 = off)",
+    "optim.betas": "must be two numbers in [0, 1)",
+    "data.split": "must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])",  # then its sum
+    "data.label_column": None,
+    "out.name": None,
+    "data.limit": "must be > 0 or null",
+    "data.min_class_fraction": "must be in [0, 1) (0 = off)",
+    "train.seed": "must be in [0, 2**32)",
+    "data.split_seed": "must be in [0, 2**32)",
+    "track": None,
+}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "config_length",
+                 "config_check"}
+
+
+def _refusals(error: ValidationError, given: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """pydantic's errors -> ({key: its wrong-type line}, {key: its out-of-bounds line}).
+
+    A key's errors are grouped by value (the key's, or one list item's): a value is of a wrong type when none of
+    the types it may have took it (a union tries each), out of bounds when one took it and then a bound refused it
+    (`batch.micro=0` is an int, below 1). The first list item of a wrong type is the one named."""
+    by_value: dict[tuple[str, int | None], list[dict]] = {}
+    for e in error.errors(include_url=False):
+        loc = e["loc"]
+        key = loc[0] if loc[0] in VALID_KEYS else f"{loc[0]}.{loc[1]}"
+        rest = loc[len(key.split(".")):]
+        by_value.setdefault((key, rest[0] if rest and isinstance(rest[0], int) else None), []).append(e)
+    wrong_type: dict[str, str] = {}
+    out_of_bounds: dict[str, str] = {}
+    for (key, index), errors in by_value.items():
+        bound = next((e for e in errors if e["type"] in _BOUND_ERRORS), None)
+        if bound is None and key not in wrong_type:
+            tp, value = _key_type(key), given.get(key)
+            if index is not None:
+                tp, value = typing.get_args(tp)[0], errors[0]["input"]
+            wrong_type[key] = f"config key '{key}' must be {_type_name(tp)}, got {short_repr(value)}"
+        elif bound is not None and key not in out_of_bounds:
+            out_of_bounds[key] = (bound["ctx"]["message"] if bound["type"] == "config_check"
+                                  else f"{key} {BOUND_TEXT[key]}")
+    return wrong_type, out_of_bounds
 
 
 def load_config(base: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -618,64 +741,8 @@ def load_config(base: str | Path | dict | None = None, overrides: list[str] | di
 
 
 def validate(cfg: Config) -> None:
-    checks = [
-        (cfg.data.max_length > 0, "data.max_length must be > 0"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.optim.base_batch > 0, "optim.base_batch must be > 0"),
-        (cfg.batch.effective > 0, "batch.effective must be > 0"),
-        (cfg.batch.micro == "auto" or cfg.batch.micro > 0, "batch.micro must be > 0 or auto"),
-        (cfg.batch.auto_cap > 0, "batch.auto_cap must be > 0"),
-        (cfg.batch.auto_cpu_tokens > 0, "batch.auto_cpu_tokens must be > 0"),
-        (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs must be > 0 (or set train.max_steps)"),
-        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
-        (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0"),
-        (cfg.train.log_every_steps == "auto" or cfg.train.log_every_steps > 0,
-         "train.log_every_steps must be > 0 or auto"),
-        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
-        (cfg.eval.every_examples >= 0, "eval.every_examples must be >= 0"),
-        (not (cfg.eval.every_steps and cfg.eval.every_examples),
-         "eval.every_steps and eval.every_examples are both set; keep one (the other = 0)"),
-        (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
-        (cfg.eval.select_by in METRICS,
-         f"eval.select_by must be one of {', '.join(METRICS)}, got {cfg.eval.select_by!r}"),
-        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
-        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
-        (cfg.model.encoder_dropout is None or 0 <= cfg.model.encoder_dropout < 1,
-         "model.encoder_dropout must be in [0, 1) or null"),
-        (0 <= cfg.sched.warmup_ratio < 1, "sched.warmup_ratio must be in [0, 1)"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.optim.clip_norm >= 0, "optim.clip_norm must be >= 0 (0 = off)"),
-        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
-         "optim.betas must be two numbers in [0, 1)"),
-        (len(cfg.data.split) == 3 and all(f > 0 for f in cfg.data.split),
-         "data.split must be three positive fractions train, val, test (e.g. [0.8, 0.1, 0.1])"),
-        (abs(sum(cfg.data.split) - 1) <= 1e-6,
-         f"data.split {short_repr(cfg.data.split)} sums to {sum(cfg.data.split):g}, not 1; give fractions of the "
-         "data (e.g. [0.8, 0.1, 0.1])"),
-        (cfg.data.text_column != cfg.data.label_column,
-         f"data.text_column and data.label_column are both {short_repr(cfg.data.text_column)}; the text and "
-         "the label must be two columns"),
-        (_confined(cfg.out.name),
-         f"out.name {short_repr(cfg.out.name)} must stay inside out.dir: a relative path without '..', "
-         "control characters or a leading '/' or '~'"),
-        (cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be > 0 or null"),
-        (0 <= cfg.data.min_class_fraction < 1, "data.min_class_fraction must be in [0, 1) (0 = off)"),
-        (0 <= cfg.train.seed < 2**32, "train.seed must be in [0, 2**32)"),
-        (0 <= cfg.data.split_seed < 2**32, "data.split_seed must be in [0, 2**32)"),
-        ("jsonl" in cfg.track, "track must include jsonl (the run folder's metrics.jsonl)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-
-
-def _confined(name: str | None) -> bool:
-    """out.name names a folder inside out.dir: relative, no `..`, no control characters (None: the default)."""
-    if name is None:
-        return True
-    path = Path(name)
-    return (bool(name.strip()) and name.isprintable() and not path.is_absolute() and not name.startswith("~")
-            and ".." not in path.parts and "\\" not in name and path.parts not in ((), (".",)))
+    """Refuse a tree whose values break a type or a bound (one changed in code, not read by build_config)."""
+    build_config(flatten(cfg.to_dict()))
 
 
 def resolved_dict(cfg: Config, derived: Derived | None = None) -> dict[str, Any]:

@@ -25,11 +25,10 @@ import torch
 from ebslab.core.errors import UserError
 from ebslab.core.runfolder import read_metrics, read_summary
 from ebslab.core.config import resolved_dict
+from ebslab.serving.export_args import MARKER
 from ebslab.serving.predict import LoadedRun, load_run, predict_texts
 
 MODELING_FILE = "modeling_ebslab.py"
-MARKER = "ebslab_export.json"
-"""What makes a folder an ebslab export (--overwrite replaces only such a folder; a checkpoint has config.json too)."""
 CLASS_NAME = "EbslabForSequenceClassification"
 MAX_PROB_DIFF = 1e-5
 MAX_ONNX_DIFF = 1e-4
@@ -383,16 +382,6 @@ def _publishable_modes(folder: Path) -> None:
             f.chmod(0o666 & ~umask | 0o444)
         elif f.is_dir():
             f.chmod(0o777 & ~umask | 0o555)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out.dir/out.name)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="the export folder (must not exist; missing parent folders are created; never inside a "
-                        "run folder)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--overwrite", action="store_true", help=f"replace an existing export folder (one holding {MARKER})")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx), checked with ONNX Runtime")
 
 
 def run(args: argparse.Namespace) -> int:

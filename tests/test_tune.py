@@ -23,6 +23,7 @@ from conftest import hang_after, install_fake_train
 from ebslab.experiments import sweep as sw
 from ebslab.experiments import sweep_command
 from ebslab.experiments import tune
+from ebslab.experiments.tune.workers import trial_id
 from ebslab.cli import main
 from ebslab.core.config import VALID_KEYS
 
@@ -518,8 +519,8 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     t.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     t.set_user_attr("folder", "trial-0000")
-    storage.record_heartbeat(t._trial_id)
-    assert tune.fail_stale(study) == [0]
+    storage.record_heartbeat(trial_id(storage, study, t.number))
+    assert tune.fail_stale(study, storage) == [0]
     retry = study.trials[1]
     assert (study.trials[0].state.name, retry.state.name) == ("FAIL", "WAITING")
     assert retry.params == t.params and retry.user_attrs["folder"] == "trial-0000"
@@ -530,10 +531,10 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     t2 = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     t2.set_user_attr("worker", "elsewhere:1")
     time.sleep(1.02 - time.time() % 1)
-    storage.record_heartbeat(t2._trial_id)
-    assert tune.fail_stale(study) == [] and study.trials[t2.number].state.name == "RUNNING"
+    storage.record_heartbeat(trial_id(storage, study, t2.number))
+    assert tune.fail_stale(study, storage) == [] and study.trials[t2.number].state.name == "RUNNING"
     time.sleep(4.5)
-    tune.fail_stale(study)
+    tune.fail_stale(study, storage)
     assert study.trials[t2.number].state.name == "FAIL"
     assert study.trials[-1].state.name == "WAITING" and study.trials[-1].params == t2.params
 

@@ -193,7 +193,7 @@ def set_sync_debug_mode(mode: Any) -> None:
 
 
 def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, float, Syncs | None]:
-    import sys as _sys
+    import inspect
 
     from ebslab.core.config import load_config
     from ebslab.loop.train import train
@@ -203,7 +203,7 @@ def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, fl
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "synchroniz" in str(message).lower():
-            counter.sync(_sys._getframe(1))
+            counter.sync(inspect.currentframe().f_back)  # the frame that warned
         else:
             shown(message, category, filename, lineno, file, line)
 

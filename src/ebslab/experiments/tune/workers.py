@@ -56,8 +56,9 @@ def _alive(worker: str | None) -> bool:
     return True
 
 
-def fail_stale(study) -> list[int]:
-    """RUNNING trials of a dead worker -> FAIL, re-queued with the same parameters (and folder).
+def fail_stale(study, storage) -> list[int]:
+    """RUNNING trials of a dead worker -> FAIL, re-queued with the same parameters (and folder). `storage` is the
+    one the study was loaded from (`open_storage`).
 
     Optuna's heartbeat finds those of any machine once their grace period passes; a worker on this host whose
     process is gone is found at once (a resume right after a kill does not wait for the grace period)."""
@@ -66,18 +67,18 @@ def fail_stale(study) -> list[int]:
     from optuna.trial import TrialState
 
     fail_stale_trials(study)
-    # Optuna has no public accessor for a study's storage nor a trial's id in it: its own callback takes both
-    storage, failed = study._storage, []
+    failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker")):
             continue
+        stale_id = trial_id(storage, study, t.number)
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            if storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
                 failed.append(t.number)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "experimental"
                     optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(
-                        study, storage.get_trial(t._trial_id))
+                        study, storage.get_trial(stale_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first
     return failed
@@ -241,7 +242,7 @@ class Tuner:
     def next_search(self) -> Task | None:
         from optuna.trial import TrialState
 
-        fail_stale(self.search)
+        fail_stale(self.search, self.storage)
         waiting = self.search.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting and len(self.fresh_search_trials()) >= self.spec.trials:
             return None
@@ -264,7 +265,7 @@ class Tuner:
     def search_finished(self) -> bool:
         from optuna.trial import TrialState
 
-        fail_stale(self.search)
+        fail_stale(self.search, self.storage)
         busy = self.search.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
         return not busy and len(self.fresh_search_trials()) >= self.spec.trials
 
@@ -295,7 +296,7 @@ class Tuner:
         import optuna.distributions as od
         from optuna.trial import TrialState
 
-        fail_stale(self.confirm)
+        fail_stale(self.confirm, self.storage)
         if not self.confirm.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return None
         folders = [t.user_attrs["folder"] for t in self.search.get_trials(deepcopy=False) if "folder" in t.user_attrs]
@@ -391,7 +392,7 @@ class Tuner:
     def confirm_finished(self) -> bool:
         from optuna.trial import TrialState
 
-        fail_stale(self.confirm)
+        fail_stale(self.confirm, self.storage)
         return not self.confirm.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
 
     def run(self) -> dict[str, Any]:

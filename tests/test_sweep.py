@@ -595,3 +595,49 @@ def socket_closed_port():
     port = s.getsockname()[1]
     s.close()
     yield port
+
+
+def _sweep_args(executor: str, argv: list[str]):
+    import argparse
+
+    from ebslab.experiments import sweep_command
+
+    parser = argparse.ArgumentParser()
+    sweep_command.add_arguments(parser)
+    return parser.parse_args(["grid.yaml", "--executor", executor, *argv])
+
+
+def test_the_executor_is_picked_once_by_name_and_says_where_the_runs_go(monkeypatch):
+    from ebslab.experiments import sweep_command
+
+    monkeypatch.setenv("EBSLAB_SLURM_CLUSTER", "local")  # no sbatch needed on this machine
+
+    picked = {name: sweep_command.pick_executor(_sweep_args(name, argv)) for name, argv in
+              (("local", ["--parallel", "3"]), ("ray", ["--cpus-per-run", "2", "--gpus-per-run", "0.5"]),
+               ("slurm", ["--cpus-per-run", "2", "--gpus-per-run", "1", "--parallel", "4"]))}
+    assert {name: e.name for name, e in picked.items()} == {"local": "local", "ray": "ray", "slurm": "slurm"}
+    assert picked["local"].describe() == "local x 3"
+    assert picked["ray"].describe() == "ray (2 cpu, 0.5 gpu per run)"
+    assert picked["slurm"].describe() == "slurm (2 cpu, 1 gpu, 60 min per run; 4 at once)"
+
+
+def test_local_and_ray_wait_for_a_run_left_going_slurm_leaves_it_to_its_job_watch(tmp_path):
+    """`--resume`: a run folder whose lock is still held is waited for on local and Ray (the plan is made again
+    from what it left); the Slurm executor returns at once (it watches the run's job instead)."""
+    from ebslab.core.locks import FolderLock
+    from ebslab.experiments import slurm
+
+    run = tmp_path / "r1"
+    other = tmp_path / "r2"
+    other.mkdir()
+    executors = [sw.LocalExecutor(1), sw.RayExecutor(0, 1), slurm.SlurmSweepExecutor(slurm.SlurmOptions())]
+    waited = []
+    for executor in executors:
+        lock = FolderLock(run, "run").acquire()
+        release = threading.Timer(0.3, lock.release)
+        release.start()
+        started = time.time()
+        waited.append((executor.adopt_left_runs([run, other]), time.time() - started >= 0.25))
+        release.join()
+        lock.release()
+    assert waited == [([run], True), ([run], True), ([], False)]

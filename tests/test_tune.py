@@ -583,3 +583,22 @@ def test_a_study_runs_its_trials_and_confirmation_as_ray_tasks(tmp_path, monkeyp
     for folder in ["trial-0000", "trial-0001"] + [r["folder"] for r in index["confirm"]["runs"]]:
         assert (tmp_path / "runs" / "st" / folder / "summary.json").is_file(), folder
     assert [r[0] for r in results] == [0] * 6  # every run was a Ray task, and none ran locally besides
+
+
+def test_the_tuners_executor_is_picked_once_by_name(tmp_path, monkeypatch):
+    import argparse
+
+    from ebslab.experiments import slurm
+    from ebslab.experiments.tune import command
+
+    monkeypatch.setenv("EBSLAB_SLURM_CLUSTER", "local")  # no sbatch needed on this machine
+    picked = {}
+    for name in ("local", "ray", "slurm"):
+        parser = argparse.ArgumentParser()
+        tune.add_arguments(parser)
+        picked[name] = command.pick_executor(parser.parse_args(["study.yaml", "--executor", name]))(tmp_path)
+    assert {n: type(e) for n, e in picked.items()} == {"local": tune.workers.LocalTrials,
+                                                       "ray": tune.workers.RayTrials, "slurm": slurm.TuneJobs}
+    runner = tune.Runner(picked["local"], 1)
+    runner.stop_all()
+    assert runner.stopping and picked["local"].stopping  # a run started after Ctrl-C is stopped at once

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import yaml
+from tabulate import tabulate
 
 from ebslab.core.config import VALID_KEYS, flatten, load_config, read_yaml, read_yaml_file, unknown_key
 from ebslab.core.errors import UserError
@@ -685,8 +686,9 @@ class SweepRunner:
             status = j.status + (" (skipped)" if j.action == "skip" else "")
             rows.append((status, f"{acc:.4f}" if isinstance(acc, (int, float)) else "-",
                          f"{j.duration_s:.0f}s" if isinstance(j.duration_s, (int, float)) else "-", j.folder))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        # the header goes in as a row: tabulate widens a header's column (min padding), and plain draws no rule
+        text = tabulate(rows, tablefmt="plain", colalign=("left", "right", "right", "left"), disable_numparse=True)
+        lines = [line.rstrip() for line in text.splitlines()]
         counts: dict[str, int] = {}
         for j in self.jobs:
             counts[j.status] = counts.get(j.status, 0) + 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from ebslab.core.errors import UserError
 from ebslab.core.runfolder import read_metrics, read_summary
@@ -167,13 +168,11 @@ def model_card(run: LoadedRun, out_name: str) -> Any:
                f"{cfg.optim.base_batch}), {cfg.optim.name}, weight_decay {cfg.optim.weight_decay}, "
                f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.sched.name} (warmup {derived.get('warmup_steps')} "
                f"of {derived.get('total_steps')} steps)")
-    rows = ["| split | " + " | ".join(sorted(k for k in (test or val or {}) if k != "n")) + " |"]
     keys = sorted(k for k in (test or val or {}) if k != "n")
-    rows.append("|---|" + "---|" * len(keys))
-    for split, metrics in (("validation", val), ("test", test)):
-        if metrics:
-            rows.append(f"| {split} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
-    metrics_md = "\n".join(rows) if keys else "No evaluation was recorded in the run folder."
+    rows = [(split, *(_fmt(metrics.get(k)) for k in keys))
+            for split, metrics in (("validation", val), ("test", test)) if metrics]
+    metrics_md = (tabulate(rows, headers=("split", *keys), tablefmt="github", disable_numparse=True) if keys
+                  else "No evaluation was recorded in the run folder.")
     labels = display_labels(run)
     label_text = ", ".join(f"{i} = `{n}`" + (f" (label value `{v}`)" if n != v else "")
                            for i, (n, v) in enumerate(zip(labels, run.label_names)))

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from ebslab.core.files import atomic_write_json
 from ebslab.tools.bench_args import CONTESTANTS, OPTIONAL_CONTESTANTS
@@ -777,14 +778,13 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
 
 
 def table(result: dict[str, Any]) -> str:
-    head = f"{'scenario':10} {'contestant':18} {'cache':5} {'len':>4} {'samples/s':>9} {'tokens/s':>9} " \
-           f"{'wall_s':>7} {'vs_HF':>6} {'peak%':>6} {'mem_MB':>7}"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        vs = "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}"
-        lines.append(f"{r['scenario']:10} {r['contestant']:18} {r.get('cache', ''):5} {r['max_length']:>4} "
-                     f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_s']:>7.1f} {vs:>6} "
-                     f"{100 * r['peak_fraction']:>5.1f}% {r['peak_memory_mb']:>7.0f}")
+    rows = [(r["scenario"], r["contestant"], r.get("cache", ""), r["max_length"], f"{r['samples_per_s']:.2f}",
+             f"{r['tokens_per_s']:.0f}", f"{r['wall_s']:.1f}",
+             "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}", f"{100 * r['peak_fraction']:.1f}%",
+             f"{r['peak_memory_mb']:.0f}") for r in result["rows"]]
+    lines = [tabulate(rows, headers=("scenario", "contestant", "cache", "len", "samples/s", "tokens/s", "wall_s",
+                                     "vs_HF", "peak%", "mem_MB"),
+                      tablefmt="simple", colalign=("left",) * 3 + ("right",) * 7, disable_numparse=True)]
     lines.append(f"peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result.get('peak_source', 'measured')}) "
                  f"on {result['device']}; "
                  f"bench took {result['total_s']:.0f} s")

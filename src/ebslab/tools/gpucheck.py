@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tabulate import tabulate
+
 MODELS = ("bert", "roberta", "modernbert")
 LENGTHS = (128, 512)
 
@@ -40,12 +42,10 @@ class Row:
 
 def table(rows: list[Row]) -> str:
     """The check's one table, in markdown (it goes into docs/performance.md as printed)."""
-    width = max([len("check")] + [len(r.check) for r in rows])
-    lines = [f"| {'check':<{width}} | result | verdict |", f"|{'-' * (width + 2)}|---|---|"]
-    lines += [f"| {r.check:<{width}} | {r.result} | {r.verdict} |" for r in rows]
+    markdown = tabulate([(r.check, r.result, r.verdict) for r in rows], headers=("check", "result", "verdict"),
+                        tablefmt="github", disable_numparse=True)
     failed = sum(r.ok is False for r in rows)
-    lines.append(f"\n{len(rows)} checks, {failed} failed")
-    return "\n".join(lines)
+    return f"{markdown}\n\n{len(rows)} checks, {failed} failed"
 
 
 @dataclass

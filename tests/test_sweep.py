@@ -641,3 +641,17 @@ def test_local_and_ray_wait_for_a_run_left_going_slurm_leaves_it_to_its_job_watc
         release.join()
         lock.release()
     assert waited == [([run], True), ([run], True), ([], False)]
+
+
+def test_the_sweep_table_is_the_runs_in_columns(tmp_path):
+    """The end-of-sweep table: status left, test acc and time right-aligned, the folder last, unpadded."""
+    done = tmp_path / "lr=0.0001"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"status": "completed", "test_best": {"acc": 0.91234}}))
+    jobs = [sw.Job(0, "lr=0.0001", {}, done, tmp_path / "a.log", "g", status="completed", duration_s=125.4),
+            sw.Job(1, "lr=1", {}, tmp_path / "lr=1", tmp_path / "b.log", "g", action="skip", status="failed")]
+    runner = sw.SweepRunner(sw.Sweep("s", {"lr": [0.0001, 1]}), jobs, tmp_path, False, "local")
+    assert runner.table() == ("status            test acc  time  run\n"
+                              "completed           0.9123  125s  lr=0.0001\n"
+                              "failed (skipped)         -     -  lr=1\n"
+                              f"sweep 's': 2 run(s): 1 completed, 1 failed; index {tmp_path / 'sweep.json'}")

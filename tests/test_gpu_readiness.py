@@ -232,8 +232,9 @@ def test_gpu_check_table_and_throughput_verdicts():
     assert throughput_row("x", {**done, "status": "failed"}, 1.25, None).ok is False
     text = table([honest, Row("SIGTERM + resume", "exit 143 then 0, 160 steps", False), Row("m", "3", None)])
     lines = text.splitlines()
-    assert lines[0].startswith("| check") and lines[2] == f"| {'bert bf16 L128':<16} | {honest.result} | ok |"
-    assert lines[3].endswith("| FAIL |") and lines[4].endswith("| - |")
+    # tabulate pads every column to its widest cell, a header counting two more
+    assert lines[0].startswith("| check") and lines[2] == f"| {'bert bf16 L128':<16} | {honest.result} | {'ok':<9} |"
+    assert lines[3].endswith(f"| {'FAIL':<9} |") and lines[4].endswith(f"| {'-':<9} |")
     assert lines[-1] == "3 checks, 1 failed"
 
 

@@ -538,8 +538,8 @@ def _edit_config(run_dir: Path, edit) -> Path:
 def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
     """An old run folder (no eval.select_by, explicit train.precision=fp32) and a new one (eval.select_by at its
     default acc, precision auto that derived.precision records as fp32) trained the same thing: one group, and
-    one effective-batch-size fit; so does an auto run from before derived.precision whose sweep log printed fp32.
-    A new key set to another value, or auto resolved to bf16, still splits."""
+    one effective-batch-size fit. An auto run from before derived.precision is what it recorded (auto), whatever a
+    log beside it printed. A new key set to another value, or auto resolved to bf16, still splits."""
     from ebslab.analysis import ebs_study
     from ebslab.core.config import default_flat
 
@@ -560,18 +560,25 @@ def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
     groups = report.group_runs([report.load_run(d) for d in dirs])
     assert [sorted(r.name for r in g.runs) for g in groups] == [["new-ebs16", "old-ebs16"], ["new-ebs64", "old-ebs64"]]
     assert [g.label for g in groups] == ["batch.effective=16", "batch.effective=64"]
-    # a run from before derived.precision was recorded: its sweep log says what auto resolved to
+    # a run from before derived.precision was recorded is what it asked for, auto: a group of its own, and a log
+    # beside it that printed what auto resolved to changes nothing
     unrecorded = make_run(tmp_path / "sw", "auto-ebs16", ebs=16, seed=3)
     _edit_config(unrecorded, lambda cfg: cfg["train"].update(precision="auto"))
+    dirs.append(unrecorded)
+
+    def grouped():
+        groups = report.group_runs([report.load_run(d) for d in dirs])
+        fits = ebs_study.group_by_other_keys([ebs_study.load_study_run(d) for d in dirs])
+        return [(g.label, sorted(r.name for r in g.runs)) for g in groups], {k: len(v) for k, v in fits.items()}
+
+    without_log = grouped()
+    assert without_log == ([("batch.effective=16, train.precision=auto", ["auto-ebs16"]),
+                            ("batch.effective=16, train.precision=fp32", ["new-ebs16", "old-ebs16"]),
+                            ("batch.effective=64, train.precision=fp32", ["new-ebs64", "old-ebs64"])],
+                           {"train.precision=fp32": 4, "train.precision=auto": 1})
     (tmp_path / "sw" / "auto-ebs16.log").write_text("ebslab run x\nmodel tiny-bert, device cpu, precision fp32 "
                                                    "(train.precision=auto), backend torch\n")
-    dirs.append(unrecorded)
-    groups = report.group_runs([report.load_run(d) for d in dirs])
-    assert [len(g.runs) for g in groups] == [3, 2]
-    fits = ebs_study.group_by_other_keys([ebs_study.load_study_run(d) for d in dirs])
-    assert list(fits) == [""] and len(fits[""]) == 5
-    (tmp_path / "sw" / "auto-ebs16.log").write_text("no start-up line\n")  # unknown: auto stays auto
-    assert len(report.group_runs([report.load_run(d) for d in dirs])) == 3
+    assert grouped() == without_log
 
     bf16 = _edit_config(make_run(tmp_path / "sw2", "bf16", ebs=16, seed=3), new(precision="bf16"))
     by_loss = _edit_config(make_run(tmp_path / "sw2", "by-loss", ebs=16, seed=4), new(select_by="loss"))

@@ -21,14 +21,13 @@ def _run(tmp_path, config: dict | None = None, summary=None, metrics: str = ""):
     return run
 
 
-def test_a_recorded_precision_is_read_and_the_log_is_only_a_fallback(tmp_path):
-    auto = {"train": {"precision": "auto"}, "derived": {"precision": None}}
-    run = _run(tmp_path, auto)
-    assert runfolder.read_config(run)["derived"]["precision"] is None  # no log: unknown stays unknown
+def test_the_precision_is_what_config_yaml_recorded_and_a_log_beside_the_folder_changes_nothing(tmp_path):
+    unrecorded = {"train": {"precision": "auto"}, "derived": {"micro": 16}}
+    run = _run(tmp_path, unrecorded)
     (tmp_path / "run.log").write_text("model tiny-bert, device cpu, precision fp32 (train.precision=auto)\n")
-    assert runfolder.read_config(run)["derived"]["precision"] == "fp32"
-    (run / "config.yaml").write_text(yaml.safe_dump({**auto, "derived": {"precision": "bf16"}}))
-    assert runfolder.read_config(run)["derived"]["precision"] == "bf16"  # recorded: the log is not read
+    assert runfolder.read_config(run) == unrecorded  # what it asked for (auto), not what a log printed
+    (run / "config.yaml").write_text(yaml.safe_dump({**unrecorded, "derived": {"precision": "bf16"}}))
+    assert runfolder.read_config(run)["derived"]["precision"] == "bf16"
 
 
 def test_missing_or_damaged_files_read_as_none_and_strict_reads_raise(tmp_path):

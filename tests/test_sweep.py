@@ -595,3 +595,63 @@ def socket_closed_port():
     port = s.getsockname()[1]
     s.close()
     yield port
+
+
+def _sweep_args(executor: str, argv: list[str]):
+    import argparse
+
+    from ebslab.experiments import sweep_command
+
+    parser = argparse.ArgumentParser()
+    sweep_command.add_arguments(parser)
+    return parser.parse_args(["grid.yaml", "--executor", executor, *argv])
+
+
+def test_the_executor_is_picked_once_by_name_and_says_where_the_runs_go(monkeypatch):
+    from ebslab.experiments import sweep_command
+
+    monkeypatch.setenv("EBSLAB_SLURM_CLUSTER", "local")  # no sbatch needed on this machine
+
+    picked = {name: sweep_command.pick_executor(_sweep_args(name, argv)) for name, argv in
+              (("local", ["--parallel", "3"]), ("ray", ["--cpus-per-run", "2", "--gpus-per-run", "0.5"]),
+               ("slurm", ["--cpus-per-run", "2", "--gpus-per-run", "1", "--parallel", "4"]))}
+    assert {name: e.name for name, e in picked.items()} == {"local": "local", "ray": "ray", "slurm": "slurm"}
+    assert picked["local"].describe() == "local x 3"
+    assert picked["ray"].describe() == "ray (2 cpu, 0.5 gpu per run)"
+    assert picked["slurm"].describe() == "slurm (2 cpu, 1 gpu, 60 min per run; 4 at once)"
+
+
+def test_local_and_ray_wait_for_a_run_left_going_slurm_leaves_it_to_its_job_watch(tmp_path):
+    """`--resume`: a run folder whose lock is still held is waited for on local and Ray (the plan is made again
+    from what it left); the Slurm executor returns at once (it watches the run's job instead)."""
+    from ebslab.core.locks import FolderLock
+    from ebslab.experiments import slurm
+
+    run = tmp_path / "r1"
+    other = tmp_path / "r2"
+    other.mkdir()
+    executors = [sw.LocalExecutor(1), sw.RayExecutor(0, 1), slurm.SlurmSweepExecutor(slurm.SlurmOptions())]
+    waited = []
+    for executor in executors:
+        lock = FolderLock(run, "run").acquire()
+        release = threading.Timer(0.3, lock.release)
+        release.start()
+        started = time.time()
+        waited.append((executor.adopt_left_runs([run, other]), time.time() - started >= 0.25))
+        release.join()
+        lock.release()
+    assert waited == [([run], True), ([run], True), ([], False)]
+
+
+def test_the_sweep_table_is_the_runs_in_columns(tmp_path):
+    """The end-of-sweep table: status left, test acc and time right-aligned, the folder last, unpadded."""
+    done = tmp_path / "lr=0.0001"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"status": "completed", "test_best": {"acc": 0.91234}}))
+    jobs = [sw.Job(0, "lr=0.0001", {}, done, tmp_path / "a.log", "g", status="completed", duration_s=125.4),
+            sw.Job(1, "lr=1", {}, tmp_path / "lr=1", tmp_path / "b.log", "g", action="skip", status="failed")]
+    runner = sw.SweepRunner(sw.Sweep("s", {"lr": [0.0001, 1]}), jobs, tmp_path, False, "local")
+    assert runner.table() == ("status            test acc  time  run\n"
+                              "completed           0.9123  125s  lr=0.0001\n"
+                              "failed (skipped)         -     -  lr=1\n"
+                              f"sweep 's': 2 run(s): 1 completed, 1 failed; index {tmp_path / 'sweep.json'}")

@@ -23,6 +23,7 @@ from conftest import hang_after, install_fake_train
 from ebslab.experiments import sweep as sw
 from ebslab.experiments import sweep_command
 from ebslab.experiments import tune
+from ebslab.experiments.tune.workers import trial_id
 from ebslab.cli import main
 from ebslab.core.config import VALID_KEYS
 
@@ -518,8 +519,8 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     t.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     t.set_user_attr("folder", "trial-0000")
-    storage.record_heartbeat(t._trial_id)
-    assert tune.fail_stale(study) == [0]
+    storage.record_heartbeat(trial_id(storage, study, t.number))
+    assert tune.fail_stale(study, storage) == [0]
     retry = study.trials[1]
     assert (study.trials[0].state.name, retry.state.name) == ("FAIL", "WAITING")
     assert retry.params == t.params and retry.user_attrs["folder"] == "trial-0000"
@@ -530,10 +531,10 @@ def test_a_running_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     t2 = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     t2.set_user_attr("worker", "elsewhere:1")
     time.sleep(1.02 - time.time() % 1)
-    storage.record_heartbeat(t2._trial_id)
-    assert tune.fail_stale(study) == [] and study.trials[t2.number].state.name == "RUNNING"
+    storage.record_heartbeat(trial_id(storage, study, t2.number))
+    assert tune.fail_stale(study, storage) == [] and study.trials[t2.number].state.name == "RUNNING"
     time.sleep(4.5)
-    tune.fail_stale(study)
+    tune.fail_stale(study, storage)
     assert study.trials[t2.number].state.name == "FAIL"
     assert study.trials[-1].state.name == "WAITING" and study.trials[-1].params == t2.params
 
@@ -582,3 +583,22 @@ def test_a_study_runs_its_trials_and_confirmation_as_ray_tasks(tmp_path, monkeyp
     for folder in ["trial-0000", "trial-0001"] + [r["folder"] for r in index["confirm"]["runs"]]:
         assert (tmp_path / "runs" / "st" / folder / "summary.json").is_file(), folder
     assert [r[0] for r in results] == [0] * 6  # every run was a Ray task, and none ran locally besides
+
+
+def test_the_tuners_executor_is_picked_once_by_name(tmp_path, monkeypatch):
+    import argparse
+
+    from ebslab.experiments import slurm
+    from ebslab.experiments.tune import command
+
+    monkeypatch.setenv("EBSLAB_SLURM_CLUSTER", "local")  # no sbatch needed on this machine
+    picked = {}
+    for name in ("local", "ray", "slurm"):
+        parser = argparse.ArgumentParser()
+        tune.add_arguments(parser)
+        picked[name] = command.pick_executor(parser.parse_args(["study.yaml", "--executor", name]))(tmp_path)
+    assert {n: type(e) for n, e in picked.items()} == {"local": tune.workers.LocalTrials,
+                                                       "ray": tune.workers.RayTrials, "slurm": slurm.TuneJobs}
+    runner = tune.Runner(picked["local"], 1)
+    runner.stop_all()
+    assert runner.stopping and picked["local"].stopping  # a run started after Ctrl-C is stopped at once

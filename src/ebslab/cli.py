@@ -4,7 +4,9 @@ line, exit code 2."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -39,6 +41,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "collapsed", "pruned") else 1
 
 
+def _run_command(module: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(module).run(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     """`ebslab report`: a tune study's folder (study.json) gets the study's report (verdict, search, plots); run
     and sweep folders get the runs' report."""
@@ -56,13 +62,17 @@ def _report(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
-# every command after `train`: (name, module with add_arguments/run, one line for `ebslab --help`)
+# every command after `train`: (name, the module with its add_arguments, one line for `ebslab --help`). Every call
+# builds the whole parser (`ebslab --help` and a mistyped option too), so these modules are light: no torch,
+# transformers, pandas, scipy, optuna (tests/test_cli.py)
 COMMANDS = (("sweep", "ebslab.experiments.sweep_command", "a grid of runs from a sweep file, each run in its own folder"),
-            ("report", "ebslab.analysis.report", "tables, plots and statistics from run, sweep or study folders"),
-            ("bench", "ebslab.tools.bench", "training throughput against HF Trainer and a naive loop"),
-            ("predict", "ebslab.serving.predict", "labels and class probabilities for new texts, from a run folder"),
-            ("export", "ebslab.serving.export", "a folder transformers.pipeline loads, with a model card"),
+            ("report", "ebslab.experiments.report_args", "tables, plots and statistics from run, sweep or study folders"),
+            ("bench", "ebslab.tools.bench_args", "training throughput against HF Trainer and a naive loop"),
+            ("predict", "ebslab.serving.predict_args", "labels and class probabilities for new texts, from a run folder"),
+            ("export", "ebslab.serving.export_args", "a folder transformers.pipeline loads, with a model card"),
             ("tune", "ebslab.experiments.tune", "an Optuna search from a study file, ending in a multi-seed verdict"))
+# the module whose run(args) does a command, where its arguments live apart: imported only when the command runs
+RUNNERS = {"bench": "ebslab.tools.bench", "predict": "ebslab.serving.predict", "export": "ebslab.serving.export"}
 TRAIN_HELP = "one run (config file and/or key=value overrides) into its run folder"
 
 EPILOG = """\
@@ -96,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         # every command's module needs only ebslab's required dependencies: an ImportError here is a bug to show,
-        # not a command to hide
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(func=_report if name == "report" else mod.run)
+        # not a command to hide; a runner module that is missing is one too
+        importlib.import_module(module).add_arguments(p)
+        runner = RUNNERS.get(name, module)
+        if importlib.util.find_spec(runner) is None:
+            raise ModuleNotFoundError(f"No module named '{runner}' (the runner of `ebslab {name}`)", name=runner)
+        p.set_defaults(func=_report if name == "report" else functools.partial(_run_command, runner))
     return parser
 
 

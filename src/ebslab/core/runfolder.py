@@ -14,7 +14,6 @@ with None; the strict ones (a run to resume or serve) raise a one-line UserError
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +69,10 @@ def read_summary(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / SUMMARY)
 
 
-def with_logged_precision(path: Path, config: dict) -> dict:
-    """The fallback for a run folder written before config.yaml recorded derived.precision: train.precision=auto
-    resolved as the sweep's log beside the folder (<folder>.log) printed it at start-up ("precision fp32
-    (train.precision=auto)"), so such a run groups with runs that asked for that precision. Unchanged when that is
-    not known, and for every folder that records the precision."""
-    derived = config.get("derived")
-    if (config.get("train") or {}).get("precision", "auto") != "auto" or not isinstance(derived, dict) \
-            or derived.get("precision"):
-        return config
-    try:
-        log = path.parent.joinpath(f"{path.name}.log").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return config
-    seen = set(re.findall(r"precision (\w+) \(train\.precision=auto\)", log))
-    if len(seen) != 1:  # never printed, or resumed on another kind of device: not one answer
-        return config
-    return {**config, "derived": {**derived, "precision": seen.pop()}}
-
-
 def read_config(run_dir: Path, strict: bool = False) -> dict | None:
-    """The run's config.yaml as a mapping, its `derived.precision` filled for old folders (with_logged_precision).
-    None when it is missing or not a YAML mapping; strict: the read's own error (OSError, YAMLError) is raised."""
+    """The run's config.yaml as a mapping, as recorded: a folder from before `derived.precision` was recorded
+    reads as the train.precision it asked for (e.g. `auto`). None when it is missing or not a YAML mapping;
+    strict: the read's own error (OSError, YAMLError) is raised."""
     run_dir = Path(run_dir)
     try:
         loaded = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
@@ -103,7 +84,7 @@ def read_config(run_dir: Path, strict: bool = False) -> dict | None:
         if strict:
             raise ValueError(f"'{run_dir / CONFIG}' is not a YAML mapping")
         return None
-    return with_logged_precision(run_dir, loaded)
+    return loaded
 
 
 def is_run_folder(run_dir: Path) -> bool:

@@ -560,6 +560,24 @@ def run_sweep(runner: Any, options: SlurmOptions) -> None:
         raise
 
 
+@dataclasses.dataclass
+class SlurmSweepExecutor:
+    """`ebslab sweep --executor slurm` (experiments.sweep.SweepExecutor): the sweep's runs as one job array."""
+    options: SlurmOptions
+    name = "slurm"
+
+    def describe(self) -> str:
+        return self.options.describe()
+
+    def adopt_left_runs(self, run_dirs: list[Path]) -> list[Path]:
+        # nothing to wait for here: a run's holder is a job, perhaps on another node, that run_sweep finds in
+        # squeue and watches again
+        return []
+
+    def run(self, runner: Any) -> None:
+        run_sweep(runner, self.options)
+
+
 def _failed(runner: Any, job: Any, ended: Outcome) -> None:
     job.returncode = ended.returncode
     job.duration_s = round(time.time() - (job.started or time.time()), 2)
@@ -573,8 +591,9 @@ def _failed(runner: Any, job: Any, ended: Outcome) -> None:
 
 
 class TuneJobs:
-    """`Runner.run` for Slurm: submit one run, wait for it, return its exit code (-1: ended without a result,
-    with Slurm's state and the log's last line appended to the log)."""
+    """The tuner's Slurm executor (experiments.tune.workers.TrialExecutor): `run` submits one run, waits for it and
+    returns its exit code (-1: ended without a result, with Slurm's state and the log's last line appended to the
+    log)."""
 
     def __init__(self, options: SlurmOptions, folder: Path, name: str):
         self.slurm = SlurmJobs(options, folder, name)
@@ -604,7 +623,13 @@ class TuneJobs:
                 f.write(f"{ended.message}\n")
         return ended.returncode
 
-    def cancel_all(self) -> None:
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stop_all(self) -> None:
         with self.lock:
             jobs = list(self.live.values())
         if self.slurm.options.leave_jobs:

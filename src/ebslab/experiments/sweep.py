@@ -31,9 +31,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import yaml
+from tabulate import tabulate
 
 from ebslab.core.config import VALID_KEYS, flatten, load_config, read_yaml, read_yaml_file, unknown_key
 from ebslab.core.errors import UserError
@@ -685,8 +686,9 @@ class SweepRunner:
             status = j.status + (" (skipped)" if j.action == "skip" else "")
             rows.append((status, f"{acc:.4f}" if isinstance(acc, (int, float)) else "-",
                          f"{j.duration_s:.0f}s" if isinstance(j.duration_s, (int, float)) else "-", j.folder))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        # the header goes in as a row: tabulate widens a header's column (min padding), and plain draws no rule
+        text = tabulate(rows, tablefmt="plain", colalign=("left", "right", "right", "left"), disable_numparse=True)
+        lines = [line.rstrip() for line in text.splitlines()]
         counts: dict[str, int] = {}
         for j in self.jobs:
             counts[j.status] = counts.get(j.status, 0) + 1
@@ -694,6 +696,55 @@ class SweepRunner:
                      + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                      + f"; index {self.root / 'sweep.json'}")
         return "\n".join(lines)
+
+
+class SweepExecutor(Protocol):
+    """Where a sweep's runs go (`--executor NAME`, picked in sweep_command): local subprocesses and Ray tasks here,
+    Slurm jobs in experiments.slurm. The sweep's plan, index, status and table stay the runner's."""
+
+    name: str
+    """--executor's value, recorded in sweep.json."""
+
+    def describe(self) -> str:
+        """Where the runs go, for the sweep's first line: `local x 2`."""
+
+    def adopt_left_runs(self, run_dirs: list[Path]) -> list[Path]:
+        """`--resume`: take over the runs a killed sweep left going, before the runs are planned. Returns the
+        folders that ended meanwhile (the plan is made again from what they left)."""
+
+    def run(self, runner: SweepRunner) -> None:
+        """Every run of `runner.todo` to its end; Ctrl-C stops them (each checkpoints) and raises again."""
+
+
+@dataclasses.dataclass
+class LocalExecutor:
+    parallel: int
+    name = "local"
+
+    def describe(self) -> str:
+        return f"local x {self.parallel}"
+
+    def adopt_left_runs(self, run_dirs: list[Path]) -> list[Path]:
+        return wait_for_live_runs(run_dirs)  # a run left going holds its folder's lock until it ends
+
+    def run(self, runner: SweepRunner) -> None:
+        runner.run_local(self.parallel)
+
+
+@dataclasses.dataclass
+class RayExecutor:
+    gpus_per_run: float
+    cpus_per_run: float
+    name = "ray"
+
+    def describe(self) -> str:
+        return f"ray ({self.cpus_per_run:g} cpu, {self.gpus_per_run:g} gpu per run)"
+
+    def adopt_left_runs(self, run_dirs: list[Path]) -> list[Path]:
+        return wait_for_live_runs(run_dirs)  # the lock of a folder on the shared --out, held by a task of any node
+
+    def run(self, runner: SweepRunner) -> None:
+        runner.run_ray(self.gpus_per_run, self.cpus_per_run)
 
 
 def raise_interrupt(signum, frame):

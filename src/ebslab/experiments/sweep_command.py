@@ -37,41 +37,40 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     if args.gpus_per_run < 0 or args.cpus_per_run < 0:
         raise UserError("--gpus-per-run and --cpus-per-run must be >= 0")
-    if args.executor == "slurm":
-        args.slurm = slurm.options_from_args(args)  # before any folder exists
+    executor = pick_executor(args)  # Slurm's options checked before any folder exists
     sweep = sw.load_sweep(args.sweep_file)
     sw.validate_sweep(sweep, args.smoke)  # a broken grid fails before the lock creates the sweep's folder
     root = sw.sweep_dir(args.out, sweep, args.smoke).resolve()
     check_folder_target(root, "--out")
     # one sweep per folder: a second one would `train --resume` runs the first is still writing
     with FolderLock(root, "sweep"):
-        return _run_locked(args, sweep, root)
+        return _run_locked(args, sweep, root, executor)
 
 
-def _run_locked(args: argparse.Namespace, sweep: sw.Sweep, root: Path) -> int:
+def pick_executor(args: argparse.Namespace) -> sw.SweepExecutor:
+    """--executor NAME -> the executor: the one place that reads the name."""
+    if args.executor == "slurm":
+        return slurm.SlurmSweepExecutor(slurm.options_from_args(args))
+    if args.executor == "ray":
+        return sw.RayExecutor(args.gpus_per_run, args.cpus_per_run)
+    return sw.LocalExecutor(args.parallel)
+
+
+def _run_locked(args: argparse.Namespace, sweep: sw.Sweep, root: Path, executor: sw.SweepExecutor) -> int:
     jobs = sw.plan(sweep, args.out, resume=args.resume, smoke=args.smoke)
-    # a run left going by a killed sweep is waited for; on Slurm its job is watched again instead (the run's
-    # holder is a job, perhaps on another node, that the Slurm executor finds in squeue and adopts)
-    if args.resume and args.executor != "slurm" and sw.wait_for_live_runs([j.run_dir for j in jobs]):
+    if args.resume and executor.adopt_left_runs([j.run_dir for j in jobs]):
         jobs = sw.plan(sweep, args.out, resume=True, smoke=args.smoke)  # from what the runs left
-    runner = sw.SweepRunner(sweep, jobs, root, args.smoke, args.executor)
+    runner = sw.SweepRunner(sweep, jobs, root, args.smoke, executor.name)
     actions = {a: sum(1 for j in jobs if j.action == a) for a in ("new", "resume", "retry", "skip")}
-    where = (f"local x {args.parallel}" if args.executor == "local"
-             else args.slurm.describe() if args.executor == "slurm"
-             else f"ray ({args.cpus_per_run:g} cpu, {args.gpus_per_run:g} gpu per run)")
-    print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on {where}; "
+    print(f"sweep '{sweep.name}'{' (smoke)' if args.smoke else ''}: {len(jobs)} run(s) into {root} on "
+          f"{executor.describe()}; "
           + ", ".join(f"{n} {a}" for a, n in actions.items() if n), flush=True)
     runner.write_index()
     previous = None
     if threading.current_thread() is threading.main_thread():  # `kill` of the sweep = Ctrl-C: runs stop cleanly
         previous = signal.signal(signal.SIGTERM, sw.raise_interrupt)
     try:
-        if args.executor == "ray":
-            runner.run_ray(args.gpus_per_run, args.cpus_per_run)
-        elif args.executor == "slurm":
-            slurm.run_sweep(runner, args.slurm)
-        else:
-            runner.run_local(args.parallel)
+        executor.run(runner)
     except KeyboardInterrupt:
         for job in runner.todo:
             if job.returncode is None and job.status in ("running", "queued"):

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from ebslab.core.errors import UserError
 from ebslab.core.runfolder import read_metrics, read_summary
 from ebslab.core.config import resolved_dict
+from ebslab.serving.export_args import MARKER
 from ebslab.serving.predict import LoadedRun, load_run, predict_texts
 
 MODELING_FILE = "modeling_ebslab.py"
-MARKER = "ebslab_export.json"
-"""What makes a folder an ebslab export (--overwrite replaces only such a folder; a checkpoint has config.json too)."""
 CLASS_NAME = "EbslabForSequenceClassification"
 MAX_PROB_DIFF = 1e-5
 MAX_ONNX_DIFF = 1e-4
@@ -168,13 +168,11 @@ def model_card(run: LoadedRun, out_name: str) -> Any:
                f"{cfg.optim.base_batch}), {cfg.optim.name}, weight_decay {cfg.optim.weight_decay}, "
                f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.sched.name} (warmup {derived.get('warmup_steps')} "
                f"of {derived.get('total_steps')} steps)")
-    rows = ["| split | " + " | ".join(sorted(k for k in (test or val or {}) if k != "n")) + " |"]
     keys = sorted(k for k in (test or val or {}) if k != "n")
-    rows.append("|---|" + "---|" * len(keys))
-    for split, metrics in (("validation", val), ("test", test)):
-        if metrics:
-            rows.append(f"| {split} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
-    metrics_md = "\n".join(rows) if keys else "No evaluation was recorded in the run folder."
+    rows = [(split, *(_fmt(metrics.get(k)) for k in keys))
+            for split, metrics in (("validation", val), ("test", test)) if metrics]
+    metrics_md = (tabulate(rows, headers=("split", *keys), tablefmt="github", disable_numparse=True) if keys
+                  else "No evaluation was recorded in the run folder.")
     labels = display_labels(run)
     label_text = ", ".join(f"{i} = `{n}`" + (f" (label value `{v}`)" if n != v else "")
                            for i, (n, v) in enumerate(zip(labels, run.label_names)))
@@ -383,16 +381,6 @@ def _publishable_modes(folder: Path) -> None:
             f.chmod(0o666 & ~umask | 0o444)
         elif f.is_dir():
             f.chmod(0o777 & ~umask | 0o555)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out.dir/out.name)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="the export folder (must not exist; missing parent folders are created; never inside a "
-                        "run folder)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--overwrite", action="store_true", help=f"replace an existing export folder (one holding {MARKER})")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (torch.onnx), checked with ONNX Runtime")
 
 
 def run(args: argparse.Namespace) -> int:

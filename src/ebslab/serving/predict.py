@@ -23,9 +23,8 @@ from ebslab.core.runfolder import is_run_folder, load_run_config, read_labels
 from ebslab.core.config import Config, load_config
 from ebslab.inputs.data import DATA_SUFFIXES, TokenizedSplit, read_file, read_path, collate, tokenize
 from ebslab.core.files import atomic_write_with
+from ebslab.serving.predict_args import PREDICT_OVERRIDES
 
-# only these may differ from the run's config at prediction time: they move the work, never its numbers
-PREDICT_OVERRIDES = ("train.device", "train.precision", "eval.batch_size")
 OUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
 PROGRESS_MIN_TEXTS = 2000
 
@@ -245,19 +244,6 @@ def predict_texts(run: LoadedRun, texts: list[str], progress: bool | None = None
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out.dir/out.name)")
-    p.add_argument("input", metavar="INPUT", help="csv/parquet/jsonl file, a folder of them, a .txt file "
-                                                  "(one text per line) or - for stdin")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help=f"only {', '.join(PREDICT_OVERRIDES)}, e.g. train.device=cpu")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--out", metavar="FILE", help="output .csv, .parquet or .jsonl (default: csv on stdout); never "
-                                                 "inside a run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--text-column", metavar="C", help="the input's text column (default: the run's data.text_column)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,9 @@ device's peak, FLOPs counted as nanoGPT's estimate_mfu does: 6N + 12 L H Q T per
 tokens (N non-embedding params, L layers, H x Q = hidden width; the second term is attention's), over its peak: on
 a GPU its dense bf16 spec peak (SPEC_BF16_PEAK_FLOPS: MFU), on a CPU (or a GPU not in the table) the fp32
 2048x2048 matmul rate measured in this run.
+
+The baselines (HF Trainer, the naive loop) are tools.bench_baselines; the settings, device and step clock every
+contestant shares, tools.bench_rules; the command's arguments, tools.bench_args.
 """
 
 from __future__ import annotations
@@ -32,65 +35,25 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from ebslab.core.files import atomic_write_json
+from ebslab.tools.bench_args import CONTESTANTS, OPTIONAL_CONTESTANTS
+from ebslab.tools.bench_baselines import experiment_trainer, hf_classifier, run_naive, run_trainer
+from ebslab.tools.bench_rules import Settings, StepClock, StepData, device, quick_settings
 
-CONTESTANTS = ("ebslab-torch", "ebslab-accelerate", "ebslab-torch-auto", "ebslab-torch-grouped", "hf-trainer",
-               "naive")
-# on request only (--contestants): ebslab-torch with the gradient noise scale off, for its overhead
-OPTIONAL_CONTESTANTS = ("ebslab-torch-nogns",)
 ROW_KEYS = ("scenario", "contestant", "max_length", "samples_per_s", "tokens_per_s", "wall_s", "vs_trainer",
             "peak_fraction", "peak_memory_mb")
 
 
-@dataclass
-class Settings:
-    model: str = "minilm"
-    lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
-    steps: int = 6
-    """Optimizer steps per step-scenario run; steps 2..N are timed."""
-    micro: int = 16
-    effective: int = 32
-    rounds: int = 2
-    """Step scenario: each contestant runs this many times per length (alternating); the best round is kept, and
-    gns_overhead is the median over rounds of the per-round on/off ratio."""
-    contestants: list[str] = field(default_factory=lambda: list(CONTESTANTS))
-    auto_lengths: list[int] | None = None
-    """Lengths at which ebslab-torch-auto runs (None: all)."""
-    experiment: bool = True
-    experiment_limit: int = 3000
-    experiment_length: int = 128
-    experiment_epochs: int = 2
-    startup_limit: int | None = None
-    """Examples for the cached vs uncached start-up figure (None: all of IMDB; 0: skip)."""
-    lr: float = 5e-5
-    seed: int = 1
-    data_path: str | None = None
-    """A local table instead of the shipped IMDB (tests use a small one)."""
-    matmul_size: int = 2048
-    warmup: bool = True
-    profile_steps: int = 4
-    """Optimizer steps of ebslab-torch profiled at the first length (0: no profile)."""
-
-
-def quick_settings() -> Settings:
-    """`--quick` (`make bench`): under 10 minutes on a 2-core CPU."""
-    return Settings(lengths=[128, 256], steps=3, rounds=1, auto_lengths=[128], experiment_limit=160,
-                    startup_limit=5000)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Measurements shared by the scenarios
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def matmul_peak(size: int = 2048, trials: int = 8, dev: torch.device | None = None) -> float:
@@ -231,18 +194,6 @@ def quiet(log: Path):
 # The data every contestant sees
 
 
-@dataclass
-class StepData:
-    """The examples of the step scenario, in training order (window k = rows [k*EBS, (k+1)*EBS))."""
-
-    texts: list[str]
-    input_ids: list[list[int]]
-    labels: np.ndarray
-    timed_tokens: int  # real tokens in windows 2..N
-    timed_samples: int
-    timed_sq_tokens: int = 0  # sum over the examples of windows 2..N of (real tokens)^2: the attention FLOPs
-
-
 def ebslab_config(s: Settings, max_length: int, out_dir: Path, name: str, steps: int | None = None,
                   **extra: Any) -> Any:
     """ebslab's config for `steps` optimizer steps (default `s.steps`) on just enough data for them."""
@@ -280,31 +231,6 @@ def step_data(s: Settings, max_length: int, tokenizer: Any, grouped: bool = Fals
                     labels=split.labels[order].copy(), timed_tokens=int(lengths[s.effective:].sum()),
                     timed_samples=len(order) - s.effective,
                     timed_sq_tokens=int((lengths[s.effective:].astype(np.int64) ** 2).sum()))
-
-
-def synchronize() -> None:
-    """Wait until the device has done the work queued so far (nothing to wait for on a CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """The one timing rule of the step scenario, the same for every contestant: `step_end()` after each optimizer
-    step counts it, and at the end of step 1 and of step N (only there) synchronizes the device and reads the
-    clock. A clock read without the synchronize would time only how fast the host queues work; a synchronize at
-    every step would stop the host from queueing ahead (HF Trainer's own step clock does that) and charge it."""
-
-    def __init__(self, steps: int, now: Callable[[], float] = time.perf_counter) -> None:
-        self.steps = steps
-        self.now = now
-        self.done = 0
-        self.ends: list[float] = []  # clock at the end of step 1 and of step N
-
-    def step_end(self) -> None:
-        self.done += 1
-        if self.done in (1, self.steps):
-            synchronize()
-            self.ends.append(self.now())
 
 
 def timed_rate(step_ends: list[float], data: StepData) -> tuple[float, float]:
@@ -349,89 +275,6 @@ def run_ebslab(s: Settings, max_length: int, out_dir: Path, contestant: str) -> 
     return clock
 
 
-def hf_classifier(name: str, num_labels: int = 2) -> Any:
-    """The model the HF way: AutoModelForSequenceClassification (tiny models built from ebslab's configs)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from ebslab.inputs.models import TINY_MODELS, tiny_config, load_tokenizer, minilm_path
-
-    if name in TINY_MODELS:
-        torch.manual_seed(0)
-        config = tiny_config(name, len(load_tokenizer(name)))
-        config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_config(config)
-    source = minilm_path() if name == "minilm" else name
-    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
-
-
-def trainer_clock(clock: StepClock) -> Any:
-    """A TrainerCallback that hands each optimizer step's end to `clock`."""
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            clock.step_end()
-
-    return Callback()
-
-
-def hf_args(s: Settings, out_dir: Path, **extra: Any) -> Any:
-    from transformers import TrainingArguments
-
-    gpu = device().type == "cuda"
-    kwargs = dict(output_dir=str(out_dir), per_device_train_batch_size=s.micro,
-                  gradient_accumulation_steps=s.effective // s.micro, learning_rate=s.lr, weight_decay=0.0,
-                  lr_scheduler_type="linear", max_grad_norm=1.0, seed=s.seed, use_cpu=not gpu, bf16=gpu,
-                  report_to="none", disable_tqdm=True, dataloader_num_workers=0)
-    kwargs.update(extra)
-    return TrainingArguments(**kwargs)
-
-
-def run_trainer(s: Settings, data: StepData, tokenizer: Any, out_dir: Path) -> StepClock:
-    """HF Trainer, equal settings, ebslab's windows (sequential sampler over the same ordered examples)."""
-    import datasets
-    from transformers import DataCollatorWithPadding, Trainer
-
-    ds = datasets.Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels.tolist()})
-    clock = StepClock(s.steps)
-    args = hf_args(s, out_dir, max_steps=s.steps, save_strategy="no", eval_strategy="no",
-                   logging_strategy="no", train_sampling_strategy="sequential")
-    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds,
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[trainer_clock(clock)])
-    trainer.train()
-    return clock
-
-
-def run_naive(s: Settings, data: StepData, tokenizer: Any, max_length: int) -> StepClock:
-    """The users' loop: tokenize each micro-batch padded to max_length, default AdamW, mean loss / accum_steps,
-    `.item()` after every micro-step."""
-    from transformers import get_linear_schedule_with_warmup
-
-    dev = device()
-    model = hf_classifier(s.model).to(dev)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, s.steps)
-    accum = s.effective // s.micro
-    clock, running = StepClock(s.steps), 0.0
-    for k in range(s.steps):
-        for j in range(accum):
-            lo = k * s.effective + j * s.micro
-            enc = tokenizer(data.texts[lo:lo + s.micro], padding="max_length", truncation=True,
-                            max_length=max_length, return_tensors="pt")
-            labels = torch.tensor(data.labels[lo:lo + s.micro])
-            out = model(**{k2: v.to(dev) for k2, v in enc.items()}, labels=labels.to(dev))
-            loss = out.loss / accum
-            loss.backward()
-            running += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        clock.step_end()
-    return clock
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Experiment scenario
 
@@ -467,38 +310,6 @@ def experiment_ebslab(s: Settings, out_dir: Path) -> dict[str, Any]:
                        "out.dir": str(out_dir), "out.name": "ebslab-experiment", "data.path": s.data_path})
     summary = train(cfg, overwrite=True)
     return {"test_acc": summary["test_best"]["acc"]}
-
-
-def experiment_trainer(s: Settings, files: dict[str, str], out_dir: Path, hf_cache: Path) -> dict[str, Any]:
-    """HF's text-classification recipe: load_dataset + map(tokenize), Trainer with eval/save per epoch,
-    load_best_model_at_end, then evaluate on test."""
-    import datasets
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
-
-    from ebslab.inputs.models import tokenizer_source
-
-    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(hf_cache))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(s.model))
-
-    def tokenize(batch: dict) -> dict:
-        return tokenizer(batch["text"], truncation=True, max_length=s.experiment_length)
-
-    ds = ds.map(tokenize, batched=True)
-
-    def accuracy(pred: Any) -> dict[str, float]:
-        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
-
-    args = hf_args(s, out_dir, num_train_epochs=s.experiment_epochs, per_device_eval_batch_size=s.micro,
-                   eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
-                   load_best_model_at_end=True, metric_for_best_model="validation_accuracy",
-                   save_total_limit=1)
-    trainer = Trainer(model=hf_classifier(s.model), args=args, train_dataset=ds["train"],
-                      eval_dataset={"validation": ds["validation"], "test": ds["test"]},
-                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=accuracy)
-    trainer.train()
-    metrics = trainer.evaluate(ds["test"], metric_key_prefix="test")
-    return {"test_acc": metrics["test_accuracy"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -780,14 +591,13 @@ def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[st
 
 
 def table(result: dict[str, Any]) -> str:
-    head = f"{'scenario':10} {'contestant':18} {'cache':5} {'len':>4} {'samples/s':>9} {'tokens/s':>9} " \
-           f"{'wall_s':>7} {'vs_HF':>6} {'peak%':>6} {'mem_MB':>7}"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        vs = "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}"
-        lines.append(f"{r['scenario']:10} {r['contestant']:18} {r.get('cache', ''):5} {r['max_length']:>4} "
-                     f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.0f} {r['wall_s']:>7.1f} {vs:>6} "
-                     f"{100 * r['peak_fraction']:>5.1f}% {r['peak_memory_mb']:>7.0f}")
+    rows = [(r["scenario"], r["contestant"], r.get("cache", ""), r["max_length"], f"{r['samples_per_s']:.2f}",
+             f"{r['tokens_per_s']:.0f}", f"{r['wall_s']:.1f}",
+             "-" if r["vs_trainer"] is None else f"{r['vs_trainer']:.2f}", f"{100 * r['peak_fraction']:.1f}%",
+             f"{r['peak_memory_mb']:.0f}") for r in result["rows"]]
+    lines = [tabulate(rows, headers=("scenario", "contestant", "cache", "len", "samples/s", "tokens/s", "wall_s",
+                                     "vs_HF", "peak%", "mem_MB"),
+                      tablefmt="simple", colalign=("left",) * 3 + ("right",) * 7, disable_numparse=True)]
     lines.append(f"peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result.get('peak_source', 'measured')}) "
                  f"on {result['device']}; "
                  f"bench took {result['total_s']:.0f} s")
@@ -802,23 +612,6 @@ def table(result: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="lengths 128 and 256, 3 steps, 1 round, a 160-review experiment "
-                             "(< 10 min on an idle 2-core CPU)")
-    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.log")
-    parser.add_argument("--model", default=None, help="model.name for every contestant (default minilm)")
-    parser.add_argument("--lengths", default=None, help="comma-separated max_length values, e.g. 128,512")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per step-scenario run (>= 2)")
-    parser.add_argument("--contestants", default=None, help=f"comma-separated subset of {','.join(CONTESTANTS)}")
-    parser.add_argument("--rounds", type=int, default=None, help="step scenario: runs per contestant and length")
-    parser.add_argument("--no-startup", action="store_true", help="skip the token-cache start-up figure")
-    parser.add_argument("--no-experiment", action="store_true", help="skip the experiment scenario")
-    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of a step")
-    parser.add_argument("--experiment-limit", type=int, default=None,
-                        help="reviews in the experiment scenario (8:1:1 split; quick 160, full 3000)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tabulate import tabulate
+
 MODELS = ("bert", "roberta", "modernbert")
 LENGTHS = (128, 512)
 
@@ -40,12 +42,10 @@ class Row:
 
 def table(rows: list[Row]) -> str:
     """The check's one table, in markdown (it goes into docs/performance.md as printed)."""
-    width = max([len("check")] + [len(r.check) for r in rows])
-    lines = [f"| {'check':<{width}} | result | verdict |", f"|{'-' * (width + 2)}|---|---|"]
-    lines += [f"| {r.check:<{width}} | {r.result} | {r.verdict} |" for r in rows]
+    markdown = tabulate([(r.check, r.result, r.verdict) for r in rows], headers=("check", "result", "verdict"),
+                        tablefmt="github", disable_numparse=True)
     failed = sum(r.ok is False for r in rows)
-    lines.append(f"\n{len(rows)} checks, {failed} failed")
-    return "\n".join(lines)
+    return f"{markdown}\n\n{len(rows)} checks, {failed} failed"
 
 
 @dataclass
@@ -193,7 +193,7 @@ def set_sync_debug_mode(mode: Any) -> None:
 
 
 def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, float, Syncs | None]:
-    import sys as _sys
+    import inspect
 
     from ebslab.core.config import load_config
     from ebslab.loop.train import train
@@ -203,7 +203,7 @@ def _train_in_process(overrides: list[str], count_syncs: bool) -> tuple[dict, fl
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "synchroniz" in str(message).lower():
-            counter.sync(_sys._getframe(1))
+            counter.sync(inspect.currentframe().f_back)  # the frame that warned
         else:
             shown(message, category, filename, lineno, file, line)
 

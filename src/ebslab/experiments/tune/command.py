@@ -8,7 +8,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ebslab.experiments import sweep as sw
 from ebslab.core.errors import UserError
@@ -17,7 +17,7 @@ from ebslab.core.locks import FolderLock
 from ebslab.experiments.tune.search import mask_url, open_storage
 from ebslab.experiments.tune.studyfile import Study, fingerprint_changes, load_study_file
 from ebslab.experiments.tune.verdict import format_params
-from ebslab.experiments.tune.workers import CONFIRM_SUFFIX, Runner, Tuner
+from ebslab.experiments.tune.workers import CONFIRM_SUFFIX, LocalTrials, RayTrials, Runner, TrialExecutor, Tuner
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,6 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_arguments(parser)
 
 
+def pick_executor(args: argparse.Namespace) -> Callable[[Path], TrialExecutor]:
+    """--executor NAME -> how to make the tuner's executor once the study folder is known: the one place that
+    reads the name."""
+    if args.executor == "slurm":
+        from ebslab.experiments import slurm
+
+        options = slurm.options_from_args(args)
+        return lambda root: slurm.TuneJobs(options, root / "slurm", root.name)
+    if args.executor == "ray":
+        return lambda root: RayTrials()
+    parallel = args.parallel
+    return lambda root: LocalTrials(parallel)
+
+
 def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock | None]:
     """Everything checked, then the study folder and storage created: a UserError leaves nothing behind.
 
@@ -54,10 +68,7 @@ def prepare(args: argparse.Namespace) -> tuple[Study, Path, Any, str, FolderLock
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
-    if args.executor == "slurm":
-        from ebslab.experiments import slurm
-
-        args.slurm = slurm.options_from_args(args)
+    args.make_executor = pick_executor(args)  # Slurm's options checked before any folder exists
     study = load_study_file(args.study_file)
     root = (Path(args.out) / study.name).resolve()
     check_folder_target(root, "--out")
@@ -124,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, study: Study, root: Path, storage, url: str) -> int:
-    runner = Runner(args.executor, args.parallel, slurm=getattr(args, "slurm", None), root=root)
+    runner = Runner(args.make_executor(Path(root)), args.parallel)
     runner.start()
     tuner = Tuner(study, root, storage, url, runner)
     space = ", ".join(p.key for p in study.space)

@@ -15,7 +15,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ebslab.experiments import sweep as sw
 from ebslab.core.errors import UserError
@@ -56,8 +56,9 @@ def _alive(worker: str | None) -> bool:
     return True
 
 
-def fail_stale(study) -> list[int]:
-    """RUNNING trials of a dead worker -> FAIL, re-queued with the same parameters (and folder).
+def fail_stale(study, storage) -> list[int]:
+    """RUNNING trials of a dead worker -> FAIL, re-queued with the same parameters (and folder). `storage` is the
+    one the study was loaded from (`open_storage`).
 
     Optuna's heartbeat finds those of any machine once their grace period passes; a worker on this host whose
     process is gone is found at once (a resume right after a kill does not wait for the grace period)."""
@@ -66,18 +67,18 @@ def fail_stale(study) -> list[int]:
     from optuna.trial import TrialState
 
     fail_stale_trials(study)
-    # Optuna has no public accessor for a study's storage nor a trial's id in it: its own callback takes both
-    storage, failed = study._storage, []
+    failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker")):
             continue
+        stale_id = trial_id(storage, study, t.number)
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            if storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
                 failed.append(t.number)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "experimental"
                     optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(
-                        study, storage.get_trial(t._trial_id))
+                        study, storage.get_trial(stale_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first
     return failed
@@ -133,62 +134,38 @@ class Task:
     kind: str  # search | confirm
 
 
-class Runner:
-    """Runs `ebslab train` commands in subprocesses (local), Ray tasks or Slurm jobs, and stops them on Ctrl-C."""
+class TrialExecutor(Protocol):
+    """Where a tuner's runs go (`--executor NAME`, picked in tune.command): local subprocesses and Ray tasks here,
+    Slurm jobs in experiments.slurm (TuneJobs)."""
 
-    def __init__(self, executor: str, parallel: int, slurm: Any = None, root: Path | None = None):
-        self.executor, self.parallel = executor, parallel
-        self.slurm_options, self.root, self.slurm_jobs = slurm, root, None
+    def start(self) -> None:
+        """Before the first run."""
+
+    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
+        """One `ebslab train` command to its end: its exit code (-1: it ended without one)."""
+
+    def stop_all(self) -> None:
+        """Ctrl-C: every run going gets stopped (it checkpoints and says interrupted), then is waited for."""
+
+    def close(self) -> None:
+        """After the last run."""
+
+
+class LocalTrials:
+    """Each run a subprocess of this worker."""
+
+    def __init__(self, parallel: int):
         self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
         self.env_extra: dict[str, str] = {}
-        if executor == "local" and parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
             self.env_extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-        self.ray_task = None
-        self.ray_started = False
-        self.ray_refs: set = set()
 
     def start(self) -> None:
-        if self.executor == "slurm":  # each trial one Slurm job (ebslab.experiments.slurm)
-            from ebslab.experiments.slurm import TuneJobs
-
-            self.slurm_jobs = TuneJobs(self.slurm_options, Path(self.root) / "slurm", Path(self.root).name)
-            return
-        if self.executor != "ray":
-            return
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-            self.ray_started = True
-        self.ray_task = ray.remote(sw.ray_task).options(num_cpus=1, max_retries=0)
-
-    def close(self) -> None:
-        if self.ray_started:
-            import ray
-
-            ray.shutdown()
+        pass
 
     def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
-        env = {**env, **self.env_extra}
-        if self.slurm_jobs is not None:
-            return self.slurm_jobs.run(cmd, env, log)
-        if self.executor == "ray":
-            import ray
-
-            ref = self.ray_task.remote(cmd, env, str(log), os.getcwd())
-            self.ray_refs.add(ref)
-            try:
-                return int(ray.get(ref)[0])
-            except Exception as e:  # the task itself died (node lost, cancelled)
-                with open(log, "a", encoding="utf-8") as f:
-                    f.write(f"=== ray task failed: {e}\n")
-                return -1
-            finally:
-                self.ray_refs.discard(ref)
         key = threading.get_ident()
 
         def on_start(proc: subprocess.Popen) -> None:
@@ -198,24 +175,86 @@ class Runner:
                     proc.send_signal(signal.SIGINT)
 
         try:
-            return sw.run_process(cmd, env, str(log), os.getcwd(), on_start=on_start)
+            return sw.run_process(cmd, {**env, **self.env_extra}, str(log), os.getcwd(), on_start=on_start)
         finally:
             with self.lock:
                 self.procs.pop(key, None)
 
     def stop_all(self) -> None:
-        """Each run gets one SIGINT (it checkpoints and says interrupted), then is waited for."""
         with self.lock:
             self.stopping = True
             procs = list(self.procs.values())
         sw.stop_processes(procs)
-        if self.slurm_jobs is not None:
-            self.slurm_jobs.cancel_all()
+
+    def close(self) -> None:
+        pass
+
+
+class RayTrials:
+    """Each run a Ray task (RAY_ADDRESS = an existing cluster, else one started here)."""
+
+    def __init__(self) -> None:
+        self.ray_task = None
+        self.ray_started = False
+        self.ray_refs: set = set()
+
+    def start(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs ray: pip install 'ebslab[ray]' (or use --executor local)")
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+            self.ray_started = True
+        self.ray_task = ray.remote(sw.ray_task).options(num_cpus=1, max_retries=0)
+
+    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
+        import ray
+
+        ref = self.ray_task.remote(cmd, env, str(log), os.getcwd())
+        self.ray_refs.add(ref)
+        try:
+            return int(ray.get(ref)[0])
+        except Exception as e:  # the task itself died (node lost, cancelled)
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"=== ray task failed: {e}\n")
+            return -1
+        finally:
+            self.ray_refs.discard(ref)
+
+    def stop_all(self) -> None:
         if self.ray_refs:
             import ray
 
             for ref in list(self.ray_refs):
                 ray.cancel(ref)
+
+    def close(self) -> None:
+        if self.ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+class Runner:
+    """The tuner's runs, `parallel` at once, on its executor; `stopping` once Ctrl-C stopped them."""
+
+    def __init__(self, executor: TrialExecutor, parallel: int):
+        self.executor, self.parallel = executor, parallel
+        self.stopping = False
+
+    def start(self) -> None:
+        self.executor.start()
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> int:
+        return self.executor.run(cmd, env, log)
+
+    def stop_all(self) -> None:
+        self.stopping = True
+        self.executor.stop_all()
 
 
 class Tuner:
@@ -241,7 +280,7 @@ class Tuner:
     def next_search(self) -> Task | None:
         from optuna.trial import TrialState
 
-        fail_stale(self.search)
+        fail_stale(self.search, self.storage)
         waiting = self.search.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting and len(self.fresh_search_trials()) >= self.spec.trials:
             return None
@@ -264,7 +303,7 @@ class Tuner:
     def search_finished(self) -> bool:
         from optuna.trial import TrialState
 
-        fail_stale(self.search)
+        fail_stale(self.search, self.storage)
         busy = self.search.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
         return not busy and len(self.fresh_search_trials()) >= self.spec.trials
 
@@ -295,7 +334,7 @@ class Tuner:
         import optuna.distributions as od
         from optuna.trial import TrialState
 
-        fail_stale(self.confirm)
+        fail_stale(self.confirm, self.storage)
         if not self.confirm.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return None
         folders = [t.user_attrs["folder"] for t in self.search.get_trials(deepcopy=False) if "folder" in t.user_attrs]
@@ -391,7 +430,7 @@ class Tuner:
     def confirm_finished(self) -> bool:
         from optuna.trial import TrialState
 
-        fail_stale(self.confirm)
+        fail_stale(self.confirm, self.storage)
         return not self.confirm.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
 
     def run(self) -> dict[str, Any]:

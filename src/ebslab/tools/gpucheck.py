@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 from tabulate import tabulate
 
+from ebslab.core import runfolder
+
 MODELS = ("bert", "roberta", "modernbert")
 LENGTHS = (128, 512)
 
@@ -220,7 +222,8 @@ def _ebslab(args: list[str], timeout: float, env: dict | None = None) -> subproc
 
 
 def _summary(run: Path) -> dict[str, Any]:
-    return json.loads((run / "summary.json").read_text())
+    """The run's summary; a run that wrote none (it crashed) reads as failed with no figures."""
+    return runfolder.read_summary(run) or {"status": "failed", "steps": 0, "train_samples_per_s": None}
 
 
 def run_checks(out: Path, steps: int) -> list[Row]:
@@ -275,9 +278,8 @@ def run_checks(out: Path, steps: int) -> list[Row]:
         args = ["train", *bert, f"train.max_steps={4 * steps}", "checkpoint.every_steps=5", "out.name=resume"]
         proc = subprocess.Popen([sys.executable, "-m", "ebslab", *args], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        metrics = out / "resume" / "metrics.jsonl"
         deadline = time.time() + 300
-        while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"step"') < 10):
+        while time.time() < deadline and len(runfolder.read_metrics(out / "resume")) < 10:
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         stopped = proc.wait(timeout=300)

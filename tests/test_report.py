@@ -605,3 +605,16 @@ def test_the_ebs_figures_bars_are_the_configurations_tables_intervals(tmp_path):
     fig = report_figures.draw_acc_vs_ebs(points)
     bars = [seg.ravel().tolist() for coll in fig.axes[0].collections for seg in coll.get_segments()]
     assert len(bars) == 1 and bars[0] == pytest.approx([32, lo, 32, hi])  # none at EBS 128
+
+
+def test_a_table_keeps_its_cells_as_given_and_escapes_a_pipe():
+    """md_table (tabulate's pipe format): text is not read as numbers ("0.9000" stays, "1e-05" is not 1e-05 as
+    0.00001), bold marks stay, a `|` inside a cell is escaped, and the alignment row says left or right."""
+    md = render.md_table(["run | name", "acc"], [["a|b", "0.9000"], ["**c**", "1e-05"]], ["l", "r"])
+    lines = md.splitlines()
+    cells = [[c.strip() for c in line.strip("|").replace("\\|", "\0").split("|")] for line in lines]
+    cells = [[c.replace("\0", "\\|") for c in row] for row in cells]
+    assert cells[0] == ["run \\| name", "acc"]
+    assert cells[2:] == [["a\\|b", "0.9000"], ["**c**", "1e-05"]]
+    assert cells[1][0].startswith(":-") and cells[1][1].endswith("-:")
+    assert len({len(line) for line in lines}) == 1  # padded to the columns' widths

@@ -35,6 +35,7 @@ from scipy import optimize, stats
 
 from ebslab.core.config import as_trained
 from ebslab.analysis.figures import pyplot, save
+from ebslab.analysis.render import md_table
 from ebslab.core.metrics import higher_is_better
 from ebslab.analysis.replicates import changes_training
 from ebslab.core import runfolder
@@ -599,16 +600,17 @@ def paragraph(study: EbsStudy) -> str:
 
 
 def curve_table(study: EbsStudy) -> list[str]:
-    lines = ["| target | EBS in the fit | B_crit | interval |", "|---:|---|---|---|"]
+    rows = []
     for tf in study.curve:
+        fitted = ", ".join(map(str, tf.fitted))
         if tf.fit is None:
-            lines.append(f"| {tf.target:.3g} | {', '.join(map(str, tf.fitted)) or 'none'} | no fit: {tf.refusal} | |")
+            rows.append([f"{tf.target:.3g}", fitted or "none", f"no fit: {tf.refusal}", ""])
             continue
         small, large = tf.ebs_range
         value = _bc(tf.critical_batch) if tf.critical_batch is not None else (
             f"above {large}" if tf.bound == {"above": large} else f"below {small}")
-        lines.append(f"| {tf.target:.3g} | {', '.join(map(str, tf.fitted))} | {value} | {interval_words(tf)} |")
-    return lines
+        rows.append([f"{tf.target:.3g}", fitted, value, interval_words(tf)])
+    return [md_table(["target", "EBS in the fit", "B_crit", "interval"], rows, ["r", "l", "l", "l"])]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -748,6 +750,21 @@ def plot_critical_batch_curve(study: EbsStudy, path: Path) -> Path:
 # The section
 
 
+def steps_markdown(study: EbsStudy) -> str:
+    """The steps table: each EBS's steps and examples to the target per seed, their geometric means, B_simple."""
+    def num(x: float | None, digits: int = 0) -> str:
+        return "not reached" if x is None else f"{x:.{digits}f}"
+
+    rows = []
+    for r in study.rows:
+        b = "not measured" if not any(r.gns) else ("none" if r.mean_b_simple is None else _bc(r.mean_b_simple))
+        rows.append([str(r.effective_batch), ", ".join(map(str, r.seeds)), ", ".join(num(s, 1) for s in r.steps),
+                     ", ".join(num(e) for e in r.examples), num(r.mean_steps if r.complete else None, 1),
+                     num(r.mean_examples if r.complete else None), b])
+    return md_table(["EBS", "seeds", "steps per seed", "examples per seed", "S", "E", "B_simple at target"], rows,
+                    ["r", "l", "l", "l", "r", "r", "r"])
+
+
 def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None, metric: str = "acc",
             title: str = "", prefix: str = "ebs", lr_note: str | None = None) -> tuple[str, dict[str, Any]] | None:
     """(markdown, report.json's `ebs_study`) with the plots written into out_dir; None when the runs do not vary
@@ -763,19 +780,7 @@ def section(runs: Sequence[StudyRun], out_dir: Path, target: float | None = None
     md = ["## Effective batch size" + (f": {title}" if title else ""), "", paragraph(study), "",
           f"Steps S and training examples E to reach val/{study.metric} {study.target:.3g} (interpolated between "
           "evaluations), per seed and as geometric means over seeds; B_simple where each run reached it.", "",
-          "| EBS | seeds | steps per seed | examples per seed | S | E | B_simple at target |",
-          "|---:|---|---|---|---:|---:|---:|"]
-
-    def num(x: float | None, digits: int = 0) -> str:
-        return "not reached" if x is None else f"{x:.{digits}f}"
-
-    for r in study.rows:
-        b = "not measured" if not any(r.gns) else ("none" if r.mean_b_simple is None else _bc(r.mean_b_simple))
-        md.append(f"| {r.effective_batch} | {', '.join(map(str, r.seeds))} | "
-                  f"{', '.join(num(s, 1) for s in r.steps)} | {', '.join(num(e) for e in r.examples)} | "
-                  f"{num(r.mean_steps if r.complete else None, 1)} | {num(r.mean_examples if r.complete else None)} "
-                  f"| {b} |")
-    md.append("")
+          steps_markdown(study), ""]
     if study.main.fit is not None:
         fit = study.main.fit
         md += [f"Fit of log S = a_seed + log(1 + B_crit / B) over EBS {', '.join(map(str, study.main.fitted))} "

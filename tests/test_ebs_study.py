@@ -14,8 +14,9 @@ import pytest
 import yaml
 from ebs_simulation import DOC_DESIGN, EXP2_DESIGN, simulate_runs
 
+from ebslab.analysis.ebs_section import report_section, section
 from ebslab.analysis.ebs_study import (StudyRun, analyse, crossing, default_target, first_eval_at_or_past, fit_log_tradeoff,
-                              fit_linear_tradeoff, fit_target, load_study_run, report_section, section, steps_table)
+                              fit_linear_tradeoff, fit_target, load_study_run, steps_table)
 
 EBS = [8, 16, 32, 64, 128]
 

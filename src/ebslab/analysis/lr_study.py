@@ -269,7 +269,7 @@ def exponent_words(study: LrStudy) -> str:
 def plot(study: LrStudy, runs: Sequence[Any], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
-    from ebslab.analysis.ebs_study import plain_log_ticks
+    from ebslab.analysis.ebs_section import plain_log_ticks
     from ebslab.analysis.figures import pyplot, save
 
     plt = pyplot()

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ebslab.analysis import ebs_study, lr_study, render, replicates, report_figures, stats
+from ebslab.analysis import ebs_section, lr_study, render, replicates, report_figures, stats
 from ebslab.analysis.compare import DETECT_PT, analyse
 from ebslab.analysis.runs import (Group, Run, comparable_runs, find_run_dirs, group_runs, load_run, run_names,
                                   varying_keys)
@@ -76,7 +76,7 @@ def study_sections(dirs: Sequence[Path], out_dir: Path, target: float | None, re
     lr_md, lr_json = lr_study.report_section(dirs, out_dir)
     if lr_json is not None:
         result["lr_study"] = lr_json
-    ebs_md, ebs_json = ebs_study.report_section(dirs, out_dir, target, best_lr=lr_study)
+    ebs_md, ebs_json = ebs_section.report_section(dirs, out_dir, target, best_lr=lr_study)
     if ebs_json is not None:
         result["ebs_study"] = ebs_json
     return lr_md + ebs_md

@@ -32,6 +32,7 @@ from ebslab.core.metrics import METRICS
 
 
 def json_num(v: Any) -> Any:
+    """report.json's form of a value: numpy numbers as Python ones, NaN as null, infinities as "inf"/"-inf"."""
     if isinstance(v, (float, np.floating)):
         v = float(v)
         return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from scipy import stats
 
-from ebslab.analysis import report
+from ebslab.analysis import compare, render, report, report_figures
+from ebslab.analysis import runs as run_folders
+from ebslab.analysis import stats as ebs_stats
 from ebslab.core.errors import UserError
 
 
@@ -66,49 +68,49 @@ def make_run(root: Path, name: str, *, ebs: int = 32, seed: int = 1, lr_scaling:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def test_mean_ci_matches_hand_formula():
+def test_the_tables_interval_matches_hand_formula():
+    """stats.t_interval is the one interval of a configuration's mean: the table's and the figure's bars."""
     accs = [0.90, 0.92, 0.94]
-    mean, std, lo, hi = report.mean_ci(accs)
+    lo, hi, note = ebs_stats.t_interval(accs, 0.95, compare.metric_bounds("acc"))
     # by hand: mean 0.92, deviations ±0.02 -> var = (0.0004 + 0 + 0.0004) / 2 = 0.0004, std = 0.02
-    assert mean == pytest.approx(0.92)
-    assert std == pytest.approx(0.02)
+    assert note is None and (lo + hi) / 2 == pytest.approx(0.92)
     half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)  # t(0.975, 2) = 4.3027
     assert half == pytest.approx(0.049683, abs=1e-5)
     assert lo == pytest.approx(0.92 - half)
     assert hi == pytest.approx(0.92 + half)
 
 
-def test_mean_ci_single_value_has_no_interval():
-    mean, std, lo, hi = report.mean_ci([0.8])
-    assert mean == 0.8 and math.isnan(std) and math.isnan(lo) and math.isnan(hi)
+def test_the_tables_interval_of_a_single_value_is_none():
+    lo, hi, note = ebs_stats.t_interval([0.8], 0.95, compare.metric_bounds("acc"))
+    assert math.isnan(lo) and math.isnan(hi) and note == "n = 1: no interval"
 
 
 def test_mcnemar_exact_known_counts():
     # b=10, c=2: 2 * P(X <= 2), X ~ Bin(12, 1/2) = 2 * (1 + 12 + 66) / 4096 = 0.03857
-    assert report.mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096)
-    assert report.mcnemar_p(10, 2) == pytest.approx(0.0386, abs=5e-5)
-    assert report.mcnemar_p(2, 10) == report.mcnemar_p(10, 2)
-    assert report.mcnemar_p(5, 5) == 1.0
-    assert report.mcnemar_p(0, 0) == 1.0
+    assert ebs_stats.mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096)
+    assert ebs_stats.mcnemar_p(10, 2) == pytest.approx(0.0386, abs=5e-5)
+    assert ebs_stats.mcnemar_p(2, 10) == ebs_stats.mcnemar_p(10, 2)
+    assert ebs_stats.mcnemar_p(5, 5) == 1.0
+    assert ebs_stats.mcnemar_p(0, 0) == 1.0
 
 
 def test_holm_known_pvalues():
     # sorted 0.01, 0.02, 0.03, 0.04 with m=4 -> 0.04, 0.06, 0.06 (monotone), 0.06 ... by hand:
     # 4*0.01 = 0.04; 3*0.02 = 0.06; 2*0.03 = 0.06; 1*0.04 = 0.04 -> max-accumulated 0.06
-    adj = report.holm([0.03, 0.01, 0.04, 0.02])
+    adj = ebs_stats.holm([0.03, 0.01, 0.04, 0.02])
     assert adj == pytest.approx([0.06, 0.04, 0.06, 0.06])
-    assert report.holm([0.5, 0.8]) == pytest.approx([1.0, 1.0])  # 2*0.5 = 1.0, capped
-    out = report.holm([0.01, float("nan")])
+    assert ebs_stats.holm([0.5, 0.8]) == pytest.approx([1.0, 1.0])  # 2*0.5 = 1.0, capped
+    out = ebs_stats.holm([0.01, float("nan")])
     assert out[0] == pytest.approx(0.01) and math.isnan(out[1])
 
 
 def test_flatten_and_varying_keys():
-    a = report.flatten({"batch": {"effective": 64}, "train": {"seed": 1}, "out": {"name": "a"},
+    a = run_folders.flatten({"batch": {"effective": 64}, "train": {"seed": 1}, "out": {"name": "a"},
                         "derived": {"lr": 1}, "optim": {"betas": [0.9, 0.99]}})
-    b = report.flatten({"batch": {"effective": 256}, "train": {"seed": 2}, "out": {"name": "b"},
+    b = run_folders.flatten({"batch": {"effective": 256}, "train": {"seed": 2}, "out": {"name": "b"},
                         "derived": {"lr": 2}, "optim": {"betas": [0.9, 0.99]}})
     assert a["optim.betas"] == (0.9, 0.99)
-    assert report.varying_keys([a, b]) == ["batch.effective", "train.seed"]
+    assert run_folders.varying_keys([a, b]) == ["batch.effective", "train.seed"]
 
 
 def test_read_jsonl_tolerates_torn_last_line(tmp_path):
@@ -122,10 +124,10 @@ def test_read_jsonl_tolerates_torn_last_line(tmp_path):
 
 def test_bold_marks_max_and_min():
     texts = ["0.9", "0.95", "0.8"]
-    assert report.bold_best([0.9, 0.95, 0.8], texts, True) == ["0.9", "**0.95**", "0.8"]
-    assert report.bold_best([0.9, 0.95, 0.8], texts, False) == ["0.9", "0.95", "**0.8**"]
+    assert render.bold_best([0.9, 0.95, 0.8], texts, True) == ["0.9", "**0.95**", "0.8"]
+    assert render.bold_best([0.9, 0.95, 0.8], texts, False) == ["0.9", "0.95", "**0.8**"]
     # a not-completed row never gets the bold
-    assert report.bold_best([0.9, 0.95, 0.8], texts, False, [True, True, False]) == ["**0.9**", "0.95", "0.8"]
+    assert render.bold_best([0.9, 0.95, 0.8], texts, False, [True, True, False]) == ["**0.9**", "0.95", "0.8"]
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -137,14 +139,14 @@ def test_find_run_dirs_at_any_depth_and_errors(tmp_path):
     (sweep / "sweep.json").write_text("{}")
     make_run(sweep / "a", "r1")
     make_run(sweep / "b" / "c", "r2")
-    found = report.find_run_dirs([sweep])
+    found = run_folders.find_run_dirs([sweep])
     assert sorted(p.name for p in found) == ["r1", "r2"]
-    assert report.find_run_dirs([sweep / "a" / "r1"]) == [sweep / "a" / "r1"]
+    assert run_folders.find_run_dirs([sweep / "a" / "r1"]) == [sweep / "a" / "r1"]
     with pytest.raises(UserError, match="no such"):
-        report.find_run_dirs([tmp_path / "nope"])
+        run_folders.find_run_dirs([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no run folders"):
-        report.find_run_dirs([tmp_path / "empty"])
+        run_folders.find_run_dirs([tmp_path / "empty"])
 
 
 def _table_rows(md: str, heading: str) -> list[list[str]]:
@@ -247,11 +249,11 @@ def test_report_end_to_end(tmp_path, capsys):
 def test_torn_line_and_missing_summary(tmp_path):
     make_run(tmp_path, "a", torn=True, evals=[(0.7, 0.6), (0.8, 0.5)])
     make_run(tmp_path, "b", summary=False)
-    r = report.load_run(tmp_path / "a")
+    r = run_folders.load_run(tmp_path / "a")
     assert [e["val/acc"] for e in r.evals] == [0.7, 0.8]  # torn 0.1 line dropped
-    xs, m, s = report.curve([r], "val/acc")
+    xs, m, s = report_figures.curve([r], "val/acc")
     assert list(xs) == [1.0, 2.0] and list(m) == [0.7, 0.8]
-    rb = report.load_run(tmp_path / "b")
+    rb = run_folders.load_run(tmp_path / "b")
     assert rb.status == "incomplete" and not rb.ok
     path = report.build_report([tmp_path], tmp_path / "rep")
     md = path.read_text()
@@ -259,22 +261,22 @@ def test_torn_line_and_missing_summary(tmp_path):
 
 
 def test_curve_mean_and_std_over_seeds(tmp_path):
-    a = report.load_run(make_run(tmp_path, "s1", seed=1, evals=[(0.6, 0.7), (0.8, 0.5)]))
-    b = report.load_run(make_run(tmp_path, "s2", seed=2, evals=[(0.7, 0.6), (0.9, 0.4)]))
-    xs, m, s = report.curve([a, b], "val/acc")
+    a = run_folders.load_run(make_run(tmp_path, "s1", seed=1, evals=[(0.6, 0.7), (0.8, 0.5)]))
+    b = run_folders.load_run(make_run(tmp_path, "s2", seed=2, evals=[(0.7, 0.6), (0.9, 0.4)]))
+    xs, m, s = report_figures.curve([a, b], "val/acc")
     assert list(xs) == [1.0, 2.0]
     assert m == pytest.approx([0.65, 0.85])
     assert s == pytest.approx([np.std([0.6, 0.7], ddof=1)] * 2)
 
 
 def test_groups_ignore_seed_and_out(tmp_path):
-    runs = [report.load_run(make_run(tmp_path, f"r{s}", seed=s)) for s in (1, 2)]
-    runs.append(report.load_run(make_run(tmp_path, "other", seed=1, lr_scaling="sqrt")))
-    groups = report.group_runs(runs)
+    runs = [run_folders.load_run(make_run(tmp_path, f"r{s}", seed=s)) for s in (1, 2)]
+    runs.append(run_folders.load_run(make_run(tmp_path, "other", seed=1, lr_scaling="sqrt")))
+    groups = run_folders.group_runs(runs)
     assert sorted(len(g.runs) for g in groups) == [1, 2]
     assert sorted(g.label for g in groups) == ["optim.lr_scaling=none", "optim.lr_scaling=sqrt"]
     a, b = groups
-    assert report.pair_label(a, b) == ("optim.lr_scaling=none", "optim.lr_scaling=sqrt")
+    assert run_folders.pair_label(a, b) == ("optim.lr_scaling=none", "optim.lr_scaling=sqrt")
 
 
 def test_default_out_is_the_single_dir(tmp_path):
@@ -288,8 +290,8 @@ def test_default_out_is_the_single_dir(tmp_path):
 
 
 def test_bold_nothing_when_all_tie():
-    assert report.bold_best([0.5, 0.5], ["0.5", "0.5"], True) == ["0.5", "0.5"]
-    assert report.bold_best([0.5, 0.5, 0.6], ["0.5", "0.5", "0.6"], False) == ["**0.5**", "**0.5**", "0.6"]
+    assert render.bold_best([0.5, 0.5], ["0.5", "0.5"], True) == ["0.5", "0.5"]
+    assert render.bold_best([0.5, 0.5, 0.6], ["0.5", "0.5", "0.6"], False) == ["**0.5**", "**0.5**", "0.6"]
 
 
 def test_report_has_the_effective_batch_size_section_when_ebs_varies(tmp_path):
@@ -372,11 +374,12 @@ def test_grouping_ignores_batch_micro_and_track_and_counts_collapsed(tmp_path):
         cfg["batch"]["micro"] = micro
         cfg["track"] = ["jsonl"] if seed == 1 else ["jsonl", "tensorboard"]
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        runs.append(report.load_run(d))
-    groups = report.group_runs(runs)
+        runs.append(run_folders.load_run(d))
+    groups = run_folders.group_runs(runs)
     assert len(groups) == 1 and len(groups[0].runs) == 3
-    assert groups[0].stats("best")[0] == pytest.approx((0.9 + 0.9 + 0.5) / 3)  # collapsed run included
-    assert groups[0].stats("best", exclude_collapsed=True)[0] == pytest.approx(0.9)  # the old view
+    mean = compare.group_summary(groups[0], "acc", False)["test_mean"]
+    assert mean == pytest.approx((0.9 + 0.9 + 0.5) / 3)  # collapsed run included
+    assert compare.group_summary(groups[0], "acc", True)["test_mean"] == pytest.approx(0.9)  # the old view
 
 
 def test_a_comparison_with_no_spread_and_no_difference_says_so(tmp_path):
@@ -525,7 +528,7 @@ def test_main_effect_pairs_by_seed_and_other_keys_and_ranks_by_size(tmp_path):
     # ranked by size: the EBS effect (about -20 pt) comes before lr scaling
     assert [x["key"] for x in rep["main_effects"]] == sorted(effects, key=lambda k: -abs(effects[k]["estimate"]))
     table = md.split("## What mattered", 1)[1].split("## Runs", 1)[0]
-    assert table.index("| batch.effective |") < table.index("| optim.lr_scaling |")
+    assert table.index("| batch.effective ") < table.index("| optim.lr_scaling ")  # cells padded to the column
 
 
 def _edit_config(run_dir: Path, edit) -> Path:
@@ -557,7 +560,7 @@ def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
 
     dirs = [_edit_config(make_run(tmp_path / "sw", f"old-ebs{ebs}", ebs=ebs), old) for ebs in (16, 64)]
     dirs += [_edit_config(make_run(tmp_path / "sw", f"new-ebs{ebs}", ebs=ebs, seed=2), new()) for ebs in (16, 64)]
-    groups = report.group_runs([report.load_run(d) for d in dirs])
+    groups = run_folders.group_runs([run_folders.load_run(d) for d in dirs])
     assert [sorted(r.name for r in g.runs) for g in groups] == [["new-ebs16", "old-ebs16"], ["new-ebs64", "old-ebs64"]]
     assert [g.label for g in groups] == ["batch.effective=16", "batch.effective=64"]
     # a run from before derived.precision was recorded is what it asked for, auto: a group of its own, and a log
@@ -567,7 +570,7 @@ def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
     dirs.append(unrecorded)
 
     def grouped():
-        groups = report.group_runs([report.load_run(d) for d in dirs])
+        groups = run_folders.group_runs([run_folders.load_run(d) for d in dirs])
         fits = ebs_study.group_by_other_keys([ebs_study.load_study_run(d) for d in dirs])
         return [(g.label, sorted(r.name for r in g.runs)) for g in groups], {k: len(v) for k, v in fits.items()}
 
@@ -582,7 +585,43 @@ def test_old_and_new_run_folders_of_one_configuration_form_one_group(tmp_path):
 
     bf16 = _edit_config(make_run(tmp_path / "sw2", "bf16", ebs=16, seed=3), new(precision="bf16"))
     by_loss = _edit_config(make_run(tmp_path / "sw2", "by-loss", ebs=16, seed=4), new(select_by="loss"))
-    groups = report.group_runs([report.load_run(d) for d in (dirs[0], bf16, by_loss)])
+    groups = run_folders.group_runs([run_folders.load_run(d) for d in (dirs[0], bf16, by_loss)])
     assert sorted(g.label for g in groups) == ["eval.select_by=acc, train.precision=bf16",
                                                "eval.select_by=acc, train.precision=fp32",
                                                "eval.select_by=loss, train.precision=fp32"]
+
+
+def test_the_ebs_figures_bars_are_the_configurations_tables_intervals(tmp_path):
+    """Test acc vs EBS: a configuration's bar is the 95% t-interval the configurations table shows (report.json's
+    test_ci), and where the table refuses one (one seed) the figure draws no bar either."""
+    sweep = tmp_path / "sw"
+    for seed, acc in ((1, 0.80), (2, 0.84), (3, 0.86)):
+        make_run(sweep, f"e32-s{seed}", ebs=32, seed=seed, test_acc=acc, val_acc=acc)
+    make_run(sweep, "e128-s1", ebs=128, seed=1, test_acc=0.7, val_acc=0.7)
+    report.build_report([sweep], tmp_path / "out", n_boot=200)
+    table = {g["label"]: g for g in json.loads((tmp_path / "out" / "report.json").read_text())["groups"]}
+    assert table["batch.effective=128"]["test_ci"] == [None, None]
+    assert table["batch.effective=128"]["test_ci_note"] == "n = 1: no interval"
+    lo, hi = table["batch.effective=32"]["test_ci"]
+    half = stats.t.ppf(0.975, 2) * np.std([0.80, 0.84, 0.86], ddof=1) / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.8333 - half, 0.8333 + half), abs=1e-4)
+
+    groups = run_folders.group_runs([run_folders.load_run(d) for d in sorted(sweep.iterdir())])
+    points = report_figures.acc_vs_ebs_points(groups)
+    assert [(p.ebs, p.seeds) for p in points] == [(32, [0.80, 0.84, 0.86]), (128, [0.7])]
+    fig = report_figures.draw_acc_vs_ebs(points)
+    bars = [seg.ravel().tolist() for coll in fig.axes[0].collections for seg in coll.get_segments()]
+    assert len(bars) == 1 and bars[0] == pytest.approx([32, lo, 32, hi])  # none at EBS 128
+
+
+def test_a_table_keeps_its_cells_as_given_and_escapes_a_pipe():
+    """md_table (tabulate's pipe format): text is not read as numbers ("0.9000" stays, "1e-05" is not 1e-05 as
+    0.00001), bold marks stay, a `|` inside a cell is escaped, and the alignment row says left or right."""
+    md = render.md_table(["run | name", "acc"], [["a|b", "0.9000"], ["**c**", "1e-05"]], ["l", "r"])
+    lines = md.splitlines()
+    cells = [[c.strip() for c in line.strip("|").replace("\\|", "\0").split("|")] for line in lines]
+    cells = [[c.replace("\0", "\\|") for c in row] for row in cells]
+    assert cells[0] == ["run \\| name", "acc"]
+    assert cells[2:] == [["a\\|b", "0.9000"], ["**c**", "1e-05"]]
+    assert cells[1][0].startswith(":-") and cells[1][1].endswith("-:")
+    assert len({len(line) for line in lines}) == 1  # padded to the columns' widths

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from ebslab.analysis import report, stats
+from ebslab.analysis import render, report_figures, stats
+from ebslab.analysis import runs as run_folders
 from ebslab.cli import main
 from test_report import _edit_config, _report, make_run
 
@@ -92,7 +93,7 @@ def test_replicates_that_disagree_count_once_with_their_mean_and_are_named(tmp_p
 
 
 def test_pair_by_seed_keeps_every_run_of_a_seed():
-    a = report.Replicate(seed=1, runs=[])
+    a = run_folders.Replicate(seed=1, runs=[])
     assert math.isnan(a.test("best", "acc"))  # nothing scored: no value, never a silent pick
 
 
@@ -136,8 +137,8 @@ def test_t_branch_power_and_detect(tmp_path):
                                              stats.minimal_detectable_difference(sd_hi, 4, level)])
     assert pw["seeds_needed"] == stats.seeds_needed(0.02, d.std(ddof=1), level)
     block = _block(md, "- batch.effective=256 vs")
-    assert f"paired t-test over seeds p = {report.fmt_p(c['p_holm'])} (Holm; raw {report.fmt_p(c['p'])})" in block
-    assert f"exact sign-flip p = {report.fmt_p(stats.sign_flip_p(d))}" in block
+    assert f"paired t-test over seeds p = {render.fmt_p(c['p_holm'])} (Holm; raw {render.fmt_p(c['p'])})" in block
+    assert f"exact sign-flip p = {render.fmt_p(stats.sign_flip_p(d))}" in block
     assert "the smallest a sign-flip test over 4 seeds allows being 0.12" in block
     assert "over the 1 test(s) corrected together" in block
     assert f"detecting 2.00 pt with 80% power needs {int(pw['seeds_needed'])} seeds" in block
@@ -247,7 +248,7 @@ def test_old_summaries_are_rejudged_from_the_whole_history_and_tables_and_plots_
         s = json.loads((d / "summary.json").read_text())
         s["val_best"]["n"] = 30
         _summary(d, majority_rate=16 / 30, val_best=s["val_best"])
-    loaded = {r.seed: r for r in (report.load_run(runs / f"s{s}") for s in (1, 2, 3))}
+    loaded = {r.seed: r for r in (run_folders.load_run(runs / f"s{s}") for s in (1, 2, 3))}
     assert (loaded[1].status, loaded[1].fell_back) == ("completed", False)  # 0.70 > 0.533 + 0.150
     assert (loaded[2].status, loaded[2].fell_back) == ("completed", True)
     assert (loaded[3].status, loaded[3].fell_back) == ("collapsed", False)
@@ -257,8 +258,8 @@ def test_old_summaries_are_rejudged_from_the_whole_history_and_tables_and_plots_
     assert (g["completed"], g["fell_back"], g["collapsed"], g["n_scored"]) == (2, 1, 1, 3)
     assert g["collapse_rate"] == pytest.approx(1 / 3)
     assert "completed (fell back)" in md
-    [group] = report.group_runs(list(loaded.values()))
-    assert len(report.curve_runs(group)) == g["n_scored"] == 3
+    [group] = run_folders.group_runs(list(loaded.values()))
+    assert len(report_figures.curve_runs(group)) == g["n_scored"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- data, confounding
@@ -318,34 +319,34 @@ def test_sentence_branches():
             "disagreements": [4, 1, 3], "disagreement_seeds": [1, 2, 3], "examples": [30, 30, 30],
             "mcnemar_p": [0.1, 1.0, 0.6], "missing": [],
             "power": stats.power_summary(0.01, 3, 0.01, 0.05)}
-    lines = report.comparison_sentences(base, "acc", 0.01)
+    lines = render.comparison_sentences(base, "acc", 0.01)
     assert lines[0].startswith("A vs B: +2.00 pt (mean of 3 per-seed differences: +1.00 pt, +2.00 pt, +3.00 pt "
                                "for seeds 1, 2, 3), 95% crossed bootstrap [+0.00, +4.00] pt")
     assert "not significant at 0.05 over the 1 test(s)" in lines[0]
     assert lines[1].startswith("Power at the level 0.05")
     assert lines[2] == ("Secondary (within seed): they disagree on 4, 1, 3 of 30 test examples (seed 1, 2, 3, in "
                         "order); McNemar p per seed 0.1, 1, 0.6.")  # per seed, not the rounded mean 3
-    sig = report.comparison_sentences({**base, "p_holm": 0.01, "examples": [30, 29, 30]}, "acc", 0.01)
+    sig = render.comparison_sentences({**base, "p_holm": 0.01, "examples": [30, 29, 30]}, "acc", 0.01)
     assert "significant at 0.05" in sig[0] and "not significant" not in sig[0]
     assert "of 30, 29, 30 test examples" in sig[2]
-    no_boot = report.comparison_sentences({**base, "ci_note": "no paired test predictions for seed 2"}, "acc", 0.01)
+    no_boot = render.comparison_sentences({**base, "ci_note": "no paired test predictions for seed 2"}, "acc", 0.01)
     assert "95% crossed bootstrap n/a (no paired test predictions for seed 2)" in no_boot[0]
-    no_t = report.comparison_sentences({**base, "t_ci_note": "n = 3 is too small"}, "acc", 0.01)
+    no_t = render.comparison_sentences({**base, "t_ci_note": "n = 3 is too small"}, "acc", 0.01)
     assert "paired t n/a (n = 3 is too small)" in no_t[0]
-    flat = report.comparison_sentences({**base, "sd": 0.0, "examples": []}, "acc", 0.01)
+    flat = render.comparison_sentences({**base, "sd": 0.0, "examples": []}, "acc", 0.01)
     assert flat[1].startswith("Power: the 3 seeds show no spread") and len(flat) == 2
     one = {**base, "n_seeds": 1, "seeds": [4], "differences": [0.02], "examples": [],
            "power": {"alpha": 0.05, "detect": 0.01, "seeds_needed": 12.0}}
-    assert report.comparison_sentences(one, "acc", 0.02)[0].endswith(
+    assert render.comparison_sentences(one, "acc", 0.02)[0].endswith(
         "With the seed-to-seed spread seen in this report (sd of a difference ≈ 2.00 pt), detecting 1.00 pt with "
         "80% power at level 0.05 would need 12 seeds.")
     unsized = {**one, "power": {"alpha": 0.05, "detect": 0.01, "seeds_needed": math.nan}}
-    assert "Run at least 3 seeds per configuration" in report.comparison_sentences(unsized, "acc", math.nan)[0]
-    none = report.comparison_sentences({**base, "n_seeds": 0, "missing": [{"config": "B", "seed": 2,
+    assert "Run at least 3 seeds per configuration" in render.comparison_sentences(unsized, "acc", math.nan)[0]
+    none = render.comparison_sentences({**base, "n_seeds": 0, "missing": [{"config": "B", "seed": 2,
                                                                            "why": "failed: OOM"}]}, "acc", 0.01)
     assert none == ["A vs B: no seed with a test acc in both: no comparison.",
                     "Not in this comparison: seed 2 of B (failed: OOM)."]
-    loss = report.comparison_sentences({**base, "power": stats.power_summary(0.01, 3, 0.01, 0.05)}, "loss", 0.01)
+    loss = render.comparison_sentences({**base, "power": stats.power_summary(0.01, 3, 0.01, 0.05)}, "loss", 0.01)
     assert "+0.0200 (mean of 3 per-seed differences" in loss[0]
 
 

@@ -163,7 +163,7 @@ def test_trainer_state_reads_both_forms_of_since_eval_and_refuses_others():
 
 
 def test_flatten_is_one_rule_for_config_sweep_checkpoint_and_report():
-    from ebslab.analysis import report
+    from ebslab.analysis import runs
 
     nested = {"optim": {"lr": 1e-4, "name": "adamw"}, "batch.effective": 64, "derived": {"lr": 2e-4}}
     assert flatten(nested) == {"optim.lr": 1e-4, "optim.name": "adamw", "batch.effective": 64}
@@ -173,8 +173,8 @@ def test_flatten_is_one_rule_for_config_sweep_checkpoint_and_report():
     assert flatten({"optim": {"lr": {"base": 1}}}) == {"optim.lr": {"base": 1}}
     with pytest.raises(UserError, match="optim.lr"):
         load_config({"optim": {"lr": {"base": 1}}})
-    assert report.flatten(nested) == flatten(nested, skip=())  # the report keeps derived.* (it groups by them)
-    assert report.flatten({"track": ["jsonl", "wandb"]}) == {"track": ("jsonl", "wandb")}
+    assert runs.flatten(nested) == flatten(nested, skip=())  # the report keeps derived.* (it groups by them)
+    assert runs.flatten({"track": ["jsonl", "wandb"]}) == {"track": ("jsonl", "wandb")}
     assert sw.flatten is flatten
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ebslab.analysis.render import md_table
 from ebslab.core.metrics import higher_is_better
 
 CONFIDENCE = 0.95
@@ -268,7 +269,7 @@ def exponent_words(study: LrStudy) -> str:
 def plot(study: LrStudy, runs: Sequence[Any], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
-    from ebslab.analysis.ebs_study import plain_log_ticks
+    from ebslab.analysis.ebs_section import plain_log_ticks
     from ebslab.analysis.figures import pyplot, save
 
     plt = pyplot()
@@ -300,6 +301,16 @@ def plot(study: LrStudy, runs: Sequence[Any], path: Path) -> Path:
     return save(fig, path, dpi=90)
 
 
+def scores_markdown(study: LrStudy) -> str:
+    """Mean best score per EBS and lr, and each EBS's best lr."""
+    lrs = sorted({x for b in study.best for x in b.lrs})
+    rows = [[str(b.effective_batch), str(b.seeds)]
+            + [f"{b.mean_scores[b.lrs.index(v)]:.3f}" if v in b.lrs else "" for v in lrs] + [best_words(b)]
+            for b in study.best]
+    return md_table(["EBS", "seeds"] + [f"lr {_lr(v)}" for v in lrs] + ["best lr"], rows,
+                    ["r", "r"] + ["r"] * len(lrs) + ["l"])
+
+
 def section(runs: Sequence[Any], out_dir: Path, metric: str = "acc", title: str = "",
             prefix: str = "lr") -> tuple[list[str], dict[str, Any]]:
     study = analyse(runs, metric)
@@ -308,15 +319,8 @@ def section(runs: Sequence[Any], out_dir: Path, metric: str = "acc", title: str 
           "Best lr at each EBS (vertex of a parabola of the run's best val/" + metric + " in log lr, pooled over "
           "seeds): " + "; ".join(f"EBS {b.effective_batch}: {best_words(b)}" for b in study.best) + ". "
           + exponent_words(study) + (" " + fell_words(study) if fell_words(study) else ""), "",
-          f"Best val/{metric} over each run, mean over seeds:", "",
-          "| EBS | seeds | " + " | ".join(f"lr {_lr(v)}" for v in sorted({x for b in study.best for x in b.lrs}))
-          + " | best lr |"]
-    lrs = sorted({x for b in study.best for x in b.lrs})
-    md.append("|---:|---:|" + "---:|" * len(lrs) + "---|")
-    for b in study.best:
-        cells = [f"{b.mean_scores[b.lrs.index(v)]:.3f}" if v in b.lrs else "" for v in lrs]
-        md.append(f"| {b.effective_batch} | {b.seeds} | " + " | ".join(cells) + f" | {best_words(b)} |")
-    md += ["", f"![Validation score vs. learning rate]({prefix}_vs_ebs.png)", ""]
+          f"Best val/{metric} over each run, mean over seeds:", "", scores_markdown(study), "",
+          f"![Validation score vs. learning rate]({prefix}_vs_ebs.png)", ""]
     return md, study.to_json()
 
 

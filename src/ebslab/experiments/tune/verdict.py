@@ -23,6 +23,7 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
     reference; test never chooses), the runner-up the second best; the candidate is the winner when the
     report's comparison of the two (test `metric` at the best checkpoint, paired by seed, paired t-test over
     seeds, Holm-corrected as the report corrects it) puts it ahead beyond seed noise."""
+    from ebslab.analysis import compare, render, runs
     from ebslab.analysis import report as rp
 
     try:
@@ -41,22 +42,22 @@ def confirmation_verdict(root: Path, metric: str) -> dict[str, Any]:
                 "table": table}
     first, second = ranked[0], ranked[1]
     assert first == result["reference_index"]  # the report's reference: the same rule, the same tie-break
-    label = rp.pair_label(groups[second], groups[first])[0]
+    label = runs.pair_label(groups[second], groups[first])[0]
     comp = next(c for c in result["comparisons"] if c["a"] == label)  # runner-up minus candidate
     lo, hi = comp["t_ci"] if comp["ci_note"] is not None else comp["ci"]
     kind = "paired t-interval" if comp["ci_note"] is not None else "crossed bootstrap"
-    numbers = (f"{rp.fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
-               f"differences on fresh seeds, 95% {kind} {rp.fmt_ci(-hi, -lo, metric)}; "
+    numbers = (f"{render.fmt_diff(-comp['estimate'], metric)} on test {metric} (mean of {comp['n_seeds']} per-seed "
+               f"differences on fresh seeds, 95% {kind} {render.fmt_ci(-hi, -lo, metric)}; "
                f"{'paired t-test' if comp['p_test'] == 't' else 'exact sign-flip test (every seed tied)'} over seeds "
-               f"p = {rp.fmt_p(comp['p_holm'])})")
-    significant = comp["p_holm"] < rp.ALPHA
+               f"p = {render.fmt_p(comp['p_holm'])})")
+    significant = comp["p_holm"] < compare.ALPHA
     won = significant and sign * comp["estimate"] < 0  # the estimate is runner-up minus candidate
     a, b = names[first], names[second]
     if won:
         text = f"winner: {a}, better than the runner-up {b} by {numbers}"
     elif significant:
         text = (f"no winner: {a} is best on val/{metric} but {b} is better on test by "
-                f"{rp.fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
+                f"{render.fmt_diff(comp['estimate'], metric)}, beyond seed noise; validation and test disagree")
     else:
         text = f"indistinguishable: {a} and {b} differ by {numbers}: within seed noise, no winner"
     return rp.json_num({"winner": a if won else None, "runner_up": b,

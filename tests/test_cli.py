@@ -2,7 +2,6 @@
 still there, with the arguments its module declares."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -60,18 +59,3 @@ def test_a_missing_runner_module_is_an_error(monkeypatch):
     monkeypatch.setattr(cli, "RUNNERS", {**cli.RUNNERS, "bench": "ebslab.tools.no_such_bench"})
     with pytest.raises(ModuleNotFoundError, match="ebslab.tools.no_such_bench"):
         cli.build_parser()
-
-
-def _options(add_arguments) -> list[tuple]:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return [(a.dest, a.option_strings, a.default, a.type, a.choices, a.nargs, a.metavar, a.help)
-            for a in parser._actions]
-
-
-def test_the_report_command_has_the_options_of_analysis_report():
-    from ebslab.analysis import report
-    from ebslab.experiments import report_args
-
-    assert _options(report_args.add_arguments) == _options(report.add_arguments)
-    assert report_args.DETECT_PT == report.DETECT_PT

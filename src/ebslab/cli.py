@@ -66,7 +66,7 @@ def _report(args: argparse.Namespace) -> int:
 # builds the whole parser (`ebslab --help` and a mistyped option too), so these modules are light: no torch,
 # transformers, pandas, scipy, optuna (tests/test_cli.py)
 COMMANDS = (("sweep", "ebslab.experiments.sweep_command", "a grid of runs from a sweep file, each run in its own folder"),
-            ("report", "ebslab.experiments.report_args", "tables, plots and statistics from run, sweep or study folders"),
+            ("report", "ebslab.analysis.report_args", "tables, plots and statistics from run, sweep or study folders"),
             ("bench", "ebslab.tools.bench_args", "training throughput against HF Trainer and a naive loop"),
             ("predict", "ebslab.serving.predict_args", "labels and class probabilities for new texts, from a run folder"),
             ("export", "ebslab.serving.export_args", "a folder transformers.pipeline loads, with a model card"),

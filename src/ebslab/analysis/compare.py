@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ebslab.analysis import replicates, stats
+from ebslab.analysis.report_args import DETECT_PT
 from ebslab.analysis.runs import (MISSING, SCORED_STATUS, COUNTED_STATUS, Group, Replicate, Run, fmt_value,
                                   scored_statuses, sort_value, varying_keys, pair_label)
 from ebslab.core.metrics import higher_is_better, metric_value
 
 ALPHA = 0.05
-DETECT_PT = 1.0  # `--detect` default: the difference the power sentences size seeds for (1 point of accuracy)
 
 
 def metric_bounds(metric: str) -> tuple[float, float]:

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ebslab.analysis import ebs_section, lr_study, render, replicates, report_figures, stats
-from ebslab.analysis.compare import DETECT_PT, analyse
+from ebslab.analysis.compare import analyse
+from ebslab.analysis.report_args import add_arguments  # noqa: F401 (the command's options, kept light for the CLI)
 from ebslab.analysis.runs import (Group, Run, comparable_runs, find_run_dirs, group_runs, load_run, run_names,
                                   varying_keys)
 from ebslab.core.errors import UserError
@@ -104,24 +105,6 @@ def build_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(md))
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="run folders, or folders (e.g. a sweep) holding run folders at any depth")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where report.md and the plots go (default: the DIR when one is given, else ./report)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="validation accuracy the effective-batch-size section measures steps to (default: the "
-                             "hardest value every run reached within the first 75%% of its budget)")
-    parser.add_argument("--metric", default="acc", choices=METRICS,
-                        help="headline test metric for comparisons (selection uses its validation value)")
-    parser.add_argument("--exclude-collapsed", action="store_true",
-                        help="old view: leave collapsed runs out of means and tests (labelled in the report)")
-    parser.add_argument("--detect", type=float, default=None, metavar="D",
-                        help=f"the true difference the power sentences size seeds for: in points for acc (default "
-                             f"{DETECT_PT:g} = {DETECT_PT:g} point of accuracy), in metric units otherwise "
-                             f"(default 0.01)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,6 @@
 """`ebslab report`'s arguments, without numpy's statistics or scipy: the CLI builds every command's parser on each
-call (`ebslab --help` and a mistyped option included), so this module stays light. The command covers run and
-sweep folders (`analysis.report`) and tune studies (`experiments.tune`): its arguments sit in the lowest layer that
-knows both. `analysis.report.add_arguments` declares the same options for callers of that module alone;
-tests/test_cli.py holds the two equal."""
+call (`ebslab --help` and a mistyped option included), so this module stays light. The CLI decides which report a
+folder gets (a tune study's, or the runs' of `analysis.report`); both take these options."""
 
 from __future__ import annotations
 

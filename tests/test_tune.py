@@ -371,6 +371,17 @@ def test_report_on_a_study_folder_shows_the_verdict_and_the_search_plots(tmp_pat
     assert f"## Verdict\n\n{verdict['text']}\n" in md
     assert verdict["text"].startswith(("winner: ", "indistinguishable: "))
     assert "# Confirmation runs (seed-aware report)" in md  # followed by the report of the 6 confirmation runs
+    # the search table: a row per trial, its value as the objective's 4 decimals, '-' where it has none
+    index = read_study(root)
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in md.split("## Search trials", 1)[1]
+             .split("\n\n", 2)[1].splitlines()]
+    assert cells[0] == ["trial", "status", index["objective"], "params"]
+    assert [row[:3] for row in cells[2:]] == [[t["folder"], t["status"], "-" if t["value"] is None
+                                               else f"{t['value']:.4f}"] for t in index["trials"]]
+    # the confirmation table: a row per confirmed configuration, with its number of seeds
+    confirmed = md.split("Confirmation on fresh seeds", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert [[c.strip() for c in line.strip("|").split(" | ")][::2] for line in confirmed[2:]] == \
+        [[row["config"], str(row["n"]), f"{row['test_acc']:.4f}"] for row in verdict["table"]]
 
 
 def test_a_collapsed_trial_is_never_promoted_and_the_verdict_says_there_was_nothing_to_rank(tmp_path, fake_train,

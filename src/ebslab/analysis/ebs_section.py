@@ -16,7 +16,7 @@ import numpy as np
 from ebslab.analysis.ebs_study import (CONFIDENCE, EbsStudy, StudyRun, TargetFit, analyse, b_simple_at, crossing,
                                        group_by_other_keys, load_study_run)
 from ebslab.analysis.figures import pyplot, save
-from ebslab.analysis.render import md_table
+from ebslab.core.tables import md_table
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ebslab.analysis.render import md_table
+from ebslab.core.tables import md_table
 from ebslab.core.metrics import higher_is_better
 
 CONFIDENCE = 0.95

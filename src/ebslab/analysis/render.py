@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from tabulate import tabulate
 
 from ebslab.analysis.compare import ALPHA
 from ebslab.analysis.runs import MISSING, Run, fmt_value, num, scored_statuses
 from ebslab.core.metrics import higher_is_better
+from ebslab.core.tables import md_table
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
@@ -147,18 +147,6 @@ def _fmt_seeds(n: float) -> str:
 
 def _fmt_num(v: float, digits: int = 4) -> str:
     return "" if v is None or math.isnan(v) else f"{v:.{digits}f}"
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
-    """A pipe table, every cell as given (no number parsing: "0.9000" stays "0.9000"); align: "l" or "r" a
-    column. A `|` in a cell is escaped so that it stays in its cell."""
-    align = align or ["l"] * len(header)
-    return tabulate([[_md_cell(c) for c in row] for row in rows], [_md_cell(h) for h in header], tablefmt="pipe",
-                    disable_numparse=True, colalign=["right" if a == "r" else "left" for a in align])
 
 
 def bold_best(values: Sequence[float], texts: Sequence[str], higher_is_better: bool,

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tabulate import tabulate
-
 from ebslab.core import runfolder
+from ebslab.core.tables import md_table
 
 MODELS = ("bert", "roberta", "modernbert")
 LENGTHS = (128, 512)
@@ -44,8 +43,7 @@ class Row:
 
 def table(rows: list[Row]) -> str:
     """The check's one table, in markdown (it goes into docs/performance.md as printed)."""
-    markdown = tabulate([(r.check, r.result, r.verdict) for r in rows], headers=("check", "result", "verdict"),
-                        tablefmt="github", disable_numparse=True)
+    markdown = md_table(["check", "result", "verdict"], [(r.check, r.result, r.verdict) for r in rows])
     failed = sum(r.ok is False for r in rows)
     return f"{markdown}\n\n{len(rows)} checks, {failed} failed"
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ebslab.core.errors import UserError
 from ebslab.core.metrics import higher_is_better
+from ebslab.core.tables import md_table
 from ebslab.experiments.tune.studyfile import is_number
 
 
@@ -119,19 +120,16 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
         md.append(f"Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); the "
                   f"verdict compares the first two on test {metric} as the seed-aware report below does.")
         md.append("")
-        md.append(f"| configuration | params | seeds | val {metric} (mean) | test {metric} (mean) |")
-        md.append("|---|---|---:|---:|---:|")
         params = {t["folder"]: t["params"] for t in index["trials"]}
-        for row in verdict["table"]:
-            val, test = (("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))
-            md.append(f"| {row['config']} | {format_params(params.get(row['config'], {}))} | {row['n']} | "
-                      f"{val} | {test} |")
-        md.append("")
-    md += ["## Search trials", "", "| trial | status | " + f"{index['objective']} | params |", "|---|---|---:|---|"]
-    for t in index["trials"]:
-        v = "-" if t["value"] is None else f"{t['value']:.4f}"
-        md.append(f"| {t['folder']} | {t['status']} | {v} | {format_params(t['params'])} |")
-    md.append("")
+        rows = [[row["config"], format_params(params.get(row["config"], {})), row["n"],
+                 *(("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))]
+                for row in verdict["table"]]
+        md += [md_table(["configuration", "params", "seeds", f"val {metric} (mean)", f"test {metric} (mean)"], rows,
+                        ["l", "l", "r", "r", "r"]), ""]
+    rows = [[t["folder"], t["status"], "-" if t["value"] is None else f"{t['value']:.4f}", format_params(t["params"])]
+            for t in index["trials"]]
+    md += ["## Search trials", "", md_table(["trial", "status", index["objective"], "params"], rows,
+                                           ["l", "l", "r", "l"]), ""]
     plots = _study_plots(index, out_dir)
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]

@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from ebslab.core.errors import UserError
 from ebslab.core.metrics import METRICS
+from ebslab.core.tables import md_table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -818,9 +819,6 @@ def reference_markdown() -> str:
     if missing:
         raise RuntimeError(f"config keys without a docstring in config.py: {', '.join(missing)}")
 
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
     def default(value: Any) -> str:
         text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
         return f"`{text.removesuffix(chr(10) + '...').strip()}`"
@@ -840,11 +838,8 @@ def reference_markdown() -> str:
         sections.setdefault(key.split(".")[0] if "." in key else "", []).append(key)
     for section, keys in sections.items():
         title = f"## `{section}`: {docs[section].rstrip('.')}" if section else "## Top level"
-        md += [title, "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for key in keys:
-            md.append(f"| `{key}` | {cell(_type_text(_key_type(key)))} | {cell(default(defaults[key]))} | "
-                      f"{cell(docs[key])} |")
-        md.append("")
+        rows = [[f"`{key}`", _type_text(_key_type(key)), default(defaults[key]), docs[key]] for key in keys]
+        md += [title, "", md_table(["key", "type", "default", "meaning"], rows), ""]
     return "\n".join(md)
 
 

@@ -382,12 +382,39 @@ def export_onnx(folder: Path, model: torch.nn.Module, tokenizer: Any, inputs: li
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False,
            onnx: bool = False) -> Path:
+    """The run's `checkpoint` as a folder at `out` that transformers loads alone; built beside it, reloaded and
+    checked against ebslab predict (and ONNX Runtime with `onnx`), then renamed into place."""
     from ebslab.loop.checkpoint import AtomicDir
 
+    out = Path(out)
+    _check_export_target(out, overwrite)
+    if onnx:
+        _require_onnx()
+    run = load_run(run_dir, checkpoint, ["train.device=cpu"])
+    Model = _modeling_class()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+    _make_parent(out)
+    with AtomicDir(out) as tmp:
+        model, tokenizer = _save_model_and_tokenizer(tmp, run, Model)
+        model_card(run, out.name).save(str(tmp / "README.md"))
+        _save_marker(tmp, run, run_dir, checkpoint)
+        _check_against_predict(tmp, run)
+        if onnx:
+            onnx_diff = export_onnx(tmp, model, tokenizer, list(run.bundle.model_inputs))
+            if not onnx_diff <= MAX_ONNX_DIFF:
+                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
+                                   "nothing was written")
+        _publishable_modes(tmp)
+    return out
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """`out` is outside every run folder, and replaces only an earlier export, with --overwrite."""
     from ebslab.core.files import check_folder_target
     from ebslab.serving.predict import run_folder_of
 
-    out = Path(out)
     inside = run_folder_of(out)
     if inside is not None:
         raise UserError(f"--out '{out}' is inside the run folder '{inside}' (its checkpoints are what --resume "
@@ -400,44 +427,42 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"'{out}' is a non-empty folder that is not an ebslab export (no {MARKER}); choose another "
                         "--out (--overwrite only replaces exports)")
-    if onnx:
-        _require_onnx()
-    run = load_run(run_dir, checkpoint, ["train.device=cpu"])
-    Model = _modeling_class()
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         from ebslab.core.files import storage_error
 
         raise storage_error(out.parent, e) from None
-    with AtomicDir(out) as tmp:
-        config = hf_config(run)
-        model = Model(config)
-        model.load_state_dict(run.bundle.model.state_dict(), strict=True)
-        model.save_pretrained(str(tmp))
-        tokenizer = copy.deepcopy(run.bundle.tokenizer)
-        tokenizer.model_max_length = run.cfg.data.max_length
-        tokenizer.save_pretrained(str(tmp))
-        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), tmp / MODELING_FILE)
-        model_card(run, out.name).save(str(tmp / "README.md"))
-        (tmp / MARKER).write_text(json.dumps({  # the run folder's name only: no local path leaves the machine
-            "run": Path(run_dir).resolve().name, "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
-            "labels": run.label_names, "label_names": display_labels(run),
-            "data_fingerprint": run.derived.get("data_fingerprint")}, indent=2))
-        diff = check_reload(tmp, run)
-        if not diff <= MAX_PROB_DIFF:
-            raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
-                               "nothing was written")
-        if onnx:
-            onnx_diff = export_onnx(tmp, model, tokenizer, list(run.bundle.model_inputs))
-            if not onnx_diff <= MAX_ONNX_DIFF:
-                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
-                                   "nothing was written")
-        _publishable_modes(tmp)
-    return out
+
+
+def _save_model_and_tokenizer(folder: Path, run: LoadedRun, Model: type) -> tuple[Any, Any]:
+    """The weights under the export's own head class, the tokenizer (model_max_length = the run's max_length) and
+    the head's code, saved into `folder`: (model, tokenizer)."""
+    model = Model(hf_config(run))
+    model.load_state_dict(run.bundle.model.state_dict(), strict=True)
+    model.save_pretrained(str(folder))
+    tokenizer = copy.deepcopy(run.bundle.tokenizer)
+    tokenizer.model_max_length = run.cfg.data.max_length
+    tokenizer.save_pretrained(str(folder))
+    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), folder / MODELING_FILE)
+    return model, tokenizer
+
+
+def _save_marker(folder: Path, run: LoadedRun, run_dir: str | Path, checkpoint: str) -> None:
+    (folder / MARKER).write_text(json.dumps({  # the run folder's name only: no local path leaves the machine
+        "run": Path(run_dir).resolve().name, "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
+        "labels": run.label_names, "label_names": display_labels(run),
+        "data_fingerprint": run.derived.get("data_fingerprint")}, indent=2))
+
+
+def _check_against_predict(folder: Path, run: LoadedRun) -> None:
+    diff = check_reload(folder, run)
+    if not diff <= MAX_PROB_DIFF:
+        raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
+                           "nothing was written")
 
 
 def _publishable_modes(folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -130,61 +131,101 @@ head as it runs theirs (the export was reloaded through `AutoModelForSequenceCla
 before the call hides it."""
 
 
-def model_card(run: LoadedRun, out_name: str) -> Any:
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+@dataclasses.dataclass(frozen=True)
+class CardFacts:
+    """What several parts of the card say: where the data and the encoder come from, the split, and the exported
+    checkpoint's metrics."""
 
-    cfg, derived = run.cfg, run.derived
-    val, test = _checkpoint_metrics(run)
-    imdb = not cfg.data.path and cfg.data.name == "imdb"
-    dataset_id = "stanfordnlp/imdb" if imdb else (cfg.data.name if not cfg.data.path else None)
-    dataset_name = "IMDB" if imdb else (_local_name(cfg.data.path) or cfg.data.name)
-    local_model = Path(cfg.model.name).exists()
-    model_name = _local_name(cfg.model.name) if local_model else cfg.model.name
-    base = MINILM_HUB_ID if cfg.model.name == "minilm" else (
-        None if cfg.model.name.startswith("tiny-") or local_model else cfg.model.name)
-    split_text = ":".join(f"{f:g}" for f in cfg.data.split)
-    pooled = "the dataset's train and test splits pooled" if imdb else "all its rows"
+    imdb: bool
+    dataset_id: str | None
+    dataset_name: str
+    model_name: str
+    base: str | None  # the encoder's hub id, None for a tiny test model or a local folder
+    split_text: str
+    pooled: str
+    val: dict | None
+    test: dict | None
+
+    @classmethod
+    def of(cls, run: LoadedRun) -> CardFacts:
+        cfg = run.cfg
+        val, test = _checkpoint_metrics(run)
+        imdb = not cfg.data.path and cfg.data.name == "imdb"
+        local_model = Path(cfg.model.name).exists()
+        base = MINILM_HUB_ID if cfg.model.name == "minilm" else (
+            None if cfg.model.name.startswith("tiny-") or local_model else cfg.model.name)
+        return cls(imdb=imdb,
+                   dataset_id="stanfordnlp/imdb" if imdb else (cfg.data.name if not cfg.data.path else None),
+                   dataset_name="IMDB" if imdb else (_local_name(cfg.data.path) or cfg.data.name),
+                   model_name=_local_name(cfg.model.name) if local_model else cfg.model.name, base=base,
+                   split_text=":".join(f"{f:g}" for f in cfg.data.split),
+                   pooled="the dataset's train and test splits pooled" if imdb else "all its rows",
+                   val=val, test=test)
+
+    def evaluated(self) -> tuple[tuple[str, dict | None], ...]:
+        return ("validation", self.val), ("test", self.test)
+
+
+def model_card(run: LoadedRun, out_name: str) -> Any:
+    """The export's README.md: hub metadata (with the model-index of the checkpoint's metrics), then how to load
+    it, the data, the training, the evaluation and the full resolved config."""
+    from huggingface_hub import ModelCard
+
+    facts = CardFacts.of(run)
+    body = "".join((_card_intro(run, out_name, facts), _card_use(run), _card_data(run, facts),
+                    _card_training(run), _card_evaluation(run, facts), _card_config(run)))
+    if facts.imdb:
+        body += f"\n## Citation (IMDB)\n\n```bibtex\n{IMDB_CITATION}\n```\n"
+    return ModelCard(f"---\n{_card_metadata(run, out_name, facts).to_yaml()}\n---\n{body}")
+
+
+def _card_metadata(run: LoadedRun, out_name: str, facts: CardFacts) -> Any:
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(model_name=out_name, base_model=facts.base,
+                         datasets=[facts.dataset_id] if facts.dataset_id else None,
+                         library_name="transformers", pipeline_tag="text-classification",
+                         tags=["ebslab", "text-classification", "custom_code"],
+                         eval_results=_eval_results(run, facts) or None)
+
+
+def _eval_results(run: LoadedRun, facts: CardFacts) -> list[Any]:
+    """One model-index entry per numeric metric of each split, named by ebslab's re-split and its n."""
+    from huggingface_hub import EvalResult
+
     # the figures are on ebslab's own seeded re-split of the pooled data, not the dataset's official splits
-    split_names = {"validation": f"ebslab re-split validation ({split_text} of {pooled}, seed {cfg.data.split_seed})",
-                   "test": f"ebslab re-split test ({split_text} of {pooled}, seed {cfg.data.split_seed})"}
+    seed = run.cfg.data.split_seed
+    split_names = {split: f"ebslab re-split {split} ({facts.split_text} of {facts.pooled}, seed {seed})"
+                   for split in ("validation", "test")}
     results = []
-    for split, metrics in (("validation", val), ("test", test)):
+    for split, metrics in facts.evaluated():
         n = (metrics or {}).get("n")
         for name, value in (metrics or {}).items():
             if name == "n" or not isinstance(value, (int, float)) or value != value:
                 continue
             results.append(EvalResult(task_type="text-classification", task_name="Text Classification",
-                                      dataset_type=dataset_id or "custom", dataset_name=dataset_name,
+                                      dataset_type=facts.dataset_id or "custom", dataset_name=facts.dataset_name,
                                       dataset_split=f"{split_names[split]}, n={n}" if n else split_names[split],
                                       metric_type=name, metric_name=f"{split} {name}" + (f" (n={n})" if n else ""),
                                       metric_value=float(value)))
-    data = ModelCardData(model_name=out_name, base_model=base, datasets=[dataset_id] if dataset_id else None,
-                         library_name="transformers", pipeline_tag="text-classification",
-                         tags=["ebslab", "text-classification", "custom_code"],
-                         eval_results=results or None)
-    ebs_line = (f"effective_batch {cfg.batch.effective} = micro {derived.get('micro')} x accum_steps "
-                f"{derived.get('accum_steps')} x world_size {derived.get('world_size')}")
-    lr_line = (f"lr {derived.get('lr')} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} from base_batch "
-               f"{cfg.optim.base_batch}), {cfg.optim.name}, weight_decay {cfg.optim.weight_decay}, "
-               f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.sched.name} (warmup {derived.get('warmup_steps')} "
-               f"of {derived.get('total_steps')} steps)")
-    keys = sorted(k for k in (test or val or {}) if k != "n")
-    rows = [(split, *(_fmt(metrics.get(k)) for k in keys))
-            for split, metrics in (("validation", val), ("test", test)) if metrics]
-    metrics_md = (tabulate(rows, headers=("split", *keys), tablefmt="github", disable_numparse=True) if keys
-                  else "No evaluation was recorded in the run folder.")
+    return results
+
+
+def _card_intro(run: LoadedRun, out_name: str, facts: CardFacts) -> str:
+    return f"""
+# {out_name}
+
+A text classifier fine-tuned with ebslab {ebslab_version()} from `{facts.model_name}`
+({'`' + facts.base + '`' if facts.base else 'a local or randomly initialised encoder'}), exported from the run folder
+`{run.run_dir.name}` at its **{run.checkpoint}** checkpoint.
+"""
+
+
+def _card_use(run: LoadedRun) -> str:
     labels = display_labels(run)
     label_text = ", ".join(f"{i} = `{n}`" + (f" (label value `{v}`)" if n != v else "")
                            for i, (n, v) in enumerate(zip(labels, run.label_names)))
-    counts = " and ".join(f"{s} n={m['n']}" for s, m in (("validation", val), ("test", test)) if m and m.get("n"))
-    precision = derived.get("precision") or cfg.train.precision
-    body = f"""
-# {out_name}
-
-A text classifier fine-tuned with ebslab {ebslab_version()} from `{model_name}`
-({'`' + base + '`' if base else 'a local or randomly initialised encoder'}), exported from the run folder
-`{run.run_dir.name}` at its **{run.checkpoint}** checkpoint.
-
+    return f"""
 ## Use
 
 ```python
@@ -193,23 +234,40 @@ clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER", trust_remote_
 clf(["a text"], top_k=None, truncation=True)
 ```
 
-`trust_remote_code=True` is needed: the head (dropout + linear on the `{cfg.model.pooling}` pooled vector, no
+`trust_remote_code=True` is needed: the head (dropout + linear on the `{run.cfg.model.pooling}` pooled vector, no
 pooler) is not any stock `...ForSequenceClassification` head; it is defined in `{MODELING_FILE}` in this folder.
 {REMOTE_CODE_NOTE.format(modeling=MODELING_FILE)}
 
-Pass `truncation=True`: the model was trained on the first {cfg.data.max_length} tokens (the tokenizer's
+Pass `truncation=True`: the model was trained on the first {run.cfg.data.max_length} tokens (the tokenizer's
 `model_max_length`).
 
 {PIPELINE_NOTE}
 
 Labels: {label_text}.
+"""
 
+
+def _card_data(run: LoadedRun, facts: CardFacts) -> str:
+    data = run.cfg.data
+    return f"""
 ## Data
 
-Dataset: {dataset_name}; columns `{cfg.data.text_column}` / `{cfg.data.label_column}`; split {split_text}
-(stratified, seed {cfg.data.split_seed}){f", first {cfg.data.limit} examples of the seeded shuffle" if cfg.data.limit else ""};
-max_length {cfg.data.max_length}.
+Dataset: {facts.dataset_name}; columns `{data.text_column}` / `{data.label_column}`; split {facts.split_text}
+(stratified, seed {data.split_seed}){f", first {data.limit} examples of the seeded shuffle" if data.limit else ""};
+max_length {data.max_length}.
+"""
 
+
+def _card_training(run: LoadedRun) -> str:
+    cfg, derived = run.cfg, run.derived
+    ebs_line = (f"effective_batch {cfg.batch.effective} = micro {derived.get('micro')} x accum_steps "
+                f"{derived.get('accum_steps')} x world_size {derived.get('world_size')}")
+    lr_line = (f"lr {derived.get('lr')} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} from base_batch "
+               f"{cfg.optim.base_batch}), {cfg.optim.name}, weight_decay {cfg.optim.weight_decay}, "
+               f"clip_norm {cfg.optim.clip_norm}, schedule {cfg.sched.name} (warmup {derived.get('warmup_steps')} "
+               f"of {derived.get('total_steps')} steps)")
+    precision = derived.get("precision") or cfg.train.precision
+    return f"""
 ## Training
 
 - {ebs_line}
@@ -218,25 +276,36 @@ max_length {cfg.data.max_length}.
   {cfg.model.encoder_dropout if cfg.model.encoder_dropout is not None else "pretrained default"}
 - {derived.get('epochs')} epoch(s), {derived.get('num_train')} train examples, precision {precision}
 - seeds: train.seed {cfg.train.seed}, data.split_seed {cfg.data.split_seed}
+"""
 
+
+def _card_evaluation(run: LoadedRun, facts: CardFacts) -> str:
+    """The checkpoint's metrics as a table, and what split they are on."""
+    keys = sorted(k for k in (facts.test or facts.val or {}) if k != "n")
+    rows = [(split, *(_fmt(metrics.get(k)) for k in keys)) for split, metrics in facts.evaluated() if metrics]
+    metrics_md = (tabulate(rows, headers=("split", *keys), tablefmt="github", disable_numparse=True) if keys
+                  else "No evaluation was recorded in the run folder.")
+    counts = " and ".join(f"{s} n={m['n']}" for s, m in facts.evaluated() if m and m.get("n"))
+    return f"""
 ## Evaluation at the exported checkpoint
 
 {metrics_md}
 
-These figures are on ebslab's own seeded re-split of the data ({split_text} of {pooled}, seed
-{cfg.data.split_seed}{f", {counts} examples" if counts else ""}), not on the dataset's official `test` split: they
+These figures are on ebslab's own seeded re-split of the data ({facts.split_text} of {facts.pooled}, seed
+{run.cfg.data.split_seed}{f", {counts} examples" if counts else ""}), not on the dataset's official `test` split: they
 are comparable with other ebslab runs on the same split, not with leaderboard numbers.
 
 `ece`: expected calibration error (15 equal-width bins of the predicted class's probability).
+"""
 
+
+def _card_config(run: LoadedRun) -> str:
+    return f"""
 ## Full resolved config
 
 ```yaml
 {_yaml(public_config(run))}```
 """
-    if imdb:
-        body += f"\n## Citation (IMDB)\n\n```bibtex\n{IMDB_CITATION}\n```\n"
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def _yaml(obj: Any) -> str:
@@ -313,12 +382,39 @@ def export_onnx(folder: Path, model: torch.nn.Module, tokenizer: Any, inputs: li
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False,
            onnx: bool = False) -> Path:
+    """The run's `checkpoint` as a folder at `out` that transformers loads alone; built beside it, reloaded and
+    checked against ebslab predict (and ONNX Runtime with `onnx`), then renamed into place."""
     from ebslab.loop.checkpoint import AtomicDir
 
+    out = Path(out)
+    _check_export_target(out, overwrite)
+    if onnx:
+        _require_onnx()
+    run = load_run(run_dir, checkpoint, ["train.device=cpu"])
+    Model = _modeling_class()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+    _make_parent(out)
+    with AtomicDir(out) as tmp:
+        model, tokenizer = _save_model_and_tokenizer(tmp, run, Model)
+        model_card(run, out.name).save(str(tmp / "README.md"))
+        _save_marker(tmp, run, run_dir, checkpoint)
+        _check_against_predict(tmp, run)
+        if onnx:
+            onnx_diff = export_onnx(tmp, model, tokenizer, list(run.bundle.model_inputs))
+            if not onnx_diff <= MAX_ONNX_DIFF:
+                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
+                                   "nothing was written")
+        _publishable_modes(tmp)
+    return out
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """`out` is outside every run folder, and replaces only an earlier export, with --overwrite."""
     from ebslab.core.files import check_folder_target
     from ebslab.serving.predict import run_folder_of
 
-    out = Path(out)
     inside = run_folder_of(out)
     if inside is not None:
         raise UserError(f"--out '{out}' is inside the run folder '{inside}' (its checkpoints are what --resume "
@@ -331,44 +427,42 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overw
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"'{out}' is a non-empty folder that is not an ebslab export (no {MARKER}); choose another "
                         "--out (--overwrite only replaces exports)")
-    if onnx:
-        _require_onnx()
-    run = load_run(run_dir, checkpoint, ["train.device=cpu"])
-    Model = _modeling_class()
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars for one small file
+
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         from ebslab.core.files import storage_error
 
         raise storage_error(out.parent, e) from None
-    with AtomicDir(out) as tmp:
-        config = hf_config(run)
-        model = Model(config)
-        model.load_state_dict(run.bundle.model.state_dict(), strict=True)
-        model.save_pretrained(str(tmp))
-        tokenizer = copy.deepcopy(run.bundle.tokenizer)
-        tokenizer.model_max_length = run.cfg.data.max_length
-        tokenizer.save_pretrained(str(tmp))
-        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), tmp / MODELING_FILE)
-        model_card(run, out.name).save(str(tmp / "README.md"))
-        (tmp / MARKER).write_text(json.dumps({  # the run folder's name only: no local path leaves the machine
-            "run": Path(run_dir).resolve().name, "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
-            "labels": run.label_names, "label_names": display_labels(run),
-            "data_fingerprint": run.derived.get("data_fingerprint")}, indent=2))
-        diff = check_reload(tmp, run)
-        if not diff <= MAX_PROB_DIFF:
-            raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
-                               "nothing was written")
-        if onnx:
-            onnx_diff = export_onnx(tmp, model, tokenizer, list(run.bundle.model_inputs))
-            if not onnx_diff <= MAX_ONNX_DIFF:
-                raise RuntimeError(f"ONNX Runtime differs from PyTorch by {onnx_diff:.3g} (> {MAX_ONNX_DIFF}); "
-                                   "nothing was written")
-        _publishable_modes(tmp)
-    return out
+
+
+def _save_model_and_tokenizer(folder: Path, run: LoadedRun, Model: type) -> tuple[Any, Any]:
+    """The weights under the export's own head class, the tokenizer (model_max_length = the run's max_length) and
+    the head's code, saved into `folder`: (model, tokenizer)."""
+    model = Model(hf_config(run))
+    model.load_state_dict(run.bundle.model.state_dict(), strict=True)
+    model.save_pretrained(str(folder))
+    tokenizer = copy.deepcopy(run.bundle.tokenizer)
+    tokenizer.model_max_length = run.cfg.data.max_length
+    tokenizer.save_pretrained(str(folder))
+    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), folder / MODELING_FILE)
+    return model, tokenizer
+
+
+def _save_marker(folder: Path, run: LoadedRun, run_dir: str | Path, checkpoint: str) -> None:
+    (folder / MARKER).write_text(json.dumps({  # the run folder's name only: no local path leaves the machine
+        "run": Path(run_dir).resolve().name, "checkpoint": checkpoint, "ebslab_version": ebslab_version(),
+        "labels": run.label_names, "label_names": display_labels(run),
+        "data_fingerprint": run.derived.get("data_fingerprint")}, indent=2))
+
+
+def _check_against_predict(folder: Path, run: LoadedRun) -> None:
+    diff = check_reload(folder, run)
+    if not diff <= MAX_PROB_DIFF:
+        raise RuntimeError(f"the exported model differs from ebslab predict by {diff:.3g} (> {MAX_PROB_DIFF}); "
+                           "nothing was written")
 
 
 def _publishable_modes(folder: Path) -> None:

@@ -190,6 +190,38 @@ def quiet(log: Path):
         yield
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """os.environ[name] = value inside the block, as it was after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one contestant's run returned, and what it cost."""
+
+    value: Any
+    wall_s: float
+    cpu_s: float
+    peak_mb: float
+
+
+def _measure(log: Path, run: Callable[[], Any]) -> Measured:
+    """`run()` with what it prints sent to `log`: its wall and CPU seconds and its peak memory."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    with PeakMemory() as mem, quiet(log):
+        value = run()
+    return Measured(value, time.perf_counter() - t0, time.process_time() - c0, mem.peak_mb)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The data every contestant sees
 
@@ -374,9 +406,7 @@ def startup_figures(s: Settings, work: Path) -> dict[str, Any]:
     from ebslab.inputs.data import load_data
     from ebslab.inputs.models import load_tokenizer
 
-    old = os.environ.get("EBSLAB_CACHE")
-    os.environ["EBSLAB_CACHE"] = str(work / "startup-cache")
-    try:
+    with _environ("EBSLAB_CACHE", str(work / "startup-cache")):
         cfg = load_config({"model.name": s.model, "data.limit": s.startup_limit, "data.path": s.data_path})
         times = []
         for _ in range(2):
@@ -384,11 +414,6 @@ def startup_figures(s: Settings, work: Path) -> dict[str, Any]:
             data = load_data(cfg.data, load_tokenizer(s.model))
             times.append(time.perf_counter() - t)
         n = len(data.train) + len(data.val) + len(data.test)
-    finally:
-        if old is None:
-            os.environ.pop("EBSLAB_CACHE", None)
-        else:
-            os.environ["EBSLAB_CACHE"] = old
     return {"examples": n, "max_length": cfg.data.max_length, "uncached_s": round(times[0], 3),
             "cached_s": round(times[1], 3), "speedup": round(times[0] / times[1], 1)}
 
@@ -467,127 +492,209 @@ def _silence_libraries() -> None:
         pass
 
 
-def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    from ebslab.inputs.models import build_model, load_tokenizer
-    from ebslab.core.config import ModelConfig
+@dataclass(frozen=True)
+class BenchSetup:
+    """What every scenario shares: the settings, the model's tokenizer and shape, the device's peak, the scratch
+    folder, the log a contestant's output goes to, and where progress lines go."""
 
+    s: Settings
+    tokenizer: Any
+    shape: ModelShape
+    peak: float
+    peak_source: str
+    work: Path
+    log: Path
+    say: Callable[[str], None]
+
+
+def bench(s: Settings, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every scenario `s` asks for, in one process; the result is also written to out/bench.json."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _silence_libraries()
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
-    log = out / "bench.log"
-    tokenizer = load_tokenizer(s.model)
-    shape = ModelShape.of(build_model(ModelConfig(name=s.model), 2, 0, tokenizer))
-    n_params = shape.non_embedding_params
-    if s.warmup:
-        say("warming up ...")
-        _warm_up(s, tokenizer)
-    peak, peak_source = device_peak(s.matmul_size)
-    say(f"peak ({peak_source}): {peak / 1e9:.1f} GFLOP/s; {s.model}: {n_params / 1e6:.1f}M non-embedding params")
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"rows": rows, "matmul_peak_flops": peak, "peak_source": peak_source,
-                              "device": str(device()),
-                              "settings": dataclasses.asdict(s), "non_embedding_params": n_params,
-                              "layers": shape.layers, "width": shape.width}
-
-    # ---- step scenario
-    step_contestants = [c for c in s.contestants if c in CONTESTANTS + OPTIONAL_CONTESTANTS]
-    for li, length in enumerate(s.lengths):
-        data = step_data(s, length, tokenizer)
-        real = data.timed_tokens / (data.timed_samples * length)
-        say(f"step: max_length {length}, {s.steps} steps of {s.effective} (micro {s.micro}), "
-            f"{real:.0%} of the timed tokens are real")
-        best: dict[str, dict[str, Any]] = {}
-        per_round: dict[str, list[float]] = {}
-        for rnd in range(s.rounds):
-            turn = li + rnd  # rotate who goes first
-            for contestant in step_contestants[turn % len(step_contestants):] + \
-                    step_contestants[:turn % len(step_contestants)]:
-                if contestant == "ebslab-torch-auto" and s.auto_lengths is not None and \
-                        length not in s.auto_lengths:
-                    continue
-                t0, c0 = time.perf_counter(), time.process_time()
-                with PeakMemory() as mem, quiet(log):
-                    if contestant.startswith("ebslab"):
-                        clock = run_ebslab(s, length, work, contestant)
-                    elif contestant == "hf-trainer":
-                        clock = run_trainer(s, data, tokenizer, work / "hf-step")
-                    else:
-                        clock = run_naive(s, data, tokenizer, length)
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                if clock.done != s.steps:
-                    raise RuntimeError(f"{contestant} ran {clock.done} steps, expected {s.steps}")
-                timed = step_data(s, length, tokenizer, grouped=True) if contestant == "ebslab-torch-grouped" \
-                    else data
-                sps, tps = timed_rate(clock.ends, timed)
-                per_token = train_flops(shape, timed.timed_tokens, timed.timed_sq_tokens) / timed.timed_tokens
-                row = _row("step", contestant, length, sps, tps, wall, mem.peak_mb, per_token, peak,
-                           cpu_s=round(cpu, 1))
-                say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({wall:.0f} s wall, "
-                    f"{cpu:.0f} s CPU)")
-                per_round.setdefault(contestant, []).append(round(sps, 4))
-                if contestant not in best or sps > best[contestant]["samples_per_s"]:
-                    best[contestant] = row
-        for c in best:
-            best[c]["round_samples_per_s"] = per_round[c]
-        rows.extend(best[c] for c in step_contestants if c in best)
-
-    # ---- experiment scenario
+    setup = _set_up(s, out, say)
+    result = _result_head(setup)
+    rows = result["rows"]
+    rows.extend(step_scenario(setup))
     if s.experiment:
-        files = experiment_splits(s, work / "experiment-data")
-        import pandas as pd
-
-        train_texts = pd.read_parquet(files["train"])["text"].tolist()
-        lengths = [len(x) for x in tokenizer(train_texts, truncation=True, max_length=s.experiment_length,
-                                              return_attention_mask=False)["input_ids"]]
-        samples = len(train_texts) * s.experiment_epochs
-        tokens = sum(lengths) * s.experiment_epochs
-        per_token = train_flops(shape, sum(lengths), sum(n * n for n in lengths)) / sum(lengths)
-        say(f"experiment: {s.experiment_limit} reviews ({len(train_texts)} train), max_length "
-            f"{s.experiment_length}, {s.experiment_epochs} epochs, val+test every epoch, test on best")
-        ebslab_cache, hf_cache = work / "ebslab-cache", work / "hf-datasets-cache"
-        old = os.environ.get("EBSLAB_CACHE")
-        os.environ["EBSLAB_CACHE"] = str(ebslab_cache)
-        try:
-            for cache in ("cold", "warm"):
-                for contestant in ("ebslab-torch", "hf-trainer") if cache == "cold" else \
-                        ("hf-trainer", "ebslab-torch"):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    with PeakMemory() as mem, quiet(log):
-                        if contestant == "ebslab-torch":
-                            metrics = experiment_ebslab(s, work / "exp-ebslab")
-                        else:
-                            metrics = experiment_trainer(s, files, work / "exp-hf", hf_cache)
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    rows.append(_row("experiment", contestant, s.experiment_length, samples / wall, tokens / wall,
-                                     wall, mem.peak_mb, per_token, peak, cache=cache, cpu_s=round(cpu, 1),
-                                     test_acc=round(metrics["test_acc"], 4)))
-                    say(f"  {contestant:18} {cache}: {wall:6.1f} s wall, {cpu:.0f} s CPU, test acc "
-                        f"{metrics['test_acc']:.4f}")
-        finally:
-            if old is None:
-                os.environ.pop("EBSLAB_CACHE", None)
-            else:
-                os.environ["EBSLAB_CACHE"] = old
-
+        rows.extend(experiment_scenario(setup))
     if s.profile_steps:
-        with quiet(log):
-            result["profile"] = prof = profile_step(s, s.lengths[0], work)
-        say(profile_line(prof))
-
+        result["profile"] = _profile_section(setup)
     if s.startup_limit != 0:
-        result["startup"] = startup_figures(s, work)
-        st = result["startup"]
-        say(f"start-up (tokenizer + data, {st['examples']} examples): uncached {st['uncached_s']:.2f} s, "
-            f"cached {st['cached_s']:.2f} s ({st['speedup']}x)")
-
+        result["startup"] = _startup_section(setup)
     _fill_vs_trainer(rows)
     result["gns_overhead"] = gns_overhead(rows)
     result["total_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "bench.json", result)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(setup.work, ignore_errors=True)
     return result
+
+
+def _set_up(s: Settings, out: Path, say: Callable[[str], None]) -> BenchSetup:
+    """The scratch folder, the tokenizer and model shape, a warm host (if asked) and the device's peak."""
+    from ebslab.inputs.models import build_model, load_tokenizer
+    from ebslab.core.config import ModelConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
+    tokenizer = load_tokenizer(s.model)
+    shape = ModelShape.of(build_model(ModelConfig(name=s.model), 2, 0, tokenizer))
+    if s.warmup:
+        say("warming up ...")
+        _warm_up(s, tokenizer)
+    peak, peak_source = device_peak(s.matmul_size)
+    say(f"peak ({peak_source}): {peak / 1e9:.1f} GFLOP/s; {s.model}: {shape.non_embedding_params / 1e6:.1f}M "
+        "non-embedding params")
+    return BenchSetup(s, tokenizer, shape, peak, peak_source, work, out / "bench.log", say)
+
+
+def _result_head(setup: BenchSetup) -> dict[str, Any]:
+    """bench.json before the scenarios: no rows yet, the peak, the device, the settings and the model's shape."""
+    return {"rows": [], "matmul_peak_flops": setup.peak, "peak_source": setup.peak_source, "device": str(device()),
+            "settings": dataclasses.asdict(setup.s), "non_embedding_params": setup.shape.non_embedding_params,
+            "layers": setup.shape.layers, "width": setup.shape.width}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step scenario's rows
+
+
+def step_scenario(setup: BenchSetup) -> list[dict[str, Any]]:
+    """Per max_length, one row per contestant: its best of `s.rounds` rounds, with every round's rate."""
+    contestants = [c for c in setup.s.contestants if c in CONTESTANTS + OPTIONAL_CONTESTANTS]
+    rows: list[dict[str, Any]] = []
+    for li, length in enumerate(setup.s.lengths):
+        rows.extend(_step_rows_at_length(setup, contestants, li, length))
+    return rows
+
+
+def _step_rows_at_length(setup: BenchSetup, contestants: list[str], li: int, length: int) -> list[dict[str, Any]]:
+    s = setup.s
+    data = step_data(s, length, setup.tokenizer)
+    real = data.timed_tokens / (data.timed_samples * length)
+    setup.say(f"step: max_length {length}, {s.steps} steps of {s.effective} (micro {s.micro}), "
+              f"{real:.0%} of the timed tokens are real")
+    best: dict[str, dict[str, Any]] = {}
+    per_round: dict[str, list[float]] = {}
+    for rnd in range(s.rounds):
+        for contestant in _rotated(contestants, li + rnd):
+            if contestant == "ebslab-torch-auto" and s.auto_lengths is not None and length not in s.auto_lengths:
+                continue
+            row, sps = _step_row(setup, contestant, length, data)
+            per_round.setdefault(contestant, []).append(round(sps, 4))
+            if contestant not in best or sps > best[contestant]["samples_per_s"]:
+                best[contestant] = row
+    for c in best:
+        best[c]["round_samples_per_s"] = per_round[c]
+    return [best[c] for c in contestants if c in best]
+
+
+def _rotated(contestants: list[str], turn: int) -> list[str]:
+    """The contestants with the one at `turn` (mod their number) first: who goes first rotates."""
+    first = turn % len(contestants)
+    return contestants[first:] + contestants[:first]
+
+
+def _step_row(setup: BenchSetup, contestant: str, length: int, data: StepData) -> tuple[dict[str, Any], float]:
+    """(row, unrounded samples/s) of one timed run of `contestant` at `length`."""
+    s = setup.s
+    run = _measure(setup.log, lambda: _run_step_contestant(setup, contestant, length, data))
+    clock = run.value
+    if clock.done != s.steps:
+        raise RuntimeError(f"{contestant} ran {clock.done} steps, expected {s.steps}")
+    timed = step_data(s, length, setup.tokenizer, grouped=True) if contestant == "ebslab-torch-grouped" else data
+    sps, tps = timed_rate(clock.ends, timed)
+    per_token = train_flops(setup.shape, timed.timed_tokens, timed.timed_sq_tokens) / timed.timed_tokens
+    row = _row("step", contestant, length, sps, tps, run.wall_s, run.peak_mb, per_token, setup.peak,
+               cpu_s=round(run.cpu_s, 1))
+    setup.say(f"  {contestant:18} {sps:7.2f} samples/s  {tps:8.0f} tokens/s  ({run.wall_s:.0f} s wall, "
+              f"{run.cpu_s:.0f} s CPU)")
+    return row, sps
+
+
+def _run_step_contestant(setup: BenchSetup, contestant: str, length: int, data: StepData) -> StepClock:
+    if contestant.startswith("ebslab"):
+        return run_ebslab(setup.s, length, setup.work, contestant)
+    if contestant == "hf-trainer":
+        return run_trainer(setup.s, data, setup.tokenizer, setup.work / "hf-step")
+    return run_naive(setup.s, data, setup.tokenizer, length)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment scenario's rows
+
+
+@dataclass(frozen=True)
+class ExperimentSize:
+    """The experiment's train split and what its epochs train on, for the rates and the FLOP count."""
+
+    train_examples: int
+    samples: int
+    tokens: int
+    flops_per_token: float
+
+
+def experiment_scenario(setup: BenchSetup) -> list[dict[str, Any]]:
+    """One complete small fine-tuning each by ebslab and HF Trainer, with cold caches, then again warm."""
+    s = setup.s
+    files = experiment_splits(s, setup.work / "experiment-data")
+    size = _experiment_size(setup, files["train"])
+    setup.say(f"experiment: {s.experiment_limit} reviews ({size.train_examples} train), max_length "
+              f"{s.experiment_length}, {s.experiment_epochs} epochs, val+test every epoch, test on best")
+    runs = (("cold", "ebslab-torch"), ("cold", "hf-trainer"), ("warm", "hf-trainer"), ("warm", "ebslab-torch"))
+    with _environ("EBSLAB_CACHE", str(setup.work / "ebslab-cache")):
+        return [_experiment_row(setup, contestant, cache, files, size) for cache, contestant in runs]
+
+
+def _experiment_size(setup: BenchSetup, train_file: str) -> ExperimentSize:
+    import pandas as pd
+
+    s = setup.s
+    train_texts = pd.read_parquet(train_file)["text"].tolist()
+    lengths = [len(x) for x in setup.tokenizer(train_texts, truncation=True, max_length=s.experiment_length,
+                                                return_attention_mask=False)["input_ids"]]
+    per_token = train_flops(setup.shape, sum(lengths), sum(n * n for n in lengths)) / sum(lengths)
+    return ExperimentSize(train_examples=len(train_texts), samples=len(train_texts) * s.experiment_epochs,
+                          tokens=sum(lengths) * s.experiment_epochs, flops_per_token=per_token)
+
+
+def _experiment_row(setup: BenchSetup, contestant: str, cache: str, files: dict[str, Any],
+                    size: ExperimentSize) -> dict[str, Any]:
+    s = setup.s
+    if contestant == "ebslab-torch":
+        run = _measure(setup.log, lambda: experiment_ebslab(s, setup.work / "exp-ebslab"))
+    else:
+        run = _measure(setup.log, lambda: experiment_trainer(s, files, setup.work / "exp-hf",
+                                                             setup.work / "hf-datasets-cache"))
+    test_acc = run.value["test_acc"]
+    row = _row("experiment", contestant, s.experiment_length, size.samples / run.wall_s, size.tokens / run.wall_s,
+               run.wall_s, run.peak_mb, size.flops_per_token, setup.peak, cache=cache, cpu_s=round(run.cpu_s, 1),
+               test_acc=round(test_acc, 4))
+    setup.say(f"  {contestant:18} {cache}: {run.wall_s:6.1f} s wall, {run.cpu_s:.0f} s CPU, test acc "
+              f"{test_acc:.4f}")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sections after the scenarios
+
+
+def _profile_section(setup: BenchSetup) -> dict[str, Any]:
+    with quiet(setup.log):
+        prof = profile_step(setup.s, setup.s.lengths[0], setup.work)
+    setup.say(profile_line(prof))
+    return prof
+
+
+def _startup_section(setup: BenchSetup) -> dict[str, Any]:
+    st = startup_figures(setup.s, setup.work)
+    setup.say(f"start-up (tokenizer + data, {st['examples']} examples): uncached {st['uncached_s']:.2f} s, "
+              f"cached {st['cached_s']:.2f} s ({st['speedup']}x)")
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
 
 
 def table(result: dict[str, Any]) -> str:

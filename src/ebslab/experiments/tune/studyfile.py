@@ -151,25 +151,48 @@ def _pruner_spec(value: Any, where: str) -> dict[str, Any]:
         raise UserError(f"study {where}: pruner {spec.get('name')} takes {sorted(allowed) or 'no options'}, "
                         f"not {sorted(extra)}")
     for k in allowed & set(spec):
-        if not isinstance(spec[k], int) or isinstance(spec[k], bool) or spec[k] < (2 if k == "reduction_factor"
-                                                                                   else 0):
+        if not _is_int_at_least(spec[k], 2 if k == "reduction_factor" else 0):
             raise UserError(f"study {where}: pruner {k} must be an integer >= "
                             f"{2 if k == 'reduction_factor' else 0}, got {spec[k]!r}")
     return {"name": spec.get("name", "none"), **{k: spec[k] for k in sorted(allowed & set(spec))}}
 
 
 def parse_study(data: Any, path: Path | None = None) -> Study:
+    """A study file's mapping as a Study, every part checked before anything is created, in the file's order; the
+    first problem found is the one-line error."""
     where = f"file '{path}'" if path else "file"
+    _check_top_level(data, where)
+    # name and base are checked exactly as a sweep checks them
+    sweep = sw.parse_sweep({"name": data.get("name"), "base": data.get("base")}, path)
+    space = _parse_space(data.get("space"), where)
+    objective, metric = _parse_objective(data.get("objective", "val/acc"), where)
+    trials = _parse_trials(data.get("trials", 20), where)
+    sampler = _parse_sampler(data.get("sampler", "tpe"), space, trials, where)
+    pruner = _pruner_spec(data.get("pruner", "none"), where)
+    seed, heartbeat_s = _parse_seed_and_heartbeat(data, where)
+    top_k, seeds = _parse_confirm(data.get("confirm", {"top_k": 2, "seeds": [101, 102, 103]}), space, trials, where)
+    _check_space_edges_on_base(sweep, space, where)
+    base_cfg = load_config(sweep.base_file, sw.run_overrides(sweep, {}))
+    _check_confirm_seeds_are_fresh(seeds, base_cfg.train.seed, where)
+    every = _pruning_interval(base_cfg, pruner, where)
+    fingerprint = _fingerprint(sweep, {p.key: data["space"][p.key] for p in space}, objective=objective,
+                               trials=trials, sampler=sampler, pruner=pruner,
+                               confirm={"top_k": top_k, "seeds": seeds}, seed=seed)
+    return Study(name=sweep.name, sweep=sweep, space=space, metric=metric, trials=trials, sampler=sampler,
+                 pruner=pruner, top_k=top_k, seeds=list(seeds), seed=seed, heartbeat_s=heartbeat_s,
+                 every_examples=every, search_seed=base_cfg.train.seed, fingerprint=fingerprint, path=path)
+
+
+def _check_top_level(data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise UserError(f"study {where} must hold a mapping (name, base, space, objective, ...)")
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise UserError(f"study {where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; a study file "
                         f"has {', '.join(TOP_KEYS)}")
-    # name and base are checked exactly as a sweep checks them
-    sweep = sw.parse_sweep({"name": data.get("name"), "base": data.get("base")}, path)
 
-    space_data = data.get("space")
+
+def _parse_space(space_data: Any, where: str) -> list[Param]:
     if not isinstance(space_data, dict) or not space_data:
         raise UserError(f"study {where}: 'space' must map dotted keys to {{float|int|choice: ...}}; it is empty")
     space = []
@@ -177,8 +200,11 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
         if isinstance(spec, dict) and not (set(spec) & {"float", "int", "choice", "log"}):
             raise UserError(f"study {where} space: write keys dotted ('{key}.{next(iter(spec), '')}'), not nested")
         space.append(parse_param(key, spec, where))
+    return space
 
-    objective = data.get("objective", "val/acc")
+
+def _parse_objective(objective: Any, where: str) -> tuple[str, str]:
+    """(objective, its metric): a val metric, never a test one."""
     if not isinstance(objective, str) or "/" not in objective:
         raise UserError(f"study {where}: objective must be val/<metric> (e.g. val/acc), got {objective!r}")
     split, metric = objective.split("/", 1)
@@ -188,11 +214,21 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
     if split != "val" or metric not in METRICS:
         raise UserError(f"study {where}: objective must be val/<metric> with metric one of {', '.join(METRICS)}, "
                         f"got {objective!r}")
+    return objective, metric
 
-    trials = data.get("trials", 20)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+
+def _is_int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _parse_trials(trials: Any, where: str) -> int:
+    if not _is_int_at_least(trials, 1):
         raise UserError(f"study {where}: trials must be an integer >= 1, got {trials!r}")
-    sampler = data.get("sampler", "tpe")
+    return trials
+
+
+def _parse_sampler(sampler: Any, space: list[Param], trials: int, where: str) -> str:
+    """The sampler's name; the grid sampler only over choice lists with at least `trials` points."""
     if sampler not in SAMPLERS:
         raise UserError(f"study {where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if sampler == "grid":
@@ -203,18 +239,24 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
         size = math.prod(len(p.choices) for p in space)
         if trials > size:
             raise UserError(f"study {where}: the grid has {size} point(s), fewer than trials={trials}; lower trials")
-    pruner = _pruner_spec(data.get("pruner", "none"), where)
+    return sampler
+
+
+def _parse_seed_and_heartbeat(data: dict, where: str) -> tuple[int, int]:
     seed = data.get("seed", 0)
     heartbeat_s = data.get("heartbeat_s", 30)
     for k, v, lo in (("seed", seed, 0), ("heartbeat_s", heartbeat_s, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        if not _is_int_at_least(v, lo):
             raise UserError(f"study {where}: {k} must be an integer >= {lo}, got {v!r}")
+    return seed, heartbeat_s
 
-    confirm = data.get("confirm", {"top_k": 2, "seeds": [101, 102, 103]})
+
+def _parse_confirm(confirm: Any, space: list[Param], trials: int, where: str) -> tuple[int, list[int]]:
+    """(top_k, seeds) of the confirmation: at least 2 configurations, each re-run on at least 2 distinct seeds."""
     if not isinstance(confirm, dict) or set(confirm) - {"top_k", "seeds"}:
         raise UserError(f"study {where}: confirm must be a mapping with top_k and seeds, got {confirm!r}")
     top_k, seeds = confirm.get("top_k", 2), confirm.get("seeds", [101, 102, 103])
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 2 <= top_k <= trials:
+    if not _is_int_at_least(top_k, 2) or top_k > trials:
         raise UserError(f"study {where}: confirm.top_k must be an integer in [2, trials={trials}] (a winner is "
                         f"named against the runner-up), got {top_k!r}")
     size = space_size(space)
@@ -226,31 +268,39 @@ def parse_study(data: Any, path: Path | None = None) -> Study:
             len(set(seeds)) != len(seeds):
         raise UserError(f"study {where}: confirm.seeds must be at least 2 distinct integer seeds (the seed is the "
                         f"unit of replication), got {seeds!r}")
+    return top_k, seeds
 
-    # every edge of the space must make a valid config on top of the base (types, ranges, divisibility)
+
+def _check_space_edges_on_base(sweep: sw.Sweep, space: list[Param], where: str) -> None:
+    """Every edge of the space must make a valid config on top of the base (types, ranges, divisibility)."""
     for p in space:
         for value in p.edge_values():
             reason = sw.check_combination(sweep, {p.key: value})
             if reason:
                 raise UserError(f"study {where} space '{p.key}' = {value!r}: {reason}")
-    base_cfg = load_config(sweep.base_file, sw.run_overrides(sweep, {}))
-    if base_cfg.train.seed in seeds:
-        raise UserError(f"study {where}: confirm.seeds include {base_cfg.train.seed}, the seed of the search "
+
+
+def _check_confirm_seeds_are_fresh(seeds: list[int], search_seed: int, where: str) -> None:
+    if search_seed in seeds:
+        raise UserError(f"study {where}: confirm.seeds include {search_seed}, the seed of the search "
                         f"(train.seed); confirmation needs fresh seeds")
+
+
+def _pruning_interval(base_cfg: Any, pruner: dict[str, Any], where: str) -> int:
+    """The base's eval.every_examples (0: none), which a pruner needs to compare trials at equal examples seen."""
     every = int(getattr(base_cfg.eval, "every_examples", 0) or 0)
     if pruner["name"] != "none" and not every:
         raise UserError(f"study {where}: pruner {pruner['name']} compares trials at equal examples seen: set "
                         f"eval.every_examples in base (e.g. eval.every_examples: 512)")
+    return every
 
-    # what the user gave (not every default): an ebslab upgrade that adds a key does not block a resume
+
+def _fingerprint(sweep: sw.Sweep, space_as_written: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    """What the user gave (not every default), as JSON values: an ebslab upgrade that adds a key does not block a
+    resume."""
     base_values = {**(flatten(read_yaml(sweep.base_file)) if sweep.base_file else {}), **sweep.base_values}
-    fingerprint = {"base": base_values, "space": {p.key: space_data[p.key] for p in space},
-                   "objective": objective, "trials": trials, "sampler": sampler, "pruner": pruner,
-                   "confirm": {"top_k": top_k, "seeds": seeds}, "seed": seed}
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))
-    return Study(name=sweep.name, sweep=sweep, space=space, metric=metric, trials=trials, sampler=sampler,
-                 pruner=pruner, top_k=top_k, seeds=list(seeds), seed=seed, heartbeat_s=heartbeat_s,
-                 every_examples=every, search_seed=base_cfg.train.seed, fingerprint=fingerprint, path=path)
+    fingerprint = {"base": base_values, "space": space_as_written, **settings}
+    return json.loads(json.dumps(fingerprint, default=str))
 
 
 def load_study_file(path: str | Path) -> Study:

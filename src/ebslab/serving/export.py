@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tabulate import tabulate
 
 from ebslab.core.errors import UserError
+from ebslab.core.tables import md_table
 from ebslab.core.runfolder import read_metrics, read_summary
 from ebslab.core.config import resolved_dict
 from ebslab.serving.export_args import MARKER
@@ -283,7 +283,7 @@ def _card_evaluation(run: LoadedRun, facts: CardFacts) -> str:
     """The checkpoint's metrics as a table, and what split they are on."""
     keys = sorted(k for k in (facts.test or facts.val or {}) if k != "n")
     rows = [(split, *(_fmt(metrics.get(k)) for k in keys)) for split, metrics in facts.evaluated() if metrics]
-    metrics_md = (tabulate(rows, headers=("split", *keys), tablefmt="github", disable_numparse=True) if keys
+    metrics_md = (md_table(["split", *keys], rows) if keys
                   else "No evaluation was recorded in the run folder.")
     counts = " and ".join(f"{s} n={m['n']}" for s, m in facts.evaluated() if m and m.get("n"))
     return f"""

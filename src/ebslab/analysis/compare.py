@@ -242,10 +242,7 @@ def comparison(a: Group, b: Group, metric: str, exclude_collapsed: bool, n_boot:
     return {
         "a": la, "b": lb, "groups": [[a.label, b.label]], "seeds": [p.seed for p in pairs], "differences": d,
         "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
-        "ci": [lo, hi], "ci_note": why, "t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"],
-        "p": res["p"], "p_test": res["p_test"], "p_t": res["p_t"], "p_sign_flip": res["p_sign_flip"],
-        "p_min": res["p_min"], "p_holm": math.nan,
-        "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]],
+        "ci": [lo, hi], "ci_note": why, **_test_numbers(res),
         "disagreements": [b_ + c_ for b_, c_ in disagree],
         "disagreement_seeds": [p.seed for p in with_rows],
         "examples": [p.n_examples for p in with_rows],
@@ -258,6 +255,10 @@ def _rest(config: dict, key: str) -> tuple:
     return tuple((k, replicates.hashable(v)) for k, v in sorted(config.items()) if k != key)
 
 
+def _level_of(config: dict, key: str) -> Any:
+    return replicates.hashable(config.get(key, MISSING))
+
+
 def confounded_keys(groups: Sequence[Group]) -> list[str]:
     """Varying keys that no two configurations differ in alone (a search's lr and EBS): their effects cannot be
     told apart, so no main effect is estimated for them."""
@@ -266,7 +267,7 @@ def confounded_keys(groups: Sequence[Group]) -> list[str]:
     for key in varying_keys(configs):
         rests: dict[tuple, set] = {}
         for c in configs:
-            rests.setdefault(_rest(c, key), set()).add(replicates.hashable(c.get(key, MISSING)))
+            rests.setdefault(_rest(c, key), set()).add(_level_of(c, key))
         if not any(len(levels) > 1 for levels in rests.values()):
             out.append(key)
     return out if len(out) > 1 else []
@@ -276,63 +277,88 @@ def main_effects(groups: Sequence[Group], metric: str, exclude_collapsed: bool,
                  n_boot: int, rng: np.random.Generator) -> list[dict]:
     """Per varying key: each level vs the level best on validation, paired by seed AND by the other keys; the
     per-seed difference averages over the other keys' combinations both levels ran with that seed. Keys that
-    vary only together with others (`confounded_keys`) get none."""
-    keep = scored_statuses(exclude_collapsed)
-    configs = [g.config for g in groups]
+    vary only together with others (`confounded_keys`) get none. Ranked by the size of the estimate."""
     confounded = set(confounded_keys(groups))
     effects = []
-    for key in varying_keys(configs):
+    for key in varying_keys([g.config for g in groups]):
         if key in confounded:
             continue
-        levels = sorted({replicates.hashable(c.get(key, MISSING)) for c in configs}, key=sort_value)
-        val_by_level = {}
-        for lv in levels:
-            vals = [v for g in groups if replicates.hashable(g.config.get(key, MISSING)) == lv
-                    for v in (rep.val(metric, keep) for rep in g.scored_replicates(metric, exclude_collapsed))
-                    if not math.isnan(v)]
-            val_by_level[lv] = float(np.mean(vals)) if vals else math.nan
-        ranked = [lv for lv in levels if not math.isnan(val_by_level[lv])]
-        if len(ranked) < 2:
+        val_by_level = _val_mean_by_level(groups, key, metric, exclude_collapsed)
+        best = _best_level(val_by_level, metric)
+        if best is None:
             continue
-        best = max(ranked, key=lambda lv: _direction(metric) * val_by_level[lv])
-
-        def units(level) -> dict:
-            out = {}
-            for g in groups:
-                if replicates.hashable(g.config.get(key, MISSING)) != level:
-                    continue
-                for rep in g.scored_replicates(metric, exclude_collapsed):
-                    out[(_rest(g.config, key), replicates.hashable(rep.seed))] = (rep, g.label)
-            return out
-
-        base = units(best)
-        for lv in levels:
-            if lv == best:
-                continue
-            other = units(lv)
-            per_seed: dict[Any, list[PairedSeed]] = {}
-            group_pairs = set()
-            for unit in sorted(set(base) & set(other), key=lambda u: (sort_value(u[1]), str(u[0]))):
-                for pair in pair_by_seed([other[unit][0]], [base[unit][0]], metric, keep):
-                    per_seed.setdefault(unit[1], []).append(pair)
-                    group_pairs.add((other[unit][1], base[unit][1]))
-            seeds = sorted(per_seed, key=sort_value)
-            d = [float(np.mean([p.value_a - p.value_b for p in per_seed[s]])) for s in seeds]
-            res = compare(d, metric)
-            lo, hi, why = bootstrap_interval_cells([per_seed[s] for s in seeds], metric, n_boot, rng)
-            effects.append({
-                "key": key, "level": fmt_value(lv), "vs": fmt_value(best), "seeds": seeds, "differences": d,
-                "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
-                "ci": [lo, hi], "ci_note": why, "combinations": [len(per_seed[s]) for s in seeds],
-                "t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"],
-                "p": res["p"], "p_test": res["p_test"], "p_t": res["p_t"], "p_sign_flip": res["p_sign_flip"],
-                "p_min": res["p_min"], "p_holm": math.nan,
-                "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]],
-                "val_mean": val_by_level[lv], "vs_val_mean": val_by_level[best],
-                "groups": sorted(group_pairs),
-            })
+        base = _seed_units(groups, key, best, metric, exclude_collapsed)
+        for level in val_by_level:
+            if level != best:
+                other = _seed_units(groups, key, level, metric, exclude_collapsed)
+                numbers, group_pairs = _level_effect(base, other, metric, exclude_collapsed, n_boot, rng)
+                effects.append({"key": key, "level": fmt_value(level), "vs": fmt_value(best), **numbers,
+                                "val_mean": val_by_level[level], "vs_val_mean": val_by_level[best],
+                                "groups": group_pairs})
     effects.sort(key=lambda e: -abs(e["estimate"]) if not math.isnan(e["estimate"]) else math.inf)
     return effects
+
+
+def _val_mean_by_level(groups: Sequence[Group], key: str, metric: str, exclude_collapsed: bool) -> dict[Any, float]:
+    """Each level of `key` (in sort order) -> mean validation metric of its scored replicates (NaN: none)."""
+    keep = scored_statuses(exclude_collapsed)
+    levels = sorted({_level_of(g.config, key) for g in groups}, key=sort_value)
+    out = {}
+    for level in levels:
+        vals = [v for g in groups if _level_of(g.config, key) == level
+                for v in (rep.val(metric, keep) for rep in g.scored_replicates(metric, exclude_collapsed))
+                if not math.isnan(v)]
+        out[level] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def _best_level(val_by_level: dict[Any, float], metric: str) -> Any | None:
+    """The level best on validation; None when fewer than two levels have a validation mean."""
+    ranked = [level for level, val in val_by_level.items() if not math.isnan(val)]
+    if len(ranked) < 2:
+        return None
+    return max(ranked, key=lambda level: _direction(metric) * val_by_level[level])
+
+
+def _seed_units(groups: Sequence[Group], key: str, level: Any, metric: str,
+                exclude_collapsed: bool) -> dict[tuple, tuple[Replicate, str]]:
+    """A level's scored replicates keyed by (the other keys' values, seed): the unit a main effect pairs on."""
+    out = {}
+    for g in groups:
+        if _level_of(g.config, key) != level:
+            continue
+        for rep in g.scored_replicates(metric, exclude_collapsed):
+            out[(_rest(g.config, key), replicates.hashable(rep.seed))] = (rep, g.label)
+    return out
+
+
+def _level_effect(base: dict[tuple, tuple[Replicate, str]], other: dict[tuple, tuple[Replicate, str]], metric: str,
+                  exclude_collapsed: bool, n_boot: int, rng: np.random.Generator) -> tuple[dict, list[tuple]]:
+    """One level (`other`) against the best (`base`): per seed, the mean difference over the units both have.
+    Returns the effect's numbers and the (level's, best's) configuration labels that were paired."""
+    keep = scored_statuses(exclude_collapsed)
+    per_seed: dict[Any, list[PairedSeed]] = {}
+    group_pairs = set()
+    for unit in sorted(set(base) & set(other), key=lambda u: (sort_value(u[1]), str(u[0]))):
+        for pair in pair_by_seed([other[unit][0]], [base[unit][0]], metric, keep):
+            per_seed.setdefault(unit[1], []).append(pair)
+            group_pairs.add((other[unit][1], base[unit][1]))
+    seeds = sorted(per_seed, key=sort_value)
+    d = [float(np.mean([p.value_a - p.value_b for p in per_seed[s]])) for s in seeds]
+    res = compare(d, metric)
+    lo, hi, why = bootstrap_interval_cells([per_seed[s] for s in seeds], metric, n_boot, rng)
+    return {"seeds": seeds, "differences": d, "estimate": res["estimate"], "sd": res["sd"], "n_seeds": res["n_seeds"],
+            "ci": [lo, hi], "ci_note": why, "combinations": [len(per_seed[s]) for s in seeds],
+            **_test_numbers(res)}, sorted(group_pairs)
+
+
+def _test_numbers(res: dict) -> dict:
+    """A comparison's and a main effect's fields from `compare`: t-interval, the tests' p (Holm added later),
+    P(A better)."""
+    return {"t_ci": [res["t_low"], res["t_high"]], "t_ci_note": res["t_note"],
+            "p": res["p"], "p_test": res["p_test"], "p_t": res["p_t"], "p_sign_flip": res["p_sign_flip"],
+            "p_min": res["p_min"], "p_holm": math.nan,
+            "prob_improvement": [res["p_better"], res["p_better_low"], res["p_better_high"]]}
 
 
 def ignored_key_checks(runs: Sequence[Run], metric: str) -> list[dict]:

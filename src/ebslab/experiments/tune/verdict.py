@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -114,18 +115,7 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
                                           if index['pruner']['name'] != 'none' else "")
           + f"; {len(index['trials'])} of {index['trials_asked']} trials: "
           + ", ".join(f"{n} {s}" for s, n in index["counts"].items()) + ".", ""]
-    verdict = index.get("verdict")
-    md += ["## Verdict", "", (verdict or {}).get("text", "confirmation not finished"), ""]
-    if verdict and verdict.get("table"):
-        md.append(f"Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); the "
-                  f"verdict compares the first two on test {metric} as the seed-aware report below does.")
-        md.append("")
-        params = {t["folder"]: t["params"] for t in index["trials"]}
-        rows = [[row["config"], format_params(params.get(row["config"], {})), row["n"],
-                 *(("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))]
-                for row in verdict["table"]]
-        md += [md_table(["configuration", "params", "seeds", f"val {metric} (mean)", f"test {metric} (mean)"], rows,
-                        ["l", "l", "r", "r", "r"]), ""]
+    md += _verdict_section(index, metric)
     rows = [[t["folder"], t["status"], "-" if t["value"] is None else f"{t['value']:.4f}", format_params(t["params"])]
             for t in index["trials"]]
     md += ["## Search trials", "", md_table(["trial", "status", index["objective"], "params"], rows,
@@ -143,6 +133,22 @@ def report_study(study_dir: Path, out_dir: Path) -> Path:
     return path
 
 
+def _verdict_section(index: dict, metric: str) -> list[str]:
+    """The verdict's lines, then the confirmed configurations' table when the confirmation ran."""
+    verdict = index.get("verdict")
+    md = ["## Verdict", "", (verdict or {}).get("text", "confirmation not finished"), ""]
+    if not (verdict and verdict.get("table")):
+        return md
+    md += [f"Confirmation on fresh seeds: ranked by the validation objective (mean over seeds); the verdict "
+           f"compares the first two on test {metric} as the seed-aware report below does.", ""]
+    params = {t["folder"]: t["params"] for t in index["trials"]}
+    rows = [[row["config"], format_params(params.get(row["config"], {})), row["n"],
+             *(("-" if v is None else f"{v:.4f}") for v in (row[f"val_{metric}"], row[f"test_{metric}"]))]
+            for row in verdict["table"]]
+    return md + [md_table(["configuration", "params", "seeds", f"val {metric} (mean)", f"test {metric} (mean)"],
+                          rows, ["l", "l", "r", "r", "r"]), ""]
+
+
 def format_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
@@ -156,17 +162,53 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
     """Optuna's matplotlib plots on an in-memory copy of the search rebuilt from study.json, relabelled in the
     report's style: trials by folder and status, examples seen (not Optuna's "Step"), and a caveat on parameter
     importance from few trials."""
+    from ebslab.analysis import figures
+
+    plt = figures.pyplot()  # the Agg backend before Optuna draws: no display needed
+    study, names = _search_as_optuna_study(index)
+    words = _plot_words(index["objective"], study, names)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
+        from optuna.visualization import matplotlib as ovm
+
+        for name, plot in (("search_history", ovm.plot_optimization_history),
+                           ("param_importances", ovm.plot_param_importances),
+                           ("intermediate_values", ovm.plot_intermediate_values)):
+            try:
+                ax = plot(study)
+            except Exception:  # e.g. importances need two completed trials and a parameter that varies
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
+            _restyle(ax, name, words[name])
+            out.append(figures.save(fig, out_dir / f"{name}.png"))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotWords:
+    """What one of Optuna's plots says in the report: its title, axis labels and legend (Optuna's legend entries
+    renamed by `entries`), and a caveat printed under it."""
+    title: str
+    xlabel: str
+    ylabel: str
+    entries: dict[str, str]
+    legend_title: str | None = None
+    legend: bool = True
+    caveat: str | None = None
+
+
+def _search_as_optuna_study(index: dict) -> tuple[Any, dict[str, str]]:
+    """An in-memory Optuna study holding study.json's trials over the current space (a trial of another space is
+    left out), and Optuna's trial names ("Trial<n>", in this order) -> "trial-NNNN (status)"."""
     import optuna
     from optuna.distributions import json_to_distribution
     from optuna.trial import TrialState
 
-    from ebslab.analysis import figures
-
-    plt = figures.pyplot()  # the Agg backend before Optuna draws: no display needed
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     dists = {k: json_to_distribution(v) for k, v in index["space"].items()}
     study = optuna.create_study(direction=index["direction"])
-    names: dict[str, str] = {}  # Optuna's "Trial<n>" (its order here) -> trial-NNNN (status)
+    names: dict[str, str] = {}
     for t in index["trials"]:
         state = {"completed": TrialState.COMPLETE, "collapsed": TrialState.COMPLETE,
                  "pruned": TrialState.PRUNED}.get(t["status"], TrialState.FAIL)
@@ -178,51 +220,46 @@ def _study_plots(index: dict, out_dir: Path) -> list[Path]:
         study.add_trial(optuna.create_trial(
             state=state, value=t["value"] if state == TrialState.COMPLETE else None, params=t["params"],
             distributions=dists, intermediate_values={int(k): v for k, v in t["intermediate"].items()}))
-    objective = index["objective"]
+    return study, names
+
+
+def _plot_words(objective: str, study: Any, names: dict[str, str]) -> dict[str, PlotWords]:
+    """Each plot's words: the objective by its metric's label, trials by folder, a caveat on few trials."""
+    from optuna.trial import TrialState
+
+    from ebslab.analysis import figures
+
     completed = sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
-    labels = {
-        "search_history": dict(
+    few = (f"From {completed} completed trial(s): a rough ranking at best; importances need tens of trials to "
+           f"settle." if completed < FEW_TRIALS_FOR_IMPORTANCE else None)
+    return {
+        "search_history": PlotWords(
             title="Objective by trial", xlabel="Trial (in the order the search ran them)",
             ylabel=figures.metric_label(objective),
-            legend_title=None,
             entries={"Objective Value": f"a completed trial's {objective} (best checkpoint)",
                      "Best Value": "best so far"}),
-        "param_importances": dict(
+        "param_importances": PlotWords(
             title="Parameter importance", xlabel="Importance (share of the objective's variance, fANOVA)",
-            ylabel="Searched config key", legend_title=None, entries={}, legend=False,
-            caveat=(f"From {completed} completed trial(s): a rough ranking at best; importances need tens of "
-                    f"trials to settle." if completed < FEW_TRIALS_FOR_IMPORTANCE else None)),
-        "intermediate_values": dict(
+            ylabel="Searched config key", entries={}, legend=False, caveat=few),
+        "intermediate_values": PlotWords(
             title="Objective during training by trial", xlabel="Training examples seen",
-            ylabel=figures.metric_label(objective),
-            legend_title="one line per trial; a line that stops was pruned there", entries=names),
+            ylabel=figures.metric_label(objective), entries=names,
+            legend_title="one line per trial; a line that stops was pruned there"),
     }
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
-        from optuna.visualization import matplotlib as ovm
 
-        for name, fn in (("search_history", ovm.plot_optimization_history),
-                         ("param_importances", ovm.plot_param_importances),
-                         ("intermediate_values", ovm.plot_intermediate_values)):
-            try:
-                ax = fn(study)
-            except Exception:  # e.g. importances need two completed trials and a parameter that varies
-                continue
-            fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
-            spec = labels[name]
-            legend = ax.get_legend()
-            if legend is not None:  # rename Optuna's entries on the artists, then let style() draw the legend
-                for artist in ax.get_children():
-                    text = artist.get_label() if hasattr(artist, "get_label") else ""
-                    if text in spec["entries"]:
-                        artist.set_label(spec["entries"][text])
-            if name == "search_history":
-                from matplotlib.ticker import MaxNLocator
 
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
-            figures.style(ax, title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"],
-                          legend_title=spec["legend_title"], caveat=spec.get("caveat"),
-                          legend=spec.get("legend", True))
-            out.append(figures.save(fig, out_dir / f"{name}.png"))
-    return out
+def _restyle(ax: Any, name: str, words: PlotWords) -> None:
+    """Rename Optuna's legend entries on their artists, then let figures.style draw title, labels and legend."""
+    from ebslab.analysis import figures
+
+    if ax.get_legend() is not None:
+        for artist in ax.get_children():
+            text = artist.get_label() if hasattr(artist, "get_label") else ""
+            if text in words.entries:
+                artist.set_label(words.entries[text])
+    if name == "search_history":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
+    figures.style(ax, title=words.title, xlabel=words.xlabel, ylabel=words.ylabel,
+                  legend_title=words.legend_title, caveat=words.caveat, legend=words.legend)

@@ -450,6 +450,11 @@ class SlurmJobs:
                     break
         return line or "no output"
 
+    @property
+    def poll_s(self) -> float:
+        """Seconds between two looks at the jobs: POLL_S on Slurm (one squeue each), shorter locally."""
+        return POLL_S if self.options.cluster == "slurm" else 0.5
+
     def cancel(self, jobs: list[Any]) -> None:
         """scancel: Slurm sends SIGTERM, each run checkpoints (status interrupted) and its job ends CANCELLED."""
         if not jobs:
@@ -488,33 +493,27 @@ def _read_jobs(root: Path) -> dict[str, str]:
 def run_sweep(runner: Any, options: SlurmOptions) -> None:
     """The sweep's runs as one job array; the index and table follow the jobs. Ctrl-C cancels them (each run
     checkpoints) or, with --leave-jobs, leaves them and says how to go on."""
-    from submitit.core.core import Job as SubmititJob
+    slurm = SlurmJobs(options, runner.root / "slurm", runner.sweep.name)
+    submitted = _submit_or_attach(runner, slurm)
+    pending = list(runner.todo)
+    try:
+        _watch_until_ended(runner, slurm, submitted, pending)
+    except KeyboardInterrupt:
+        _stop_jobs(slurm, [submitted[j.index] for j in pending])
+        raise
 
-    from ebslab.experiments import sweep as sw
+
+def _submit_or_attach(runner: Any, slurm: SlurmJobs) -> dict[int, Any]:
+    """Each run of the sweep's todo -> its Slurm job: a job an earlier start left queued or running, else one
+    of a new job array. Records them (slurm/jobs.json, the index: queued) and returns them by run index."""
     from ebslab.core.files import atomic_write_text
 
     root: Path = runner.root
-    slurm = SlurmJobs(options, root / "slurm", runner.sweep.name)
     known = _read_jobs(root)
     todo = list(runner.todo)
-    # jobs an earlier `--leave-jobs` left behind are watched again, not submitted twice
-    attached: dict[int, Any] = {}
-    if known and options.cluster == "slurm":
-        earlier = {j.folder: SubmititJob(slurm.folder / "%j", known[j.folder]) for j in todo if j.folder in known}
-        states = slurm.states(list(earlier.values()))
-        for job in todo:
-            old = earlier.get(job.folder)
-            if old is not None and states[old.job_id] in ACTIVE:
-                attached[job.index] = old
-        if attached:
-            print(f"watching {len(attached)} Slurm job(s) of an earlier start, still queued or running", flush=True)
+    attached = _live_earlier_jobs(slurm, todo, known)
     fresh = [j for j in todo if j.index not in attached]
-    specs = [RunSpec(sw.train_command(runner.sweep, j, runner.smoke), sw.job_env(runner.sweep, j), str(j.log),
-                     os.getcwd(), sw.train_command(runner.sweep, dataclasses.replace(j, action="resume")))
-             for j in fresh]
-    for j in fresh:
-        j.log.parent.mkdir(parents=True, exist_ok=True)
-    submitted = dict(zip([j.index for j in fresh], slurm.submit(specs)))
+    submitted = dict(zip([j.index for j in fresh], slurm.submit(_run_specs(runner, fresh))))
     submitted.update(attached)
     known.update({j.folder: submitted[j.index].job_id for j in todo})
     atomic_write_text(_jobs_file(root), json.dumps(known, indent=1) + "\n")
@@ -522,42 +521,82 @@ def run_sweep(runner: Any, options: SlurmOptions) -> None:
         job.status, job.started = "queued", time.time()
         job.message = f"slurm job {submitted[job.index].job_id}"
     runner.write_index()
-    pending = list(todo)
-    try:
-        while pending:
-            states = slurm.states([submitted[j.index] for j in pending])
-            changed = False
-            for job in list(pending):
-                sjob = submitted[job.index]
-                state = states[sjob.job_id]
-                ended = slurm.outcome(sjob, state, job.log)
-                if ended is None:
-                    status = "running" if state in ("RUNNING", "COMPLETING") else "queued"
-                    if status != job.status:
-                        job.status, changed = status, True
-                    continue
-                pending.remove(job)
-                if ended.started:
-                    job.started = ended.started
-                if ended.message is None:
-                    runner.finished(job, ended.returncode, ended.ended)
-                else:
-                    _failed(runner, job, ended)
-            if changed:
-                runner.write_index()
-            if pending:
-                time.sleep(POLL_S if options.cluster == "slurm" else 0.5)
-    except KeyboardInterrupt:
-        live = [submitted[j.index] for j in pending]
-        if options.leave_jobs:
-            print(f"left {len(live)} Slurm job(s) queued or running ({', '.join(j.job_id for j in live)}); "
-                  f"`ebslab sweep ... --executor slurm --resume` watches them again and continues the rest",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"cancelling {len(live)} Slurm job(s); each run checkpoints", file=sys.stderr, flush=True)
-            slurm.cancel(live)
-            slurm.wait_ended(live)
-        raise
+    return submitted
+
+
+def _live_earlier_jobs(slurm: SlurmJobs, todo: list[Any], known: dict[str, str]) -> dict[int, Any]:
+    """The jobs an earlier `--leave-jobs` left behind that are still queued or running: watched again, not
+    submitted twice."""
+    from submitit.core.core import Job as SubmititJob
+
+    attached: dict[int, Any] = {}
+    if not known or slurm.options.cluster != "slurm":
+        return attached
+    earlier = {j.folder: SubmititJob(slurm.folder / "%j", known[j.folder]) for j in todo if j.folder in known}
+    states = slurm.states(list(earlier.values()))
+    for job in todo:
+        old = earlier.get(job.folder)
+        if old is not None and states[old.job_id] in ACTIVE:
+            attached[job.index] = old
+    if attached:
+        print(f"watching {len(attached)} Slurm job(s) of an earlier start, still queued or running", flush=True)
+    return attached
+
+
+def _run_specs(runner: Any, jobs: list[Any]) -> list[RunSpec]:
+    """The runs as jobs: their `ebslab train` commands (and the resume command of a requeued job), env and log."""
+    from ebslab.experiments import sweep as sw
+
+    specs = [RunSpec(sw.train_command(runner.sweep, j, runner.smoke), sw.job_env(runner.sweep, j), str(j.log),
+                     os.getcwd(), sw.train_command(runner.sweep, dataclasses.replace(j, action="resume")))
+             for j in jobs]
+    for j in jobs:
+        j.log.parent.mkdir(parents=True, exist_ok=True)
+    return specs
+
+
+def _watch_until_ended(runner: Any, slurm: SlurmJobs, submitted: dict[int, Any], pending: list[Any]) -> None:
+    """Poll the pending runs' jobs until each ended; the index follows queued -> running -> how it ended.
+    `pending` shrinks as runs end (on Ctrl-C it holds those still to stop)."""
+    while pending:
+        states = slurm.states([submitted[j.index] for j in pending])
+        changed = False
+        for job in list(pending):
+            sjob = submitted[job.index]
+            state = states[sjob.job_id]
+            ended = slurm.outcome(sjob, state, job.log)
+            if ended is None:
+                status = "running" if state in ("RUNNING", "COMPLETING") else "queued"
+                if status != job.status:
+                    job.status, changed = status, True
+                continue
+            pending.remove(job)
+            _record_end(runner, job, ended)
+        if changed:
+            runner.write_index()
+        if pending:
+            time.sleep(slurm.poll_s)
+
+
+def _record_end(runner: Any, job: Any, ended: Outcome) -> None:
+    if ended.started:
+        job.started = ended.started
+    if ended.message is None:
+        runner.finished(job, ended.returncode, ended.ended)
+    else:
+        _failed(runner, job, ended)
+
+
+def _stop_jobs(slurm: SlurmJobs, live: list[Any]) -> None:
+    """After Ctrl-C: cancel the live jobs and wait for their runs' checkpoints, or leave them (--leave-jobs)."""
+    if slurm.options.leave_jobs:
+        print(f"left {len(live)} Slurm job(s) queued or running ({', '.join(j.job_id for j in live)}); "
+              f"`ebslab sweep ... --executor slurm --resume` watches them again and continues the rest",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"cancelling {len(live)} Slurm job(s); each run checkpoints", file=sys.stderr, flush=True)
+        slurm.cancel(live)
+        slurm.wait_ended(live)
 
 
 @dataclasses.dataclass
@@ -614,7 +653,7 @@ class TuneJobs:
                 ended = self.slurm.outcome(job, state, Path(log))
                 if ended is not None:
                     break
-                time.sleep(POLL_S if self.slurm.options.cluster == "slurm" else 0.5)
+                time.sleep(self.slurm.poll_s)
         finally:
             with self.lock:
                 self.live.pop(job.job_id, None)

@@ -35,8 +35,8 @@ from ebslab.loop.backends import Backend, inner_optimizer, make_backend, skip_on
 from ebslab.loop.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.core.errors import UserError
 from ebslab.core.config import Config, Derived, derive, resolved_dict
-from ebslab.inputs.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
-                         length_grouped, load_data, load_examples, shard_window, windows)
+from ebslab.inputs.data import (DataBundle, MicroBatch, collate, data_fingerprint, data_source, epoch_order,
+                         fingerprint_changes, length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.loop.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.core.files import atomic_write_json, atomic_write_text, check_folder_target
 from ebslab.loop.gns import GradientNoiseScale, gns_decision
@@ -457,7 +457,8 @@ class Trainer:
         window_sums[COUNT].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
         return window_sums, grad_norm, lr
 
-    def micro_batch_step(self, mb: Any, window_examples: int, last_micro: bool, window_sums: torch.Tensor) -> float:
+    def micro_batch_step(self, mb: MicroBatch, window_examples: int, last_micro: bool,
+                         window_sums: torch.Tensor) -> float:
         """THE LOSS RULE: forward, per-example losses, backward of their sum x weight x world_size / examples in the
         window, so the window's gradient is its mean loss's however it is cut; gradients are synchronised across
         processes only at the window's last micro-batch. Adds the loss and correct sums to `window_sums`; returns

@@ -35,8 +35,8 @@ from ebslab.loop.backends import Backend, inner_optimizer, make_backend, skip_on
 from ebslab.loop.callbacks import Callback, Callbacks, ProgressBar, TrackerLogging
 from ebslab.core.errors import UserError
 from ebslab.core.config import Config, Derived, derive, resolved_dict
-from ebslab.inputs.data import (DataBundle, collate, data_fingerprint, data_source, epoch_order, fingerprint_changes,
-                         length_grouped, load_data, load_examples, shard_window, windows)
+from ebslab.inputs.data import (DataBundle, MicroBatch, collate, data_fingerprint, data_source, epoch_order,
+                         fingerprint_changes, length_grouped, load_data, load_examples, shard_window, windows)
 from ebslab.loop.evaluate import EvalResult, evaluate, improves, save_predictions
 from ebslab.core.files import atomic_write_json, atomic_write_text, check_folder_target
 from ebslab.loop.gns import GradientNoiseScale, gns_decision
@@ -263,6 +263,8 @@ class Trainer:
         self.best_written_at = -1  # the step whose weights this process wrote to best/ (never one before a resume)
         self.clock = time.time()  # since the last checkpoint: state.elapsed_s holds the time before it
         self.read_clock = time.perf_counter()  # the last host read, evaluation or checkpoint (fit's train time)
+        self.unread: torch.Tensor  # fit's device sums (SUMS) of the steps the host has not read: a GPU runs on
+        self.watch_grad = True  # a non-finite gradient ends the run (not with fp16: its scaler skips such steps)
         self.backend: Backend
         self.data: DataBundle
         self.bundle: ModelBundle
@@ -397,106 +399,154 @@ class Trainer:
 
     def fit(self) -> None:
         """Optimizer steps until the budget is spent, a stop is requested, the run diverges or a signal came."""
-        cfg, derived, backend, data, bundle = self.cfg, self.derived, self.backend, self.data, self.bundle
-        model, optimizer, scheduler, state = self.model, self.optimizer, self.scheduler, self.state
-        world_size = backend.world_size
-        self.clock = time.time()
-        # training time is wall time between host reads (a GPU runs ahead of the host: a clock that stops before the
-        # read counts only the time to queue the work); evaluation and checkpoints restart it
-        self.read_clock = time.perf_counter()
-        # sums of the steps the host has not read yet (loss, correct, count, stop): a GPU runs on while they grow
-        unread = torch.zeros(len(SUMS), device=backend.device)
-        # fp16's scaler skips a step with an inf/NaN gradient and lowers the scale, as designed: not a divergence
-        watch_grad = cfg.train.precision != "fp16"
-        self.callbacks.on_fit_start(self)
-        model.train()
-        while state.step < derived.total_steps and self.end is None and not self.interrupted:
-            epoch_windows = windows(self._epoch_order(), cfg.batch.effective)
-            while state.window < len(epoch_windows) and state.step < derived.total_steps:
+        state, total_steps = self.state, self.derived.total_steps
+        self.start_fit()
+        while state.step < total_steps and self.end is None and not self.interrupted:
+            epoch_windows = windows(self._epoch_order(), self.cfg.batch.effective)
+            while state.window < len(epoch_windows) and state.step < total_steps:
                 window = epoch_windows[state.window]
-
-                # ---- one optimizer step over the window
-                lr = scheduler.get_last_lr()[0]
-                micro_batches = shard_window(window, derived.micro, world_size, backend.rank)
-                window_sums = torch.zeros(len(SUMS), device=backend.device)
-                window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
-                for i, mb in enumerate(micro_batches):
-                    batch = {k: to_device(v, backend.device) for k, v in
-                             collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
-                    labels = to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
-                    weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
-                    last_micro = i == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last_micro else backend.no_sync(model):
-                        with backend.autocast():
-                            logits = model(**batch)
-                        losses = F.cross_entropy(logits.float(), labels, reduction="none")
-                        scale = weight * world_size / len(window)  # window mean; undoes DDP's averaging over processes
-                        backend.backward(losses.sum() * scale)
-                    window_sums[LOSS:CORRECT + 1] += weight * torch.stack([losses.detach().sum(),
-                                                                           (logits.detach().argmax(-1) == labels).sum()])
-                    window_count += weight * len(mb.indices)
-                    state.micro_step += 1
-                    self.callbacks.on_micro_backward(self, i, len(micro_batches), weight * len(mb.indices))
-                self.callbacks.on_before_clip(self)
-                grad_norm = backend.clip(model, optimizer, cfg.optim.clip_norm)
-                skip = None
-                if watch_grad:  # on the device: read with the other sums, the run ends before a checkpoint
-                    window_sums[BAD_GRAD] = (~torch.isfinite(grad_norm)).float()
-                    # this step and every one until the host reads the flag leave the weights as they were
-                    skip = (unread[BAD_GRAD] + window_sums[BAD_GRAD] > 0).float()
-                backend.step(optimizer, skip)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                # ---- bookkeeping: counters, logs, evaluation, checkpoints
-                # a signal on any process stops all of them after the same step (no rank left waiting)
-                window_sums[COUNT].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
-                window_sums[STOP].fill_(float(self.signals.signal is not None))
-                window_sums = backend.reduce_sum(window_sums)
-                unread += window_sums
-                state.step += 1
-                state.window += 1
-                state.samples += len(window)
+                sums, grad_norm, lr = self.step_over_window(window)
+                sums = self.count_step(sums, len(window))
                 epoch_done = state.window == len(epoch_windows)
                 log_due, eval_due, save_due = self._due(epoch_done, len(window))
                 if not (log_due or eval_due or save_due):
                     self.callbacks.on_step(self, None)
                     continue  # the host does not wait for the device between log lines
 
-                # the one host sync: this step's sums and those since the previous read, on every process
-                step_values, since_values, (grad_norm_value, *_) = _to_host(
-                    torch.stack([window_sums, unread, grad_norm.detach().float().to(unread.device).expand(len(unread))]))
-                step_sums, since_read = dict(zip(SUMS, step_values)), dict(zip(SUMS, since_values))
-                state.train_time_s += time.perf_counter() - self.read_clock
-                unread.zero_()
-                loss_sum, correct, count = step_sums["loss"], step_sums["correct"], step_sums["count"]
-                record = None
-                if log_due:
-                    record = {"event": "step", "step": state.step, "epoch": state.step / derived.steps_per_epoch,
-                              "micro_step": state.micro_step, "train/loss": loss_sum / count,
-                              "train/acc": correct / count, "lr": lr, "grad_norm": grad_norm_value,
-                              "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
-                              "elapsed_s": self.elapsed()}
+                step_sums, since_read, grad_norm_value = self.read_device_sums(sums, grad_norm)
+                record = self.step_record(step_sums, lr, grad_norm_value) if log_due else None
                 self.callbacks.on_step(self, record)  # the tracker logging, last, writes the line
-                if since_read["bad_grad"] > 0 or not math.isfinite(since_read["loss"]):
-                    what = "gradient norm" if since_read["bad_grad"] > 0 else "train loss"
-                    self.end = ("diverged", f"non-finite {what} by step {state.step}")
-                    self.warn("diverged", self.end[1] + "; stopping the run")
+                if self.stop_if_diverged(since_read):
                     break
-                state.since_eval.loss_sum += since_read["loss"]
-                state.since_eval.correct += since_read["correct"]
-                state.since_eval.count += since_read["count"]
+                self.add_to_since_eval(since_read)
                 self.interrupted = since_read["stop"] > 0
-
                 if eval_due:
                     self.evaluate()
                 if save_due:
-                    if epoch_done:
-                        state.epoch, state.window = state.epoch + 1, 0
-                    self.save_last()
+                    self.save_step(epoch_done)
                 self.read_clock = time.perf_counter()
                 if self.interrupted or self.end is not None or epoch_done:
                     break  # at an epoch end: the outer loop draws the next epoch's order
+
+    def start_fit(self) -> None:
+        """The clocks, the unread device sums and the model in training mode; the callbacks' on_fit_start."""
+        self.clock = time.time()
+        # training time is wall time between host reads (a GPU runs ahead of the host: a clock that stops before the
+        # read counts only the time to queue the work); evaluation and checkpoints restart it
+        self.read_clock = time.perf_counter()
+        self.unread = torch.zeros(len(SUMS), device=self.backend.device)
+        # fp16's scaler skips a step with an inf/NaN gradient and lowers the scale, as designed: not a divergence
+        self.watch_grad = self.cfg.train.precision != "fp16"
+        self.callbacks.on_fit_start(self)
+        self.model.train()
+
+    def step_over_window(self, window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over the window: its micro-batches' backward, clip, step. Returns the window's sums
+        on the device (this process's; `count` filled), the gradient norm (on the device) and the step's lr."""
+        backend, state = self.backend, self.state
+        lr = self.scheduler.get_last_lr()[0]
+        micro_batches = shard_window(window, self.derived.micro, backend.world_size, backend.rank)
+        window_sums = torch.zeros(len(SUMS), device=backend.device)
+        window_count = 0.0  # known on the host: a device tensor made from it would wait for the device
+        for i, mb in enumerate(micro_batches):
+            examples = self.micro_batch_step(mb, len(window), i == len(micro_batches) - 1, window_sums)
+            window_count += examples
+            state.micro_step += 1
+            self.callbacks.on_micro_backward(self, i, len(micro_batches), examples)
+        grad_norm = self.clip_and_step(window_sums)
+        window_sums[COUNT].fill_(window_count)  # fill_ with a number: no host-to-device copy to wait for
+        return window_sums, grad_norm, lr
+
+    def micro_batch_step(self, mb: MicroBatch, window_examples: int, last_micro: bool,
+                         window_sums: torch.Tensor) -> float:
+        """THE LOSS RULE: forward, per-example losses, backward of their sum x weight x world_size / examples in the
+        window, so the window's gradient is its mean loss's however it is cut; gradients are synchronised across
+        processes only at the window's last micro-batch. Adds the loss and correct sums to `window_sums`; returns
+        the examples the micro-batch counts for (0 for a stand-in)."""
+        backend, data, bundle, model = self.backend, self.data, self.bundle, self.model
+        batch = {k: to_device(v, backend.device) for k, v in
+                 collate(data.train, mb.indices, bundle.pad_id, bundle.model_inputs).items()}
+        labels = to_device(torch.from_numpy(data.train.labels[mb.indices]), backend.device)
+        weight = float(mb.counts)  # 0 for a stand-in micro-batch (short window, many processes)
+        with contextlib.nullcontext() if last_micro else backend.no_sync(model):
+            with backend.autocast():
+                logits = model(**batch)
+            losses = F.cross_entropy(logits.float(), labels, reduction="none")
+            scale = weight * backend.world_size / window_examples  # window mean; undoes DDP's averaging over processes
+            backend.backward(losses.sum() * scale)
+        window_sums[LOSS:CORRECT + 1] += weight * torch.stack([losses.detach().sum(),
+                                                               (logits.detach().argmax(-1) == labels).sum()])
+        return weight * len(mb.indices)
+
+    def clip_and_step(self, window_sums: torch.Tensor) -> torch.Tensor:
+        """Clip, the optimizer step (skipped on the device for a non-finite gradient), the scheduler step, zero the
+        gradients. Returns the gradient norm (on the device); sets `window_sums`' bad_grad flag."""
+        backend, optimizer = self.backend, self.optimizer
+        self.callbacks.on_before_clip(self)
+        grad_norm = backend.clip(self.model, optimizer, self.cfg.optim.clip_norm)
+        skip = None
+        if self.watch_grad:  # on the device: read with the other sums, the run ends before a checkpoint
+            window_sums[BAD_GRAD] = (~torch.isfinite(grad_norm)).float()
+            # this step and every one until the host reads the flag leave the weights as they were
+            skip = (self.unread[BAD_GRAD] + window_sums[BAD_GRAD] > 0).float()
+        backend.step(optimizer, skip)
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def count_step(self, window_sums: torch.Tensor, window_examples: int) -> torch.Tensor:
+        """The step's sums over all processes, added to the unread ones; the step, window and sample counters.
+        Returns the summed sums."""
+        state = self.state
+        # a signal on any process stops all of them after the same step (no rank left waiting)
+        window_sums[STOP].fill_(float(self.signals.signal is not None))
+        window_sums = self.backend.reduce_sum(window_sums)
+        self.unread += window_sums
+        state.step += 1
+        state.window += 1
+        state.samples += window_examples
+        return window_sums
+
+    def read_device_sums(self, window_sums: torch.Tensor, grad_norm: torch.Tensor) -> tuple[dict, dict, float]:
+        """The one host read of a log, evaluation or checkpoint step, on every process: this step's sums, those
+        since the previous read (then zeroed) and the gradient norm. Stops the training-time clock."""
+        step_values, since_values, (grad_norm_value, *_) = _to_host(
+            torch.stack([window_sums, self.unread,
+                         grad_norm.detach().float().to(self.unread.device).expand(len(self.unread))]))
+        self.state.train_time_s += time.perf_counter() - self.read_clock
+        self.unread.zero_()
+        return dict(zip(SUMS, step_values)), dict(zip(SUMS, since_values)), grad_norm_value
+
+    def step_record(self, step_sums: dict[str, float], lr: float, grad_norm: float) -> dict[str, Any]:
+        """The metrics line of the step just taken."""
+        state = self.state
+        return {"event": "step", "step": state.step, "epoch": state.step / self.derived.steps_per_epoch,
+                "micro_step": state.micro_step, "train/loss": step_sums["loss"] / step_sums["count"],
+                "train/acc": step_sums["correct"] / step_sums["count"], "lr": lr, "grad_norm": grad_norm,
+                "samples_per_s": state.samples / max(state.train_time_s, 1e-9), "elapsed_s": self.elapsed()}
+
+    def stop_if_diverged(self, since_read: dict[str, float]) -> bool:
+        """A non-finite gradient norm or train loss since the previous read ends the run as `diverged`."""
+        if since_read["bad_grad"] > 0 or not math.isfinite(since_read["loss"]):
+            what = "gradient norm" if since_read["bad_grad"] > 0 else "train loss"
+            self.end = ("diverged", f"non-finite {what} by step {self.state.step}")
+            self.warn("diverged", self.end[1] + "; stopping the run")
+            return True
+        return False
+
+    def add_to_since_eval(self, since_read: dict[str, float]) -> None:
+        """The sums since the previous read into those since the last evaluation (its train/loss, train/acc)."""
+        since = self.state.since_eval
+        since.loss_sum += since_read["loss"]
+        since.correct += since_read["correct"]
+        since.count += since_read["count"]
+
+    def save_step(self, epoch_done: bool) -> None:
+        """The checkpoint of the step just taken; at an epoch end it resumes at the next epoch's first window."""
+        state = self.state
+        if epoch_done:
+            state.epoch, state.window = state.epoch + 1, 0
+        self.save_last()
 
     def _epoch_order(self) -> np.ndarray:
         """Example order of the current epoch: a function of (seed, epoch) only, never of micro or world size."""

@@ -444,7 +444,7 @@ def test_report_json_numbers_equal_the_stats_functions(tmp_path):
 
     runs = tmp_path / "sw"
     n, rng = 60, np.random.default_rng(3)
-    ref_acc, oth_acc, diffs = {}, {}, []
+    diffs = []
     for seed in (1, 2, 3, 4):
         ca = rng.random(n) < 0.85
         cb = ca.copy()

@@ -4,7 +4,6 @@ branch. Hand-written run folders only (no training)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 

@@ -20,7 +20,6 @@ import pytest
 import yaml
 from conftest import hang_after, install_fake_train
 
-from ebslab.experiments import sweep as sw
 from ebslab.experiments import sweep_command
 from ebslab.experiments import tune
 from ebslab.experiments.tune.workers import trial_id

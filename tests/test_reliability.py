@@ -457,6 +457,27 @@ def test_a_kill_between_the_two_renames_is_survived(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
 
 
+def test_a_second_ctrl_c_while_a_checkpoint_is_committed_leaves_the_previous_one_and_no_partial_folder(
+        tmp_path, monkeypatch):
+    """The second Ctrl-C can land while the finishing step's checkpoint is fsynced: the previous checkpoint stays
+    the good one and the partial .last.tmp is removed (it was left behind, a checkpoint's size of dead files)."""
+    target = tmp_path / "checkpoints" / "last"
+    target.parent.mkdir()
+    with ckpt.AtomicDir(target) as tmp:
+        _write(tmp, 1)
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt.AtomicDir(target) as tmp:
+            _write(tmp, 2)
+    monkeypatch.undo()
+    assert json.loads((ckpt.resolve_checkpoint(target) / "trainer_state.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+
+
 def test_an_incomplete_last_folder_is_not_taken_for_a_checkpoint(tmp_path):
     target = tmp_path / "last"
     target.mkdir()

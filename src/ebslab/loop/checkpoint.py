@@ -115,6 +115,9 @@ class AtomicDir:
         except OSError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise self._error(e) from None
+        except BaseException:  # a second Ctrl-C during the fsyncs: the previous checkpoint (or .old) stays the good one
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         shutil.rmtree(self.old, ignore_errors=True)
 
 

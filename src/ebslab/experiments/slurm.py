@@ -161,11 +161,7 @@ def options_from_args(args: argparse.Namespace) -> SlurmOptions:
         import submitit  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    if cluster == "slurm":
-        from shutil import which
-
-        if which("sbatch") is None or which("squeue") is None:
-            raise UserError("--executor slurm: sbatch/squeue not found on PATH; run on a Slurm login node")
+    CLUSTERS[cluster].check_available()
     time_min = parse_time(args.time)
     return SlurmOptions(parallel=args.parallel, gpus_per_run=int(gpus), cpus_per_run=int(cpus), procs_per_run=procs,
                         mem=args.mem, time_min=time_min, partition=args.partition, account=args.account,
@@ -335,56 +331,39 @@ class Outcome:
     """Set when the job ended without a result: Slurm's state and the log's last line."""
 
 
-class SlurmJobs:
-    """Submits runs as Slurm jobs through submitit and tells when each ended, and how."""
+class SlurmCluster:
+    """The real Slurm: sbatch's parameters, squeue/sacct for the states, scancel."""
 
-    def __init__(self, options: SlurmOptions, folder: Path, name: str):
-        import submitit
+    poll_s = POLL_S  # one squeue per look
+    # ended without a result: a shared filesystem shows the result file late, and squeue lists a job it has just
+    # accepted late, before it is called failed
+    grace_s = 30.0
+    reattaches = True  # a job id in jobs.json is a job squeue still knows: `--leave-jobs` then `--resume`
 
-        self.options, self.folder = options, Path(folder)
-        # max_num_timeout: the requeues after a time limit that submitit allows (SLURM_RESTART_COUNT the rest)
-        self.executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=options.cluster,
-                                              **{f"{options.cluster}_max_num_timeout": options.max_requeues})
-        params: dict[str, Any] = {"timeout_min": options.time_min, "name": name[:64],
-                                  "slurm_array_parallelism": options.parallel,
-                                  "slurm_signal_delay_s": options.signal_delay_s,
-                                  "cpus_per_task": options.cpus_per_run, "tasks_per_node": 1, "nodes": 1}
-        if options.cluster == "slurm":
-            extra = {"requeue": True, **options.sbatch}
-            if options.gpus_per_run:
-                params["slurm_gpus_per_node"] = options.gpus_per_run
-            if options.mem:
-                params["slurm_mem"] = options.mem
-            if options.partition:
-                params["slurm_partition"] = options.partition
-            if options.account:
-                params["slurm_account"] = options.account
-            params["slurm_additional_parameters"] = extra
-        else:
-            params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}
-            params.pop("name", None)
-        self.executor.update_parameters(**params)
-        self.task = TrainJob(procs=options.procs_per_run, max_requeues=options.max_requeues)
-        self.last_state: dict[str, str] = {}
-        self.ended_since: dict[str, float] = {}
+    @staticmethod
+    def check_available() -> None:
+        from shutil import which
 
-    def submit(self, specs: list[RunSpec]) -> list[Any]:
-        """One job array (Slurm), or one job per run (local)."""
-        if not specs:
-            return []
-        try:
-            return list(self.executor.map_array(self.task, specs))
-        except Exception as e:  # sbatch refused (partition, account, resources): one line, nothing ran
-            first = (str(e).strip().splitlines() or [type(e).__name__])
-            line = next((ln for ln in first if "error" in ln.lower()), first[-1])[:300]
-            raise UserError(f"sbatch refused the jobs: {line}") from None
+        if which("sbatch") is None or which("squeue") is None:
+            raise UserError("--executor slurm: sbatch/squeue not found on PATH; run on a Slurm login node")
 
-    # -- states -------------------------------------------------------------------------------------------
-    def states(self, jobs: list[Any]) -> dict[str, str]:
-        """job id -> Slurm state (upper case); UNKNOWN when neither squeue nor sacct knows it."""
-        if self.options.cluster != "slurm":
-            local = {"RUNNING": "RUNNING", "FINISHED": "COMPLETED", "INTERRUPTED": "CANCELLED"}
-            return {j.job_id: local.get(str(j.state).upper(), "FAILED") for j in jobs}
+    @staticmethod
+    def parameters(options: SlurmOptions, params: dict[str, Any]) -> dict[str, Any]:
+        extra = {"requeue": True, **options.sbatch}
+        if options.gpus_per_run:
+            params["slurm_gpus_per_node"] = options.gpus_per_run
+        if options.mem:
+            params["slurm_mem"] = options.mem
+        if options.partition:
+            params["slurm_partition"] = options.partition
+        if options.account:
+            params["slurm_account"] = options.account
+        params["slurm_additional_parameters"] = extra
+        return params
+
+    @staticmethod
+    def states(jobs: list[Any]) -> dict[str, str]:
+        """job id -> state as squeue, else sacct, tells it (a job neither knows is left out)."""
         ids = {j.job_id for j in jobs}
         found: dict[str, str] = {}
         try:
@@ -407,6 +386,82 @@ class SlurmJobs:
                         found[jid] = state.split()[0].upper() if state else "UNKNOWN"
             except (OSError, subprocess.TimeoutExpired):
                 pass
+        return found
+
+    @staticmethod
+    def cancel(jobs: list[Any]) -> None:
+        subprocess.run(["scancel", *[j.job_id for j in jobs]], capture_output=True, timeout=60)
+
+
+class SubmititLocalCluster:
+    """submitit's `local` and `debug` clusters, the fast tests' stand-in for Slurm: subprocesses of this machine,
+    no sbatch parameters, states from submitit itself."""
+
+    poll_s = 0.5
+    grace_s = 2.0
+    reattaches = False  # a local job ends with the process that started it
+
+    @staticmethod
+    def check_available() -> None:
+        pass
+
+    @staticmethod
+    def parameters(options: SlurmOptions, params: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}
+        params.pop("name", None)
+        return params
+
+    @staticmethod
+    def states(jobs: list[Any]) -> dict[str, str]:
+        local = {"RUNNING": "RUNNING", "FINISHED": "COMPLETED", "INTERRUPTED": "CANCELLED"}
+        return {j.job_id: local.get(str(j.state).upper(), "FAILED") for j in jobs}
+
+    @staticmethod
+    def cancel(jobs: list[Any]) -> None:
+        for j in jobs:
+            j.cancel(check=False)
+
+
+# EBSLAB_SLURM_CLUSTER -> where the jobs run; the only place that reads the name
+CLUSTERS = {"slurm": SlurmCluster, "local": SubmititLocalCluster, "debug": SubmititLocalCluster}
+
+
+class SlurmJobs:
+    """Submits runs as Slurm jobs through submitit and tells when each ended, and how."""
+
+    def __init__(self, options: SlurmOptions, folder: Path, name: str):
+        import submitit
+
+        self.options, self.folder = options, Path(folder)
+        self.cluster = CLUSTERS[options.cluster]
+        # max_num_timeout: the requeues after a time limit that submitit allows (SLURM_RESTART_COUNT the rest)
+        self.executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=options.cluster,
+                                              **{f"{options.cluster}_max_num_timeout": options.max_requeues})
+        params: dict[str, Any] = {"timeout_min": options.time_min, "name": name[:64],
+                                  "slurm_array_parallelism": options.parallel,
+                                  "slurm_signal_delay_s": options.signal_delay_s,
+                                  "cpus_per_task": options.cpus_per_run, "tasks_per_node": 1, "nodes": 1}
+        self.executor.update_parameters(**self.cluster.parameters(options, params))
+        self.task = TrainJob(procs=options.procs_per_run, max_requeues=options.max_requeues)
+        self.last_state: dict[str, str] = {}
+        self.ended_since: dict[str, float] = {}
+
+    def submit(self, specs: list[RunSpec]) -> list[Any]:
+        """One job array (Slurm), or one job per run (local)."""
+        if not specs:
+            return []
+        try:
+            return list(self.executor.map_array(self.task, specs))
+        except Exception as e:  # sbatch refused (partition, account, resources): one line, nothing ran
+            first = (str(e).strip().splitlines() or [type(e).__name__])
+            line = next((ln for ln in first if "error" in ln.lower()), first[-1])[:300]
+            raise UserError(f"sbatch refused the jobs: {line}") from None
+
+    # -- states -------------------------------------------------------------------------------------------
+    def states(self, jobs: list[Any]) -> dict[str, str]:
+        """job id -> Slurm state (upper case); the last one seen, or UNKNOWN, when the cluster does not say."""
+        ids = {j.job_id for j in jobs}
+        found = self.cluster.states(jobs)
         for jid in ids:
             state = found.get(jid) or self.last_state.get(jid, "UNKNOWN")
             found[jid] = state
@@ -429,11 +484,8 @@ class SlurmJobs:
             return Outcome(-1, None, None, state, f"Slurm job {job.job_id} raised: {last}")
         if state in ACTIVE:
             return None
-        # ended without a result: give a shared filesystem time to show the result file, and squeue time to
-        # list a job it has just accepted, before calling it failed
-        grace = 30.0 if self.options.cluster == "slurm" else 2.0
         first = self.ended_since.setdefault(job.job_id, time.time())
-        if time.time() - first < grace:
+        if time.time() - first < self.cluster.grace_s:
             return None
         return Outcome(-1, None, None, state, f"Slurm job {job.job_id} {state}: {self.last_line(job, log)}")
 
@@ -452,18 +504,14 @@ class SlurmJobs:
 
     @property
     def poll_s(self) -> float:
-        """Seconds between two looks at the jobs: POLL_S on Slurm (one squeue each), shorter locally."""
-        return POLL_S if self.options.cluster == "slurm" else 0.5
+        """Seconds between two looks at the jobs."""
+        return self.cluster.poll_s
 
     def cancel(self, jobs: list[Any]) -> None:
         """scancel: Slurm sends SIGTERM, each run checkpoints (status interrupted) and its job ends CANCELLED."""
         if not jobs:
             return
-        if self.options.cluster == "slurm":
-            subprocess.run(["scancel", *[j.job_id for j in jobs]], capture_output=True, timeout=60)
-        else:
-            for j in jobs:
-                j.cancel(check=False)
+        self.cluster.cancel(jobs)
 
     def wait_ended(self, jobs: list[Any], timeout_s: float = STOP_WAIT_S) -> None:
         deadline = time.time() + timeout_s
@@ -530,7 +578,7 @@ def _live_earlier_jobs(slurm: SlurmJobs, todo: list[Any], known: dict[str, str])
     from submitit.core.core import Job as SubmititJob
 
     attached: dict[int, Any] = {}
-    if not known or slurm.options.cluster != "slurm":
+    if not known or not slurm.cluster.reattaches:
         return attached
     earlier = {j.folder: SubmititJob(slurm.folder / "%j", known[j.folder]) for j in todo if j.folder in known}
     states = slurm.states(list(earlier.values()))

@@ -368,6 +368,10 @@ def sweep_interrupted_mid_training(tmp_path: Path, name: str, signal_cmd: list[s
     assert subprocess.run([*signal_cmd, job_id]).returncode == 0
     while time.time() < deadline and squeue(job_id) != "PENDING":
         time.sleep(0.5)
+    # Slurm revokes the killed incarnation's credential at a time in whole seconds: a restart within the second of
+    # the requeue is refused ("Killing non-startable batch JobId=N: Job credential revoked" in slurmctld.log) and
+    # the job ends FAILED. Slurm's own hold (BeginTime) avoids that; released early, the job must wait a second.
+    time.sleep(1.1)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     thread.join(hang_after(600))
     assert done.get("rc") == 0

@@ -404,7 +404,7 @@ def left_out_section(runs: Sequence[Run], result: dict) -> list[str]:
     diverged = [r for r in runs if r.status == "diverged" and r.status in scored_status
                 and not math.isnan(r.test("best", metric))]
     if diverged:
-        md += ["", f"Diverged runs, scored by the rule (the majority-class rate) in the means and tests:", ""]
+        md += ["", "Diverged runs, scored by the rule (the majority-class rate) in the means and tests:", ""]
         md += [f"- `{r.name}`: {r.test('best', metric):.4f}" + (f" ({r.message})" if r.message else "")
                for r in diverged]
     warned = [r for r in runs if r.ok and r.warnings]
